@@ -1,0 +1,21 @@
+.PHONY: install demo test bench clean
+VENV := .venv
+BIN := $(VENV)/bin
+
+install: $(BIN)/dicomfl
+
+$(BIN)/dicomfl: pyproject.toml deployments/install.sh
+	bash deployments/install.sh
+	@touch $@
+
+demo: install
+	$(BIN)/python deployments/corpus_demo.py runs/demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/ingest_bench.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""dicomfl.client: Flower ClientApp, site daemon, DP-SGD wiring and privacy-budget state."""

@@ -1,0 +1,132 @@
+"""The ``dicomfl`` command line: a thin shell over the library.
+
+User errors (bad config, bad labels file) print one line and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import DicomflError
+
+app = typer.Typer(
+    name="dicomfl",
+    help="Federated learning across hospital sites on native DICOM.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """Federated learning across hospital sites on native DICOM."""
+
+out = Console()
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    err.print(f"dicomfl: error: {msg}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def progress_bar(label: str) -> Progress:
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+
+
+def _report_table(rep) -> Table:
+    t = Table(title=f"ingest: {rep.site}", show_header=True)
+    t.add_column("what")
+    t.add_column("count", justify="right")
+    t.add_row("files seen", str(rep.seen))
+    t.add_row("accepted", str(rep.accepted))
+    t.add_row("rejected", str(rep.rejected))
+    for reason, n in rep.rejected_by_reason.items():
+        t.add_row(f"  rejected: {reason}", str(n))
+    for mod, n in rep.by_modality.items():
+        t.add_row(f"  modality: {mod}", str(n))
+    t.add_row("labelled images", str(rep.labelled))
+    t.add_row("unlabelled images", str(rep.unlabelled))
+    for name in ("train", "val", "test"):
+        t.add_row(f"  {name} (images / patients)", f"{rep.splits.get(name, 0)} / {rep.split_patients.get(name, 0)}")
+    t.add_row("label rows with problems", str(len(rep.label_problems)))
+    t.add_row("label rows matching no image", str(rep.label_rows_unmatched))
+    t.add_row("from cache / decoded", f"{rep.cache_hits} / {rep.decoded}")
+    t.add_row("seconds (files/s)", f"{rep.elapsed_s} ({rep.files_per_s})")
+    return t
+
+
+@app.command()
+def ingest(
+    site_yaml: Path = typer.Argument(..., help="The site's config (site.yaml)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the report as JSON to this file."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Decode everything again; do not read or write the cache."),
+) -> None:
+    """Discover, de-identify and cache a site's DICOM files; print a report.
+
+    Files are found by content (any nesting, any names). Each rejected file is listed with its
+    reason in the site log (<state_dir>/logs/ingest.log) and in the JSON report. The report is
+    also written to <state_dir>/reports/ingest.json.
+    """
+    from .config import load_site_config
+    from .ingest import ingest as run_ingest
+    from .logs import setup
+
+    try:
+        cfg = load_site_config(site_yaml)
+        logpath = setup(cfg.site.state_dir, "ingest", console_level=logging.ERROR)
+        with progress_bar("ingest") as bar:
+            task = bar.add_task("ingest", total=None)
+            result = run_ingest(cfg, use_cache=not no_cache, progress=lambda i, n: bar.update(task, completed=i, total=n))
+    except DicomflError as exc:
+        _fail(str(exc))
+    rep = result.report
+    out.print(_report_table(rep))
+    shown = 0
+    for r in rep.rejects:
+        if r["reason"] == "not-dicom":
+            continue
+        if shown < 20:
+            err.print(f"rejected {r['file']}: {r['reason']}" + (f" ({r['detail']})" if r["detail"] else ""), markup=False, highlight=False, soft_wrap=True)
+        shown += 1
+    if shown > 20:
+        err.print(f"... and {shown - 20} more rejected files: see {logpath}", markup=False, highlight=False, soft_wrap=True)
+    for p in rep.label_problems[:20]:
+        err.print(f"labels: {p}", markup=False, highlight=False, soft_wrap=True)
+    payload = json.dumps(rep.to_json(), indent=2)
+    reports_dir = cfg.site.state_dir / "reports"
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    (reports_dir / "ingest.json").write_text(payload)
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(payload)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("dicomfl: interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Site configuration: load and validate ``site.yaml``.
+
+The keys shown in DESIGN.md are a contract (``site.name``, ``site.dicom_dir``, ``site.labels``,
+``site.label_key``, ``site.secret_file``, ``site.state_dir``, ``preprocess``, ``privacy``,
+``train``). Unknown keys, wrong types and missing files are errors that name the file and key.
+Relative paths are resolved against the folder holding the YAML file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+LabelKey = Literal["path", "sop_instance_uid", "study_instance_uid", "accession_number", "patient_id"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SiteSection(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    dicom_dir: Path
+    labels: Path | None = None
+    label_key: LabelKey = "accession_number"
+    secret_file: Path
+    state_dir: Path
+
+
+class DeidSection(_Strict):
+    """PS3.15 Annex E options the site applies on top of the Basic profile (all explicit)."""
+
+    # Keeps Patient's Age/Sex/Size/Weight (so age and sex can be features).
+    retain_patient_characteristics: bool = True
+    # Shifts dates by a per-patient offset instead of removing them (keeps intervals).
+    retain_longitudinal_modified_dates: bool = False
+    # Site proxies: off by default, and never used as features even when on.
+    retain_device_identity: bool = False
+    retain_institution_identity: bool = False
+
+
+class PreprocessSection(_Strict):
+    image_size: int = Field(default=128, ge=8, le=2048)
+    # Multi-frame policy: one sample per file, taken from the middle (or first) frame.
+    multiframe: Literal["middle", "first"] = "middle"
+    # Colour images: converted to luminance (ITU-R BT.601) or rejected.
+    color: Literal["luminance", "reject"] = "luminance"
+    # Cap on rows x columns x frames x samples, checked from the header before decoding.
+    max_pixels: int = Field(default=256 * 1024 * 1024, ge=1)
+
+
+class SplitsSection(_Strict):
+    val: float = Field(default=0.15, ge=0.0, lt=1.0)
+    test: float = Field(default=0.15, ge=0.0, lt=1.0)
+    seed: int = 0
+
+    @field_validator("test")
+    @classmethod
+    def _fractions(cls, v: float, info: Any) -> float:
+        if v + info.data.get("val", 0.0) >= 1.0:
+            raise ValueError("val + test must be below 1")
+        return v
+
+
+class PrivacySection(_Strict):
+    dp: bool = False
+    target_epsilon: float | None = Field(default=8.0, gt=0)
+    delta: float = Field(default=1.0e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    noise_multiplier: float | None = Field(default=None, ge=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
+class TrainSection(_Strict):
+    local_epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=1.0e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    seed: int = 0
+
+
+class SiteConfig(_Strict):
+    site: SiteSection
+    deid: DeidSection = DeidSection()
+    preprocess: PreprocessSection = PreprocessSection()
+    splits: SplitsSection = SplitsSection()
+    privacy: PrivacySection = PrivacySection()
+    train: TrainSection = TrainSection()
+    source: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def secret_key(self) -> bytes:
+        return read_secret(self.site.secret_file)
+
+
+def read_secret(path: Path) -> bytes:
+    try:
+        key = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read site secret key ({type(exc).__name__})") from None
+    if len(key) < 16:
+        raise ConfigError(f"{path}: site secret key is shorter than 16 bytes")
+    return key
+
+
+def format_validation_error(source: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({type(exc).__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{line}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _resolve(base: Path, p: Path | None) -> Path | None:
+    if p is None:
+        return None
+    p = Path(p).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def load_site_config(path: str | Path, *, check_files: bool = True) -> SiteConfig:
+    """Load ``site.yaml``; raise :class:`ConfigError` naming the file and key on any problem."""
+    path = Path(path)
+    data = load_yaml(path)
+    try:
+        cfg = SiteConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(path, err)) from None
+    base = path.resolve().parent
+    s = cfg.site
+    s.dicom_dir = _resolve(base, s.dicom_dir)
+    s.labels = _resolve(base, s.labels)
+    s.secret_file = _resolve(base, s.secret_file)
+    s.state_dir = _resolve(base, s.state_dir)
+    cfg.source = path
+    if check_files:
+        if not s.dicom_dir.is_dir():
+            raise ConfigError(f"{path}: site.dicom_dir: not a folder: {s.dicom_dir}")
+        if s.labels is not None and not s.labels.is_file():
+            raise ConfigError(f"{path}: site.labels: file not found: {s.labels}")
+        if not s.secret_file.is_file():
+            raise ConfigError(f"{path}: site.secret_file: file not found: {s.secret_file}")
+        read_secret(s.secret_file)
+    return cfg

@@ -1,0 +1,35 @@
+"""Logging set-up: the site's own log file under its state dir, and short lines on the console.
+
+Log records are made by dicomfl code from codes, relative paths and counts; pydicom's warnings
+(which can quote header values) are never routed here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+
+def setup(state_dir: Path | None, name: str, console_level: int = logging.WARNING) -> Path | None:
+    root = logging.getLogger("dicomfl")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    console = logging.StreamHandler()
+    console.setLevel(console_level)
+    console.setFormatter(logging.Formatter("dicomfl: %(message)s"))
+    root.addHandler(console)
+    root.propagate = False
+    if state_dir is None:
+        return None
+    logdir = Path(state_dir) / "logs"
+    logdir.mkdir(parents=True, exist_ok=True)
+    os.chmod(logdir, 0o700)
+    path = logdir / f"{name}.log"
+    fh = logging.FileHandler(path)
+    fh.setLevel(logging.INFO)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(fh)
+    return path

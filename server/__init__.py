@@ -1,0 +1,1 @@
+"""dicomfl.server: Flower ServerApp, strategies, checkpoints, cross-site validation, reports, benchmark."""

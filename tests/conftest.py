@@ -1,0 +1,45 @@
+"""Shared fixtures: the real DICOM corpora (pydicom's test files, pydicom-data, deid-data)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def corpus_files() -> list[Path]:
+    """Every file of pydicom's shipped test data (incl. pydicom-data) and of deid-data."""
+    from pydicom.data import get_testdata_files
+
+    files = [Path(f) for f in get_testdata_files() if os.path.isfile(f)]
+    import deid_data
+
+    base = Path(deid_data.__file__).parent
+    files += sorted(p for p in base.rglob("*") if p.is_file() and p.suffix != ".py" and "__pycache__" not in p.parts)
+    return files
+
+
+def write_site(tmp: Path, dicom_dir: Path, **sections) -> Path:
+    key = tmp / "site.key"
+    if not key.exists():
+        key.write_bytes(os.urandom(32).hex().encode())
+    site = {"name": "test-site", "dicom_dir": str(dicom_dir), "label_key": "path",
+            "secret_file": str(key), "state_dir": str(tmp / "state")}
+    site.update(sections.pop("site", {}))
+    cfg = {"site": site, **sections}
+    path = tmp / "site.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """The corpus copied flat into one folder (names prefixed to keep them unique)."""
+    d = tmp_path_factory.mktemp("corpus") / "dicom"
+    d.mkdir()
+    for i, f in enumerate(corpus_files()):
+        shutil.copy(f, d / f"{i:04d}_{f.name}")
+    return d
