@@ -26,7 +26,7 @@ import hmac
 from dataclasses import dataclass, field
 
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID_dictionary
@@ -262,4 +262,4 @@ class Deidentifier:
             stats.uids_remapped += 1
 
 
-__all__ = ["Deidentifier", "DeidStats", "METHOD_CODES", "RawDataElement"]
+__all__ = ["Deidentifier", "DeidStats", "METHOD_CODES"]
