@@ -149,6 +149,94 @@ def synth(
     out.print(f"{result.files_written} files written; next: dicomfl ingest {out_dir}/{result.sites[0]['name']}/site.yaml")
 
 
+privacy_app = typer.Typer(help="Privacy budget arithmetic for privacy officers (DP-SGD, Opacus accountants).",
+                          no_args_is_help=True)
+app.add_typer(privacy_app, name="privacy")
+
+
+@privacy_app.command("epsilon")
+def privacy_epsilon(
+    sample_rate: float = typer.Option(..., "--sample-rate", min=0.0, max=1.0, help="Poisson sampling rate q (batch / train size)."),
+    noise_multiplier: float = typer.Option(..., "--noise-multiplier", min=0.0, help="Gaussian noise std / clipping norm (sigma)."),
+    steps: int = typer.Option(..., "--steps", min=1, help="Number of DP-SGD steps over the whole federation."),
+    delta: float = typer.Option(1e-5, "--delta", min=0.0, max=1.0, help="Target delta."),
+    accountant: str = typer.Option("rdp", "--accountant", help="rdp or prv (Opacus accountants)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a sentence."),
+) -> None:
+    """Print the epsilon a site would spend for the given DP-SGD settings."""
+    from dicomfl.client.privacy import epsilon
+
+    if accountant not in ("rdp", "prv"):
+        _fail(f"--accountant: expected rdp or prv, got {accountant!r}")
+    if noise_multiplier <= 0:
+        _fail("--noise-multiplier: must be above 0 (no noise means no differential privacy)")
+    eps = epsilon([[noise_multiplier, sample_rate, steps]], delta, accountant)
+    if json_out:
+        out.print_json(json.dumps({"epsilon": eps, "delta": delta, "accountant": accountant, "sample_rate": sample_rate,
+                                   "noise_multiplier": noise_multiplier, "steps": steps}))
+    else:
+        out.print(f"epsilon = {eps:.4f} at delta = {delta:g} ({accountant}; q = {sample_rate:g}, sigma = {noise_multiplier:g}, "
+                  f"{steps} steps)", markup=False, highlight=False)
+
+
+@privacy_app.command("plan")
+def privacy_plan(
+    site_yaml: Path = typer.Argument(..., help="The site's config (site.yaml): its data size, batch size and budget."),
+    run_yaml: Path = typer.Argument(..., help="The run config (run.yaml): rounds and local epochs."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Print the noise multiplier the site's target epsilon needs over the planned run.
+
+    The site's training-set size comes from its cache (ingesting first if needed). Steps =
+    rounds x local epochs x ceil(N / batch) (or rounds x local_steps), at sample rate 1/ceil(N / batch).
+    """
+    from dicomfl.client.privacy import plan_for_site
+    from .config import load_run_config, load_site_config
+
+    try:
+        site = load_site_config(site_yaml)
+        run = load_run_config(run_yaml, check_files=False)
+        from .logs import setup
+
+        setup(site.site.state_dir, "privacy", console_level=logging.ERROR)
+        plan = plan_for_site(site, run)
+    except DicomflError as exc:
+        _fail(str(exc))
+    if json_out:
+        out.print_json(json.dumps(plan))
+        return
+    t = Table(title=f"privacy plan: {plan['site']} in run {plan['run']}")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    for k, v in plan.items():
+        t.add_row(k.replace("_", " "), f"{v:.6g}" if isinstance(v, float) else str(v))
+    out.print(t)
+
+
+@app.command()
+def model(
+    run_yaml: Optional[Path] = typer.Argument(None, help="A run config; its model: section is described (default model if absent)."),
+) -> None:
+    """Describe the model a run trains: mode, sizes, parameter counts, Opacus compatibility."""
+    from .config import load_run_config
+    from .model import ModelConfig, describe
+
+    try:
+        cfg = load_run_config(run_yaml, check_files=False).model if run_yaml else ModelConfig()
+    except DicomflError as exc:
+        _fail(str(exc))
+    info = describe(cfg)
+    t = Table(title=f"model: {info['mode']}")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    for k in ("mode", "image_size", "width", "depth", "n_features", "feature_schema", "n_classes"):
+        t.add_row(k.replace("_", " "), str(info[k]))
+    for k, v in info["parameters"].items():
+        t.add_row(f"parameters: {k}", f"{v:,}")
+    t.add_row("Opacus validator", "ok" if not info["opacus_errors"] else "; ".join(info["opacus_errors"]))
+    out.print(t)
+
+
 def main() -> None:
     try:
         app()

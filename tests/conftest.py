@@ -43,3 +43,26 @@ def corpus_dir(tmp_path_factory) -> Path:
     for i, f in enumerate(corpus_files()):
         shutil.copy(f, d / f"{i:04d}_{f.name}")
     return d
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory) -> Path:
+    """A small generated 3-site cohort (32x32 training images), shared by the training tests."""
+    from dicomfl.common.synth import synth
+
+    out = tmp_path_factory.mktemp("cohort")
+    synth(out, sites=3, per_site=60, seed=0, image_size=32)
+    return out
+
+
+@pytest.fixture(scope="session")
+def site_data(cohort):
+    """Ingested data of each cohort site: {name: (SiteConfig, SiteData)}."""
+    from dicomfl.common.config import load_site_config
+    from dicomfl.common.ingest import ingest
+
+    out = {}
+    for name in ("site-a", "site-b", "site-c"):
+        cfg = load_site_config(cohort / name / "site.yaml")
+        out[name] = (cfg, ingest(cfg).data)
+    return out

@@ -1,0 +1,169 @@
+"""The site's privacy budget: accountant arithmetic and a ledger that survives restarts.
+
+The accountant lives at the site. Its history — one ``(noise_multiplier, sample_rate, steps)``
+entry per round, exactly as Opacus's accountants keep it — is written to
+``<state_dir>/privacy/<run>.json`` after every round and read back before the next, so the epsilon
+a site reports is its cumulative spend over the whole federation, across daemon restarts.
+
+Before a round the site computes the epsilon it *would* have spent after that round; if that is
+above its budget it declines to train (and says so in its log and its reply).
+
+The noise multiplier is either fixed in the site config or derived once from the target
+(epsilon, delta) over the planned run — rounds x local epochs x steps per epoch — and then kept in
+the ledger, so it never drifts between rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+
+def epsilon(history: list, delta: float, accountant: str = "rdp") -> float:
+    """Epsilon spent by a history of (noise_multiplier, sample_rate, steps) entries."""
+    if not history:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = [tuple(h) for h in history]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # RDP: "optimal order is the largest alpha" (a looser bound, still valid)
+        return float(acc.get_epsilon(delta=delta))
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Opacus's Poisson loader makes ceil(N / B) steps per epoch at sample rate 1 / that."""
+    return max(1, math.ceil(n_train / max(1, min(batch_size, n_train))))
+
+
+def sample_rate(n_train: int, batch_size: int) -> float:
+    return 1.0 / steps_per_epoch(n_train, batch_size)
+
+
+def plan_noise(target_epsilon: float, delta: float, q: float, steps: int, accountant: str = "rdp") -> float:
+    """The smallest noise multiplier (to Opacus's tolerance) that keeps ``steps`` steps within epsilon."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=q,
+                                          steps=steps, accountant=accountant))
+
+
+@dataclass
+class Ledger:
+    """One site's privacy spend for one run; persisted as JSON (numbers only)."""
+
+    run: str
+    accountant: str
+    delta: float
+    target_epsilon: float | None
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    planned_steps: int | None = None
+    history: list = field(default_factory=list)
+    rounds_trained: list = field(default_factory=list)
+    rounds_declined: list = field(default_factory=list)
+    path: Path | None = None
+
+    @staticmethod
+    def file_for(state_dir: Path, run: str) -> Path:
+        return Path(state_dir) / "privacy" / f"{run}.json"
+
+    @classmethod
+    def open(cls, state_dir: Path, run: str, *, accountant: str, delta: float, target_epsilon: float | None,
+             max_grad_norm: float) -> "Ledger":
+        path = cls.file_for(state_dir, run)
+        if path.is_file():
+            raw = json.loads(path.read_text())
+            raw.pop("path", None)
+            raw.pop("epsilon", None)
+            led = cls(**raw)
+            # The site's current policy applies from now on; history is never rewritten.
+            led.target_epsilon = target_epsilon
+        else:
+            led = cls(run=run, accountant=accountant, delta=delta, target_epsilon=target_epsilon,
+                      max_grad_norm=max_grad_norm)
+        led.path = path
+        return led
+
+    def spent(self) -> float:
+        return epsilon(self.history, self.delta, self.accountant)
+
+    def would_spend(self, noise_multiplier: float, q: float, steps: int) -> float:
+        return epsilon(self.history + [[noise_multiplier, q, steps]], self.delta, self.accountant)
+
+    def affordable(self, noise_multiplier: float, q: float, steps: int) -> tuple[bool, float]:
+        after = self.would_spend(noise_multiplier, q, steps)
+        if self.target_epsilon is None:
+            return True, after
+        return after <= self.target_epsilon * (1 + 1e-9), after
+
+    def record(self, server_round: int, history: list) -> None:
+        self.history = [list(h) for h in history]
+        self.rounds_trained.append(int(server_round))
+        self.save()
+
+    def decline(self, server_round: int) -> None:
+        if server_round not in self.rounds_declined:
+            self.rounds_declined.append(int(server_round))
+        self.save()
+
+    def save(self) -> None:
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {k: v for k, v in asdict(self).items() if k != "path"}
+        payload["epsilon"] = self.spent()
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=2)
+        os.replace(tmp, self.path)
+
+
+def effective_budget(site_privacy, run_privacy) -> tuple[bool, float | None, float]:
+    """(dp on?, target epsilon, delta): a site trains privately if it or the run asks; the stricter budget wins."""
+    dp = bool(site_privacy.dp or (run_privacy is not None and run_privacy.dp))
+    targets = [t for t in (site_privacy.target_epsilon, getattr(run_privacy, "target_epsilon", None) if run_privacy and run_privacy.dp else None) if t]
+    deltas = [site_privacy.delta] + ([run_privacy.delta] if run_privacy is not None and run_privacy.dp else [])
+    return dp, (min(targets) if targets else None), min(deltas)
+
+
+def planned_steps(n_train: int, batch_size: int, rounds: int, local_epochs: int, local_steps: int | None) -> int:
+    per_round = local_steps if local_steps else local_epochs * steps_per_epoch(n_train, batch_size)
+    return rounds * per_round
+
+
+def plan_for_site(site, run) -> dict:
+    """The numbers a privacy officer checks before a run (see ``dicomfl privacy plan``)."""
+    from dicomfl.common.errors import ConfigError
+    from dicomfl.common.ingest import ingest
+    from dicomfl.common.splits import TRAIN
+
+    data = ingest(site).data
+    n = len(data.subset(TRAIN))
+    if n == 0:
+        raise ConfigError(f"{site.source}: the site has no labelled training images; nothing to plan")
+    _, target, delta = effective_budget(site.privacy, run.privacy)
+    b = site.train.batch_size
+    q = sample_rate(n, b)
+    steps = planned_steps(n, b, run.run.rounds, run.run.local_epochs, run.run.local_steps)
+    acc = site.privacy.accountant
+    plan = {"site": site.site.name, "run": run.run.name, "train_images": n, "batch_size": b, "sample_rate": q,
+            "rounds": run.run.rounds, "local_epochs": run.run.local_epochs, "steps_per_round": steps // run.run.rounds,
+            "total_steps": steps, "target_epsilon": target, "delta": delta, "accountant": acc,
+            "max_grad_norm": site.privacy.max_grad_norm}
+    if site.privacy.noise_multiplier:
+        plan["noise_multiplier"] = site.privacy.noise_multiplier
+        plan["noise_source"] = "fixed in site.yaml"
+    elif target is not None:
+        plan["noise_multiplier"] = plan_noise(target, delta, q, steps, acc)
+        plan["noise_source"] = "derived from target epsilon"
+    else:
+        raise ConfigError(f"{site.source}: privacy: set noise_multiplier or target_epsilon")
+    plan["epsilon_at_end"] = epsilon([[plan["noise_multiplier"], q, steps]], delta, acc)
+    return plan
