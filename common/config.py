@@ -88,8 +88,20 @@ class TrainSection(_Strict):
     seed: int = 0
 
 
+class FederationSection(_Strict):
+    """How the site daemon reaches the coordinator (``dicomfl site start``)."""
+
+    superlink: str = Field(default="127.0.0.1:9092", pattern=r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$")
+    root_certificates: Path | None = None  # the federation CA certificate (PEM); required unless insecure
+    auth_private_key: Path | None = None  # this site's SuperNode key (OpenSSH EC private key)
+    insecure: bool = False  # plaintext gRPC: for loopback tests only
+    port: int = Field(default=9094, ge=1, le=65535)  # the SuperNode's own runtime API, on loopback
+    restart_backoff_s: float = Field(default=5.0, gt=0)
+
+
 class SiteConfig(_Strict):
     site: SiteSection
+    federation: FederationSection = FederationSection()
     deid: DeidSection = DeidSection()
     preprocess: PreprocessSection = PreprocessSection()
     splits: SplitsSection = SplitsSection()
@@ -159,6 +171,9 @@ def load_site_config(path: str | Path, *, check_files: bool = True) -> SiteConfi
     s.labels = _resolve(base, s.labels)
     s.secret_file = _resolve(base, s.secret_file)
     s.state_dir = _resolve(base, s.state_dir)
+    fed = cfg.federation
+    fed.root_certificates = _resolve(base, fed.root_certificates)
+    fed.auth_private_key = _resolve(base, fed.auth_private_key)
     cfg.source = path
     if check_files:
         if not s.dicom_dir.is_dir():
@@ -243,4 +258,51 @@ def load_run_config(path: str | Path, *, check_files: bool = True) -> RunConfig:
             raise ConfigError(f"{path}: coordinator: file not found: {cfg.coordinator}")
     if cfg.sites and cfg.run.min_sites > len(cfg.sites):
         raise ConfigError(f"{path}: run.min_sites: more than the {len(cfg.sites)} sites listed")
+    return cfg
+
+
+# --------------------------------------------------------------------------- coordinator config
+
+
+class CoordinatorSection(_Strict):
+    address: str = "127.0.0.1"  # where the SuperLink listens (all its APIs share one port)
+    port: int = Field(default=9092, ge=1, le=65535)
+    state_dir: Path = Path("coordinator-state")  # SuperLink database, logs
+    tls: bool = True
+    supernode_auth: bool = True
+    pki_dir: Path = Path("pki")  # ca.crt, superlink.crt, superlink.key, sites/<site>.pub (see deployments/make_pki.py)
+    authorized_sites: list[str] = Field(default_factory=list)  # site names whose sites/<name>.pub is registered at start
+
+
+class CoordinatorConfig(_Strict):
+    coordinator: CoordinatorSection = CoordinatorSection()
+    source: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def target(self) -> str:
+        return f"{self.coordinator.address}:{self.coordinator.port}"
+
+
+def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
+    path = Path(path)
+    data = load_yaml(path)
+    try:
+        cfg = CoordinatorConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(path, err)) from None
+    base = path.resolve().parent
+    c = cfg.coordinator
+    c.state_dir = _resolve(base, c.state_dir)
+    c.pki_dir = _resolve(base, c.pki_dir)
+    cfg.source = path
+    if c.supernode_auth and not c.tls:
+        raise ConfigError(f"{path}: coordinator.supernode_auth: needs tls: true (Flower authenticates SuperNodes over TLS only)")
+    if c.tls:
+        for name in ("ca.crt", "superlink.crt", "superlink.key"):
+            if not (c.pki_dir / name).is_file():
+                raise ConfigError(f"{path}: coordinator.pki_dir: {name} not found in {c.pki_dir} "
+                                  "(make it with: python deployments/make_pki.py)")
+    for s in c.authorized_sites:
+        if not (c.pki_dir / "sites" / f"{s}.pub").is_file():
+            raise ConfigError(f"{path}: coordinator.authorized_sites: no public key {c.pki_dir}/sites/{s}.pub")
     return cfg

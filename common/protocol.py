@@ -1,0 +1,50 @@
+"""The wire protocol between the ServerApp and the ClientApp: record keys, metric names, error codes.
+
+Everything that crosses the site boundary is listed here, so the privacy audit (tests) and the
+reviewers can check it in one place:
+
+* train reply: ``arrays`` (ArrayRecord: the model's parameters, plain names), ``metrics``
+  (MetricRecord: the keys in :data:`TRAIN_METRICS`), optionally ``local-arrays`` /
+  ``local-metrics`` (the site's local-only baseline model), ``site`` (ConfigRecord holding only
+  the operator-chosen site name, checked against :data:`SITE_NAME_RE`).
+* evaluate reply: ``site`` and one MetricRecord ``metrics.<model-id>`` per model (keys in
+  :data:`EVAL_METRICS`).
+* error reply: a Flower ``Error`` whose code is one of :data:`ERROR_CODES` and whose reason is
+  ``dicomfl:<code name>:ref=<random reference>``; the full text stays in the site's log, found by
+  the reference.
+"""
+
+from __future__ import annotations
+
+import re
+
+ARRAYS = "arrays"
+METRICS = "metrics"
+CONFIG = "config"
+LOCAL_ARRAYS = "local-arrays"
+LOCAL_METRICS = "local-metrics"
+SITE = "site"
+MODEL_PREFIX = "model."
+EVAL_PREFIX = "metrics."
+
+SITE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+TRAIN_METRICS = frozenset({
+    "num-examples", "train-loss", "steps", "train-seconds", "declined", "epsilon", "delta", "noise-multiplier",
+    "target-epsilon", "epsilon-if-trained",
+    # the incoming global model on the site's validation split, measured before training
+    "val-auroc", "val-loss", "val-balanced_accuracy", "val-num-examples",
+})
+EVAL_METRICS = frozenset({
+    "num-examples", "n", "threshold", "prevalence", "auroc", "auprc", "accuracy", "balanced_accuracy",
+    "sensitivity", "specificity", "brier", "ece", "loss",
+})
+
+# Error codes a ClientApp may send (Flower Error.code); nothing else about an error leaves the site.
+ERR_INTERNAL = 1001
+ERR_CONFIG = 1002
+ERR_NO_DATA = 1003
+ERR_BAD_MODEL = 1004
+ERROR_CODES = {ERR_INTERNAL: "internal-error", ERR_CONFIG: "site-config-error", ERR_NO_DATA: "no-training-data",
+               ERR_BAD_MODEL: "model-mismatch"}
+ERROR_REASON_RE = re.compile(r"^dicomfl:[a-z-]+:ref=[0-9a-f]{12}$")

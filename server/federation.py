@@ -1,0 +1,242 @@
+"""The coordinator's round loop, over any Flower ``Grid`` (a real SuperLink or an in-process one).
+
+Per round: Flower's strategy (FedAvg, FedProx or FedAdam) samples the sites and builds the train
+messages; each site's local-only baseline model rides along in its own message (so the baseline
+is trained alongside the federation with the same budget); replies are checked (names, shapes,
+finite values, norm) before the strategy aggregates what passed; everything is checkpointed. At
+the end (and every ``cross_site.every`` rounds) every site evaluates every model.
+
+The loop calls the strategy's ``configure_train``/``aggregate_train`` itself instead of
+``Strategy.start`` because it must resume from a checkpoint at round k (Flower has no resume),
+send per-site baseline models, and filter bad updates before aggregation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from dicomfl.common import protocol as P
+from dicomfl.common.config import RunConfig
+from dicomfl.common.model import build_model, state_arrays
+
+from . import crosssite
+from .checkpoint import Checkpoints, State, clean, load_arrays, write_json
+from .checks import distance, norm_outliers, update_problem
+
+log = logging.getLogger("dicomfl.server")
+
+Event = Callable[[str, dict], None]
+
+
+def make_strategy(cfg: RunConfig):
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+    r = cfg.run
+    common = dict(fraction_train=r.fraction_train, fraction_evaluate=0.0, min_train_nodes=r.min_sites,
+                  min_evaluate_nodes=0, min_available_nodes=r.min_sites)
+    if r.strategy == "fedprox":
+        return FedProx(proximal_mu=r.proximal_mu, **common)
+    if r.strategy == "fedadam":
+        return FedAdam(eta=r.server_lr, **common)
+    return FedAvg(**common)
+
+
+def _to_numpy(rec: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in rec.items()}
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+class Federation:
+    def __init__(self, cfg: RunConfig, grid, out_dir: Path | None = None, on_event: Event | None = None) -> None:
+        self.cfg = cfg
+        self.grid = grid
+        self.out_dir = Path(out_dir or cfg.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.on_event = on_event or (lambda kind, data: None)
+        self.ckpt = Checkpoints(self.out_dir)
+        self.node_names: dict[int, str] = {}
+        self.strategy = make_strategy(cfg)
+
+    # ------------------------------------------------------------------ helpers
+    def name(self, node_id: int) -> str:
+        return self.node_names.get(node_id, f"node-{node_id}")
+
+    def _site_of(self, msg: Message) -> str:
+        node = msg.metadata.src_node_id
+        if msg.has_content() and P.SITE in msg.content:
+            name = str(msg.content[P.SITE].get("name", ""))
+            if P.SITE_NAME_RE.match(name):
+                self.node_names[node] = name
+        return self.name(node)
+
+    def _emit(self, kind: str, **data) -> None:
+        self.on_event(kind, data)
+
+    def _base_config(self, server_round: int) -> ConfigRecord:
+        r, p = self.cfg.run, self.cfg.privacy
+        return ConfigRecord({
+            "run": r.name, "server-round": server_round, "num-rounds": r.rounds, "local-epochs": r.local_epochs,
+            "local-steps": r.local_steps or 0, "dp": p.dp, "target-epsilon": p.target_epsilon or 0.0,
+            "delta": p.delta, "seed": r.seed, "model": self.cfg.model.model_dump_json(),
+        })
+
+    # ------------------------------------------------------------------ training
+    def run(self, resume: bool = False) -> dict:
+        cfg = self.cfg
+        initial = state_arrays(build_model(cfg.model, seed=cfg.run.seed))
+        state = self.ckpt.latest() if resume else None
+        if state is not None:
+            start = state.round + 1
+            self.node_names.update(state.node_names)
+            for k, v in state.strategy_state.items():
+                setattr(self.strategy, k, v)
+            log.info("resuming run %s after round %d of %d", cfg.run.name, state.round, cfg.run.rounds)
+            self._emit("resume", round=state.round)
+        else:
+            state = State(round=0, global_arrays=initial)
+            start = 1
+        write_json(self.out_dir / "run_config.json", clean(cfg.model_dump(mode="json")))
+        for rnd in range(start, cfg.run.rounds + 1):
+            self._round(rnd, state, initial)
+            if cfg.cross_site.every and rnd % cfg.cross_site.every == 0 and rnd < cfg.run.rounds:
+                self.cross_site(self._models(state), tag=f"round-{rnd:04d}")
+        final = self.cross_site(self._models(state), tag="final")
+        summary = {"run": cfg.run.name, "rounds": state.round, "strategy": cfg.run.strategy, "history": state.history,
+                   "cross_site": final, "sites": sorted(set(self.node_names.values()))}
+        write_json(self.out_dir / "metrics.json", clean(summary))
+        from .report import write_report
+
+        write_report(self.out_dir, cfg, summary)
+        self._emit("done", out_dir=str(self.out_dir))
+        return summary
+
+    def _models(self, state: State) -> dict[str, dict]:
+        models = {"global": state.global_arrays}
+        for site, arr in sorted(state.local_arrays.items()):
+            models[f"local:{site}"] = arr
+        return models
+
+    def _round(self, rnd: int, state: State, initial: dict) -> None:
+        cfg, t0 = self.cfg, time.perf_counter()
+        self._emit("round-start", round=rnd, rounds=cfg.run.rounds)
+        config = self._base_config(rnd)
+        messages = list(self.strategy.configure_train(rnd, _record(state.global_arrays), config, self.grid))
+        sampled = [m.metadata.dst_node_id for m in messages]
+        for m in messages:  # each message gets its own RecordDict (Flower shares one between them)
+            content = RecordDict({P.ARRAYS: m.content[P.ARRAYS], P.CONFIG: m.content[P.CONFIG]})
+            if cfg.cross_site.local_baseline:
+                site = self.node_names.get(m.metadata.dst_node_id)
+                content[P.LOCAL_ARRAYS] = _record(state.local_arrays.get(site, initial) if site else initial)
+            m.content = content
+        replies = list(self.grid.send_and_receive(messages, timeout=cfg.run.round_timeout_s))
+        rec: dict = {"round": rnd, "sites": {}, "rejected": {}, "errors": {}, "declined": [], "missing": [],
+                     "sampled": len(sampled)}
+        candidates: dict[str, Message] = {}
+        replied = set()
+        for msg in replies:
+            replied.add(msg.metadata.src_node_id)
+            site = self._site_of(msg)
+            if msg.has_error():
+                code = int(msg.error.code)
+                reason = str(msg.error.reason or "")
+                shown = reason if P.ERROR_REASON_RE.match(reason) else P.ERROR_CODES.get(code, f"flower-error-{code}")
+                rec["errors"][site] = shown
+                log.warning("round %d: %s replied with an error: %s", rnd, site, shown)
+                continue
+            metrics = {k: float(v) for k, v in msg.content[P.METRICS].items()} if P.METRICS in msg.content else {}
+            rec["sites"][site] = metrics
+            if P.LOCAL_ARRAYS in msg.content:
+                local = _to_numpy(msg.content[P.LOCAL_ARRAYS])
+                if update_problem(local, initial) is None:
+                    state.local_arrays[site] = local
+            if metrics.get("declined", 0.0) >= 1.0 or P.ARRAYS not in msg.content:
+                rec["declined"].append(site)
+                log.warning("round %d: %s declined to train (privacy budget)", rnd, site)
+                continue
+            arrays = _to_numpy(msg.content[P.ARRAYS])
+            problem = update_problem(arrays, state.global_arrays)
+            if problem:
+                rec["rejected"][site] = problem
+                log.warning("round %d: rejected the update from %s: %s", rnd, site, problem)
+                continue
+            candidates[site] = msg
+        rec["missing"] = sorted(self.name(n) for n in sampled if n not in replied)
+        for site in rec["missing"]:
+            log.warning("round %d: no reply from %s within %.0f s; left out of this round", rnd, site,
+                        cfg.run.round_timeout_s)
+        dists = {s: distance(_to_numpy(m.content[P.ARRAYS]), state.global_arrays) for s, m in candidates.items()}
+        for site, why in norm_outliers(dists, cfg.run.max_update_norm_ratio).items():
+            rec["rejected"][site] = why
+            log.warning("round %d: rejected the update from %s: %s", rnd, site, why)
+            candidates.pop(site)
+        accepted = []
+        for site, msg in candidates.items():
+            m = msg.content[P.METRICS]
+            msg.content = RecordDict({P.ARRAYS: msg.content[P.ARRAYS],
+                                      P.METRICS: MetricRecord({"num-examples": float(m["num-examples"]),
+                                                               "train-loss": float(m.get("train-loss", 0.0))})})
+            accepted.append(msg)
+        rec["aggregated"] = sorted(candidates)
+        if len(accepted) >= max(1, min(cfg.run.min_sites, len(sampled))):
+            arrays, agg = self.strategy.aggregate_train(rnd, accepted)
+            if arrays is not None:
+                state.global_arrays = _to_numpy(arrays)
+            rec["train_loss"] = float(agg["train-loss"]) if agg is not None and "train-loss" in agg else None
+        else:
+            rec["aggregated"] = []
+            log.warning("round %d: %d usable updates, fewer than min_sites=%d; the global model is unchanged",
+                        rnd, len(accepted), cfg.run.min_sites)
+        rec["seconds"] = round(time.perf_counter() - t0, 2)
+        state.round = rnd
+        state.history.append(rec)
+        state.node_names = dict(self.node_names)
+        state.strategy_state = {k: getattr(self.strategy, k) for k in ("m_t", "v_t")
+                                if isinstance(getattr(self.strategy, k, None), dict)}
+        self.ckpt.save(state)
+        self._emit("round-end", **rec)
+
+    # ------------------------------------------------------------ cross-site
+    def cross_site(self, models: dict[str, dict], tag: str = "final") -> dict:
+        cfg = self.cfg
+        nodes = list(self.grid.get_node_ids())
+        content = RecordDict({P.CONFIG: self._base_config(0)})
+        for mid, arr in models.items():
+            content[P.MODEL_PREFIX + mid] = _record(arr)
+        messages = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
+        self._emit("cross-site-start", models=len(models), sites=len(nodes), tag=tag)
+        replies = list(self.grid.send_and_receive(messages, timeout=cfg.run.round_timeout_s))
+        matrix: dict[str, dict[str, dict]] = {m: {} for m in models}
+        errors = {}
+        for msg in replies:
+            site = self._site_of(msg)
+            if msg.has_error():
+                errors[site] = str(msg.error.reason or msg.error.code)
+                continue
+            for key in msg.content.keys():
+                if key.startswith(P.EVAL_PREFIX):
+                    mid = key[len(P.EVAL_PREFIX):]
+                    if mid in matrix:
+                        matrix[mid][site] = {k: float(v) for k, v in msg.content[key].items()}
+        replied = {m.metadata.src_node_id for m in replies}
+        missing = sorted(self.name(n) for n in nodes if n not in replied)
+        payload = crosssite.write(self.out_dir, matrix, tag)
+        payload["errors"] = errors
+        payload["missing"] = missing
+        self._emit("cross-site-end", tag=tag, gaps=payload["gaps"]["auroc"], matrix=matrix)
+        return clean(payload)
+
+    def evaluate_only(self, model_path: Path) -> dict:
+        arrays = load_arrays(model_path)
+        name = Path(model_path).stem
+        payload = self.cross_site({name: arrays}, tag=f"evaluate-{name}")
+        write_json(self.out_dir / f"evaluate-{name}.json", payload)
+        return payload

@@ -1,0 +1,164 @@
+"""A local federation on loopback: a real SuperLink and N site daemons as separate processes,
+with TLS and SuperNode authentication, for the demo and the tests.
+
+    with LocalFederation(workdir, site_yamls) as fed:   # makes PKI, configs; starts everything
+        fed.run(run_yaml)                                # dicomfl run, streamed
+        fed.kill_site("site-b"); fed.restart_coordinator()
+
+Every process it starts is in its own process group and is stopped by pid on exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from dicomfl.common.config import load_coordinator_config, load_run_config, load_site_config
+from dicomfl.common.supervise import free_port, stop_group, wait_port
+
+from . import flwrcli, runner
+from .pki import make_all
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dicomfl.common.cli", *args]
+
+
+class LocalFederation:
+    def __init__(self, workdir: Path, site_yamls: list[Path], *, tls: bool = True, auth: bool = True,
+                 port: int | None = None, extra_sites: list[str] | None = None) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.tls, self.auth = tls, auth and tls
+        self.sites: dict[str, Path] = {}
+        self.procs: dict[str, subprocess.Popen] = {}
+        names = []
+        for y in site_yamls:
+            names.append(load_site_config(y).site.name)
+        self.pki = make_all(self.workdir / "pki", names + list(extra_sites or []))
+        coord = {"coordinator": {"address": "127.0.0.1", "port": self.port, "state_dir": str(self.workdir / "coordinator"),
+                                 "tls": self.tls, "supernode_auth": self.auth, "pki_dir": str(self.pki.folder),
+                                 "authorized_sites": names if self.auth else []}}
+        self.coordinator_yaml = self.workdir / "coordinator.yaml"
+        self.coordinator_yaml.write_text(yaml.safe_dump(coord, sort_keys=False))
+        for y, name in zip(site_yamls, names):
+            self.sites[name] = self.site_yaml(Path(y), name)
+
+    def site_yaml(self, src: Path, name: str, key_of: str | None = None) -> Path:
+        """The site's own config plus a ``federation:`` section pointing at this coordinator."""
+        cfg = load_site_config(src)
+        raw = yaml.safe_load(src.read_text())
+        s = cfg.site
+        raw["site"].update({"dicom_dir": str(s.dicom_dir), "secret_file": str(s.secret_file), "state_dir": str(s.state_dir)})
+        if s.labels is not None:
+            raw["site"]["labels"] = str(s.labels)
+        fed = {"superlink": f"127.0.0.1:{self.port}", "port": free_port(), "restart_backoff_s": 1.0}
+        if self.tls:
+            fed["root_certificates"] = str(self.pki.ca_cert)
+            if self.auth:
+                fed["auth_private_key"] = str(self.pki.site_key(key_of or name))
+        else:
+            fed["insecure"] = True
+        raw["federation"] = fed
+        out = self.workdir / "sites" / f"{name}.yaml"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return out
+
+    # ------------------------------------------------------------------ processes
+    def _spawn(self, key: str, args: list[str], log: Path) -> subprocess.Popen:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env["FLWR_HOME"] = str(self.workdir / "flwr-home" / key)
+        env["PYTHONUNBUFFERED"] = "1"
+        with open(log, "ab") as fh:
+            p = subprocess.Popen(_cli(*args), env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, cwd=self.workdir)
+        self.procs[key] = p
+        return p
+
+    def start_coordinator(self, timeout: float = 90) -> None:
+        self._spawn("coordinator", ["coordinator", "start", str(self.coordinator_yaml)], self.workdir / "logs" / "coordinator.log")
+        if not wait_port("127.0.0.1", self.port, timeout):
+            raise RuntimeError(f"SuperLink did not start; see {self.workdir}/coordinator/logs/superlink.log")
+        if self.auth:  # registration happens right after the port opens
+            deadline = time.monotonic() + timeout
+            log = self.workdir / "logs" / "coordinator.log"
+            while time.monotonic() < deadline and "coordinator ready" not in (log.read_text() if log.exists() else ""):
+                time.sleep(0.3)
+
+    def start_site(self, name: str, yaml_path: Path | None = None) -> subprocess.Popen:
+        return self._spawn(f"site:{name}", ["site", "start", str(yaml_path or self.sites[name])],
+                           self.workdir / "logs" / f"site-{name}.log")
+
+    def start(self, timeout: float = 120) -> "LocalFederation":
+        self.start_coordinator()
+        for name in self.sites:
+            self.start_site(name)
+        self.wait_online(len(self.sites), timeout)
+        return self
+
+    def home(self) -> Path:
+        return flwrcli.write_home(self.workdir / "cli-home", load_coordinator_config(self.coordinator_yaml))
+
+    def online(self) -> int:
+        return flwrcli.online_count(self.home())
+
+    def wait_online(self, n: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.online() >= n:
+                return
+            time.sleep(1)
+        raise RuntimeError(f"only {self.online()} of {n} sites online after {timeout:.0f} s; see {self.workdir}/logs")
+
+    def stop(self, key: str, sig: int = signal.SIGTERM) -> None:
+        p = self.procs.pop(key, None)
+        if p is None:
+            return
+        if sig == signal.SIGKILL:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stop_group(p, timeout=15)
+
+    def kill_site(self, name: str) -> None:
+        self.stop(f"site:{name}", signal.SIGKILL)
+
+    def stop_coordinator(self, hard: bool = False) -> None:
+        self.stop("coordinator", signal.SIGKILL if hard else signal.SIGTERM)
+
+    def close(self) -> None:
+        for key in list(self.procs):
+            self.stop(key)
+
+    def __enter__(self) -> "LocalFederation":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ runs
+    def run(self, run_yaml: Path, *, resume: bool = False, evaluate_only: Path | None = None, echo=print,
+            timeout: float | None = None) -> int:
+        return runner.submit(load_run_config(run_yaml, check_files=False), load_coordinator_config(self.coordinator_yaml),
+                             resume=resume, evaluate_only=evaluate_only, echo=echo, timeout=timeout)
+
+    def run_async(self, run_yaml: Path, *, resume: bool = False, log: Path | None = None) -> subprocess.Popen:
+        """``dicomfl run`` as a separate process (for fault tests that stop things mid-run)."""
+        log = log or self.workdir / "logs" / "run.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        args = ["run", str(run_yaml), "--coordinator", str(self.coordinator_yaml)] + (["--resume"] if resume else [])
+        with open(log, "ab") as fh:
+            p = subprocess.Popen(_cli(*args), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.procs[f"run:{len(self.procs)}"] = p
+        return p

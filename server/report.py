@@ -1,0 +1,99 @@
+"""The run report: report.md (what ran, per-round metrics, the cross-site matrix, the gaps, epsilon
+per site), and PNG plots (learning curves, cross-site heatmap). Numbers only; no site data."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def _f(v, digits=3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def learning_curves(path: Path, history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites = sorted({s for h in history for s in h.get("sites", {})})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for s in sites:
+        rounds = [h["round"] for h in history if s in h["sites"]]
+        loss = [h["sites"][s].get("train-loss", math.nan) for h in history if s in h["sites"]]
+        auc = [h["sites"][s].get("val-auroc", math.nan) for h in history if s in h["sites"]]
+        axes[0].plot(rounds, loss, marker="o", label=s)
+        # val-auroc in round r measures the global model from round r-1
+        axes[1].plot([r - 1 for r in rounds], auc, marker="o", label=s)
+    axes[0].set(xlabel="round", ylabel="local training loss", title="training loss per site")
+    axes[1].set(xlabel="global model after round", ylabel="validation AUROC", title="global model at each site (val)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, cfg, summary: dict) -> Path:
+    out_dir = Path(out_dir)
+    history = summary["history"]
+    learning_curves(out_dir / "learning_curves.png", history)
+    cs = summary["cross_site"]
+    r = cfg.run
+    lines = [f"# dicomfl run `{r.name}`", "",
+             f"Strategy **{r.strategy}**" + (f" (mu = {r.proximal_mu})" if r.strategy == "fedprox" else "")
+             + f", {summary['rounds']} of {r.rounds} rounds, {r.local_epochs} local epoch(s) per round, "
+             f"min sites {r.min_sites}, round timeout {r.round_timeout_s:g} s. Model `{cfg.model.mode}` "
+             f"({cfg.model.image_size} px, width {cfg.model.width}, depth {cfg.model.depth}). "
+             f"DP requested by the run: {'yes' if cfg.privacy.dp else 'no'}.", "",
+             f"Sites: {', '.join(summary['sites']) or 'none'}.", "", "## Rounds", "",
+             "| round | sites trained | train loss (weighted) | rejected | declined (budget) | errors | no reply | seconds |",
+             "| ---: | --- | ---: | --- | --- | --- | --- | ---: |"]
+    for h in history:
+        rej = "; ".join(f"{s}: {w}" for s, w in h.get("rejected", {}).items()) or "-"
+        errs = "; ".join(f"{s}: {w}" for s, w in h.get("errors", {}).items()) or "-"
+        lines.append(f"| {h['round']} | {', '.join(h.get('aggregated', [])) or '-'} | {_f(h.get('train_loss'))} | {rej} | "
+                     f"{', '.join(h.get('declined', [])) or '-'} | {errs} | {', '.join(h.get('missing', [])) or '-'} | "
+                     f"{_f(h.get('seconds'), 1)} |")
+    missing = sorted({s for h in history for s in h.get("missing", [])})
+    if missing:
+        lines += ["", f"**Sites missing from at least one round:** {', '.join(missing)}."]
+    lines += ["", "## Per-site metrics by round", "",
+              "`val AUROC` is the incoming global model on the site's validation split, measured before it trains.", "",
+              "| round | site | examples | train loss | val AUROC | epsilon |", "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    for h in history:
+        for s, m in sorted(h.get("sites", {}).items()):
+            lines.append(f"| {h['round']} | {s} | {_f(m.get('num-examples'), 0)} | {_f(m.get('train-loss'))} | "
+                         f"{_f(m.get('val-auroc'))} | {_f(m.get('epsilon'), 2) if 'epsilon' in m else '-'} |")
+    eps = {}
+    for h in history:
+        for s, m in h.get("sites", {}).items():
+            if m.get("epsilon") is not None:
+                eps[s] = (m.get("epsilon"), m.get("delta"), m.get("target-epsilon"))
+    if eps:
+        lines += ["", "## Privacy (DP-SGD, spent at each site, cumulative over the run)", "",
+                  "| site | epsilon | delta | site budget |", "| --- | ---: | ---: | ---: |"]
+        for s, (e, d, t) in sorted(eps.items()):
+            lines.append(f"| {s} | {_f(e, 3)} | {d:g} | {_f(t, 2)} |")
+    sites = cs.get("sites", [])
+    models = cs.get("models", [])
+    lines += ["", "## Cross-site validation (AUROC on each site's test split)", "",
+              "Rows are models, columns the site that evaluated them. `local:<site>` is trained at that site alone with "
+              "the same budget. Gap = AUROC at its own site minus mean AUROC at the other sites.", "",
+              "| model | " + " | ".join(sites) + " | mean | gap |", "| --- | " + " | ".join("---:" for _ in sites) + " | ---: | ---: |"]
+    g = cs.get("gaps", {}).get("auroc", {})
+    for m in models:
+        vals = [_f(cs["matrix"][m].get(s, {}).get("auroc")) for s in sites]
+        lines.append(f"| {m} | " + " | ".join(vals) + f" | {_f(g.get(m, {}).get('mean'))} | {_f(g.get(m, {}).get('gap'))} |")
+    if cs.get("missing"):
+        lines += ["", f"Sites that did not answer cross-site validation: {', '.join(cs['missing'])}."]
+    lines += ["", "![cross-site heatmap](cross_site_final.png)", "", "![learning curves](learning_curves.png)", "",
+              "Files: `metrics.json` (everything above), `cross_site_final.json` and `.csv`, `checkpoints/` "
+              "(global and local models per round, `.npz`).", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
