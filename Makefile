@@ -9,13 +9,14 @@ $(BIN)/dicomfl: pyproject.toml deployments/install.sh
 	@touch $@
 
 demo: install
-	$(BIN)/python deployments/corpus_demo.py runs/demo
+	$(BIN)/dicomfl demo --out runs/demo
 
 test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python benchmarks/ingest_bench.py
+	$(BIN)/python benchmarks/train_bench.py
 
 clean:
 	rm -rf runs .pytest_cache

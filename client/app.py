@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import secrets
+import time
 import traceback
 from pathlib import Path
 
@@ -26,7 +28,12 @@ from dicomfl.common.splits import VAL
 
 from .trainer import RoundPlan, SiteTrainer
 
+_T_IMPORT = time.perf_counter()
 log = logging.getLogger("dicomfl.site")
+if os.environ.get("DICOMFL_TORCH_THREADS"):  # several sites sharing one machine (the local launcher)
+    import torch
+
+    torch.set_num_threads(max(1, int(os.environ["DICOMFL_TORCH_THREADS"])))
 app = ClientApp()
 
 _cache: dict[str, SiteTrainer] = {}
@@ -38,19 +45,31 @@ class _SiteError(Exception):
         self.code = code
 
 
+_site_logs: dict[int, logging.Logger] = {}
+_preloaded: dict[str, SiteTrainer] = {}
+
+
+def preload(key: str, trainer: SiteTrainer) -> None:
+    """Serve ``site-config=<key>`` from an in-memory site (the benchmark's simulated sites)."""
+    _preloaded[key] = trainer
+
+
 def _trainer(context: Context, cfg: ConfigRecord) -> SiteTrainer:
     from dicomfl.common.config import load_site_config
-    from dicomfl.common.logs import setup
+    from dicomfl.common.logs import site_logger
 
     path = context.node_config.get("site-config")
     if not path:
         raise _SiteError(P.ERR_CONFIG)
     model_cfg = ModelConfig.model_validate(json.loads(str(cfg["model"])))
     key = f"{path}|{model_cfg.model_dump_json()}"
+    if key not in _cache and str(path) in _preloaded:
+        pre = _preloaded[str(path)]
+        _cache[key] = SiteTrainer(pre.cfg, model_cfg, data=pre.data(), logger=pre.log)
     if key not in _cache:
         site = load_site_config(Path(str(path)))
-        setup(site.site.state_dir, "site", console_level=logging.ERROR)
-        _cache[key] = SiteTrainer(site, model_cfg)
+        _cache[key] = SiteTrainer(site, model_cfg, logger=site_logger(site.site.state_dir, site.site.name))
+    _site_logs[context.node_id] = _cache[key].log
     return _cache[key]
 
 
@@ -86,8 +105,13 @@ def _plan(cfg: ConfigRecord) -> RoundPlan:
 
 def _guarded(handler):
     def run(msg: Message, context: Context) -> Message:
+        t0 = time.perf_counter()
         try:
-            return handler(msg, context)
+            reply = handler(msg, context)
+            _site_logs.get(context.node_id, log).info("%s message handled in %.2f s (process up %.2f s)",
+                                                      msg.metadata.message_type, time.perf_counter() - t0,
+                                                      time.perf_counter() - _T_IMPORT)
+            return reply
         except BaseException as exc:  # noqa: BLE001 - nothing of the exception may cross the boundary
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -96,7 +120,8 @@ def _guarded(handler):
                 P.ERR_CONFIG if isinstance(exc, ConfigError) else
                 P.ERR_BAD_MODEL if isinstance(exc, ValueError) and "do not match the model" in str(exc) else
                 P.ERR_NO_DATA if isinstance(exc, ValueError) and "no labelled training" in str(exc) else P.ERR_INTERNAL)
-            log.error("%s failed (ref=%s): %s\n%s", msg.metadata.message_type, ref, exc, traceback.format_exc())
+            _site_logs.get(context.node_id, log).error("%s failed (ref=%s): %s\n%s", msg.metadata.message_type, ref, exc,
+                                                       traceback.format_exc())
             return Message(Error(code=code, reason=f"dicomfl:{P.ERROR_CODES[code]}:ref={ref}"), reply_to=msg)
 
     run.__name__ = handler.__name__
@@ -116,6 +141,9 @@ def train(msg: Message, context: Context) -> Message:
         metrics[f"val-{k}"] = val.get(k, math.nan)
     out = site.train(global_arrays, plan)
     metrics.update(out.metrics)
+    if os.environ.get("DICOMFL_TEST_FAULT") == "nan-weights" and out.arrays is not None:
+        # Fault injection for the test suite only: a site that sends NaN weights.
+        out.arrays = {k: np.full_like(v, np.nan) for k, v in out.arrays.items()}
     content = RecordDict({P.SITE: ConfigRecord({"name": site.name})})
     if out.declined:
         # No update: the server leaves this site out of the round (it is told why by the metrics).

@@ -23,14 +23,13 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-
 
 def epsilon(history: list, delta: float, accountant: str = "rdp") -> float:
     """Epsilon spent by a history of (noise_multiplier, sample_rate, steps) entries."""
     if not history:
         return 0.0
+    from opacus.accountants import create_accountant  # imported on use: a ClientApp without DP never pays for it
+
     acc = create_accountant(accountant)
     acc.history = [tuple(h) for h in history]
     with warnings.catch_warnings():
@@ -49,6 +48,8 @@ def sample_rate(n_train: int, batch_size: int) -> float:
 
 def plan_noise(target_epsilon: float, delta: float, q: float, steps: int, accountant: str = "rdp") -> float:
     """The smallest noise multiplier (to Opacus's tolerance) that keeps ``steps`` steps within epsilon."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=q,

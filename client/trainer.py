@@ -19,7 +19,6 @@ from dicomfl.common.train import Arrays, DPSettings, TrainSettings, evaluate, sp
 
 from .privacy import Ledger, effective_budget, plan_noise, planned_steps, sample_rate, steps_per_epoch
 
-log = logging.getLogger("dicomfl.site")
 
 
 @dataclass
@@ -51,8 +50,10 @@ def round_seed(seed: int, site: str, server_round: int, tag: str = "train") -> i
 
 
 class SiteTrainer:
-    def __init__(self, cfg: SiteConfig, model_cfg: ModelConfig, data: SiteData | None = None) -> None:
+    def __init__(self, cfg: SiteConfig, model_cfg: ModelConfig, data: SiteData | None = None,
+                 logger: logging.Logger | None = None) -> None:
         self.cfg = cfg
+        self.log = logger or logging.getLogger(f"dicomfl.site.{cfg.site.name}")
         self.model_cfg = model_cfg
         self._data = data
         self._splits: dict[int, Arrays] = {}
@@ -109,7 +110,7 @@ class SiteTrainer:
                             "target-epsilon": target if target is not None else float("nan")})
             if not ok:
                 ledger.decline(plan.server_round)
-                log.warning("round %d: declined to train: epsilon would reach %.3f, above the site budget %.3f",
+                self.log.warning("round %d: declined to train: epsilon would reach %.3f, above the site budget %.3f",
                             plan.server_round, after, target)
                 metrics.update({"declined": 1.0, "epsilon-if-trained": after})
                 return Outcome(arrays=None, metrics=metrics, declined=True)
@@ -119,7 +120,7 @@ class SiteTrainer:
         if ledger is not None:
             ledger.record(plan.server_round, res.history)
             metrics["epsilon"] = ledger.spent()
-            log.info("round %d: trained privately; epsilon spent so far %.3f of %s", plan.server_round,
+            self.log.info("round %d: trained privately; epsilon spent so far %.3f of %s", plan.server_round,
                      metrics["epsilon"], target)
         metrics.update({"train-loss": res.loss, "steps": float(res.steps), "train-seconds": res.seconds,
                         "declined": 0.0})

@@ -374,6 +374,38 @@ def demo(
     out.print(f"done in {_time.perf_counter() - t0:.0f} s: {out_dir / 'report.md'}", markup=False, highlight=False)
 
 
+@app.command()
+def bench(
+    bench_yaml: Path = typer.Argument(..., help="The benchmark config (bench.yaml)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Run one configuration (e.g. fedavg, 'fedprox(mu=0.1)')."),
+    deployment: bool = typer.Option(False, "--deployment", help="Also run FedAvg (first seed) through a real SuperLink and SuperNodes on loopback and compare with the in-process result."),
+) -> None:
+    """Local-only vs pooled vs FedAvg/FedProx/FedAdam (± DP-SGD), leave-one-site-out, ablation and a
+    many-site scale run, over several seeds. Writes <out_dir>/results.md, results.json and PNG plots;
+    results are saved per configuration as they finish, so a re-run resumes."""
+    from dicomfl.server.bench import Bench, load_bench_config
+
+    try:
+        cfg = load_bench_config(bench_yaml)
+        with progress_bar("bench") as bar:
+            task = bar.add_task("bench", total=None)
+
+            def progress(i: int, n: int, what: str) -> None:
+                bar.update(task, completed=i, total=n, description=what)
+                if not err.is_terminal and what != "done":
+                    err.print(f"[{i + 1}/{n}] {what}", markup=False, highlight=False)
+
+            b = Bench(cfg, on_progress=progress)
+            b.run(only=only)
+            if deployment:
+                from dicomfl.server.benchdeploy import compare
+
+                out.print(compare(b), markup=False, highlight=False)
+    except DicomflError as exc:
+        _fail(str(exc))
+    out.print((cfg.out_dir / "results.md").read_text(), markup=False, highlight=False)
+
+
 def main() -> None:
     try:
         app()

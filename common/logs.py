@@ -33,3 +33,19 @@ def setup(state_dir: Path | None, name: str, console_level: int = logging.WARNIN
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(fh)
     return path
+
+
+def site_logger(state_dir: Path, site: str) -> logging.Logger:
+    """The logger of one site, writing to ``<state_dir>/logs/site.log`` (several sites can share a
+    process, as in the benchmark, without their logs mixing)."""
+    lg = logging.getLogger(f"dicomfl.site.{site}")
+    lg.setLevel(logging.INFO)
+    logdir = Path(state_dir) / "logs"
+    path = (logdir / "site.log").resolve()
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path) for h in lg.handlers):
+        logdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(logdir, 0o700)
+        fh = logging.FileHandler(path)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        lg.addHandler(fh)
+    return lg

@@ -21,10 +21,42 @@ def start_group(cmd: list[str], env: dict[str, str], log_path: Path) -> subproce
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(log_path, "ab")
     try:
+        # Its own process group (so it can be stopped as a whole) in the daemon's session (so a
+        # killed daemon's session can be found and cleaned), dying with the daemon where Linux allows.
         return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                process_group=0, preexec_fn=_die_with_parent)
     finally:
         fh.close()
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every process in session ``sid`` (Linux /proc); empty elsewhere."""
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.getsid(int(d.name)) == sid:
+                out.append(int(d.name))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL a whole session: what a crashed machine looks like to everyone else."""
+    for pid in session_pids(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def stop_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:

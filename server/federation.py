@@ -70,13 +70,18 @@ class Federation:
     def name(self, node_id: int) -> str:
         return self.node_names.get(node_id, f"node-{node_id}")
 
-    def _site_of(self, msg: Message) -> str:
+    def _site_of(self, msg: Message, seen: set[str]) -> str:
+        """The reply's site name; two nodes claiming one name in a round are told apart by node id."""
         node = msg.metadata.src_node_id
         if msg.has_content() and P.SITE in msg.content:
             name = str(msg.content[P.SITE].get("name", ""))
             if P.SITE_NAME_RE.match(name):
+                if name in seen:
+                    name = f"{name}#{node}"
                 self.node_names[node] = name
-        return self.name(node)
+        site = self.name(node)
+        seen.add(site)
+        return site
 
     def _emit(self, kind: str, **data) -> None:
         self.on_event(kind, data)
@@ -142,9 +147,10 @@ class Federation:
                      "sampled": len(sampled)}
         candidates: dict[str, Message] = {}
         replied = set()
+        seen: set[str] = set()
         for msg in replies:
             replied.add(msg.metadata.src_node_id)
-            site = self._site_of(msg)
+            site = self._site_of(msg, seen)
             if msg.has_error():
                 code = int(msg.error.code)
                 reason = str(msg.error.reason or "")
@@ -169,7 +175,10 @@ class Federation:
                 log.warning("round %d: rejected the update from %s: %s", rnd, site, problem)
                 continue
             candidates[site] = msg
-        rec["missing"] = sorted(self.name(n) for n in sampled if n not in replied)
+        # Missing: sampled without a reply in time, or known from earlier rounds and gone now.
+        replied_names = {self.name(n) for n in replied}
+        expected = {self.name(n) for n in sampled} | set(self.node_names.values())
+        rec["missing"] = sorted(expected - replied_names)
         for site in rec["missing"]:
             log.warning("round %d: no reply from %s within %.0f s; left out of this round", rnd, site,
                         cfg.run.round_timeout_s)
@@ -216,8 +225,9 @@ class Federation:
         replies = list(self.grid.send_and_receive(messages, timeout=cfg.run.round_timeout_s))
         matrix: dict[str, dict[str, dict]] = {m: {} for m in models}
         errors = {}
+        seen: set[str] = set()
         for msg in replies:
-            site = self._site_of(msg)
+            site = self._site_of(msg, seen)
             if msg.has_error():
                 errors[site] = str(msg.error.reason or msg.error.code)
                 continue

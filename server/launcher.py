@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from dicomfl.common.config import load_coordinator_config, load_run_config, load_site_config
-from dicomfl.common.supervise import free_port, stop_group, wait_port
+from dicomfl.common.supervise import free_port, kill_session, stop_group, wait_port
 
 from . import flwrcli, runner
 from .pki import make_all
@@ -73,9 +73,11 @@ class LocalFederation:
         return out
 
     # ------------------------------------------------------------------ processes
-    def _spawn(self, key: str, args: list[str], log: Path) -> subprocess.Popen:
+    def _spawn(self, key: str, args: list[str], log: Path, env_extra: dict | None = None) -> subprocess.Popen:
         log.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
+        env.setdefault("DICOMFL_TORCH_THREADS", "1")  # N sites share this machine's cores
+        env.update(env_extra or {})
         env["FLWR_HOME"] = str(self.workdir / "flwr-home" / key)
         env["PYTHONUNBUFFERED"] = "1"
         with open(log, "ab") as fh:
@@ -94,14 +96,15 @@ class LocalFederation:
             while time.monotonic() < deadline and "coordinator ready" not in (log.read_text() if log.exists() else ""):
                 time.sleep(0.3)
 
-    def start_site(self, name: str, yaml_path: Path | None = None) -> subprocess.Popen:
+    def start_site(self, name: str, yaml_path: Path | None = None, env_extra: dict | None = None) -> subprocess.Popen:
         return self._spawn(f"site:{name}", ["site", "start", str(yaml_path or self.sites[name])],
-                           self.workdir / "logs" / f"site-{name}.log")
+                           self.workdir / "logs" / f"site-{name}.log", env_extra)
 
-    def start(self, timeout: float = 120) -> "LocalFederation":
+    def start(self, timeout: float = 120, site_env: dict | None = None) -> "LocalFederation":
+        """Start the coordinator and every site; ``site_env`` maps a site name to extra environment."""
         self.start_coordinator()
         for name in self.sites:
-            self.start_site(name)
+            self.start_site(name, env_extra=(site_env or {}).get(name))
         self.wait_online(len(self.sites), timeout)
         return self
 
@@ -124,11 +127,9 @@ class LocalFederation:
         if p is None:
             return
         if sig == signal.SIGKILL:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_session(p.pid)  # the process and everything it started (its own session)
         stop_group(p, timeout=15)
+        kill_session(p.pid)  # anything that outlived a clean stop
 
     def kill_site(self, name: str) -> None:
         self.stop(f"site:{name}", signal.SIGKILL)

@@ -32,7 +32,8 @@ def learning_curves(path: Path, history: list[dict]) -> None:
     axes[1].set(xlabel="global model after round", ylabel="validation AUROC", title="global model at each site (val)")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if sites:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

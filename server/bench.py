@@ -1,0 +1,313 @@
+"""``dicomfl bench``: local-only vs pooled vs FedAvg / FedProx / FedAdam (with and without DP),
+leave-one-site-out, model ablation and a many-site scale run — under identical budgets and seeds.
+
+Every federated configuration runs the same ClientApp, round loop and Flower strategies as a real
+deployment, through :class:`~dicomfl.server.inprocess.InProcessGrid` (one process, so a full grid
+fits on 2 CPU cores). ``--deployment`` also runs one configuration through a real SuperLink and
+SuperNodes on loopback and reports how far the two paths differ.
+
+Budget: every model sees ``rounds x local_epochs`` epochs of its training data (local-only and
+pooled models train that many epochs; federated sites that many local epochs in total).
+Results are saved per configuration and seed as they finish (``<out_dir>/results/``), so an
+interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dicomfl.common.config import ConfigError, format_validation_error, load_site_config, load_yaml
+from dicomfl.common.model import ModelConfig
+
+from .checkpoint import clean, write_json
+
+
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sites: list[Path]
+    strategies: list[str] = ["local", "pooled", "fedavg", "fedprox", "fedadam"]
+    proximal_mu: list[float] = [0.01, 0.1]
+    dp_epsilons: list[float | None] = [None, 8.0, 1.0]
+    dp_strategies: list[str] = ["fedavg"]
+    leave_one_site_out: bool = True
+    ablation: bool = True
+    seeds: list[int] = [0, 1, 2]
+    rounds: int = Field(default=10, ge=1)
+    local_epochs: int = Field(default=1, ge=1)
+    server_lr: float = 0.01
+    model: ModelConfig = ModelConfig(image_size=64, width=16)
+    scale_sites: int = Field(default=100, ge=0)  # 0 = no scale run
+    scale_rounds: int = Field(default=2, ge=1)
+    out_dir: Path = Path("runs/bench")
+    source: Path | None = Field(default=None, exclude=True)
+
+
+def load_bench_config(path: Path) -> BenchConfig:
+    path = Path(path)
+    data = load_yaml(path)
+    try:
+        cfg = BenchConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(path, err)) from None
+    base = path.resolve().parent
+    cfg.sites = [p if p.is_absolute() else (base / p).resolve() for p in cfg.sites]
+    cfg.out_dir = cfg.out_dir if cfg.out_dir.is_absolute() else (base / cfg.out_dir).resolve()
+    cfg.source = path
+    for i, p in enumerate(cfg.sites):
+        if not p.is_file():
+            raise ConfigError(f"{path}: sites.{i}: file not found: {p}")
+    unknown = set(cfg.strategies) - {"local", "pooled", "fedavg", "fedprox", "fedadam"}
+    if unknown:
+        raise ConfigError(f"{path}: strategies: unknown {sorted(unknown)}")
+    if len(cfg.sites) < 2:
+        raise ConfigError(f"{path}: sites: a benchmark needs at least 2 sites")
+    return cfg
+
+
+@dataclass
+class Job:
+    """One configuration and seed."""
+
+    id: str
+    kind: str  # local | pooled | federated | loso | scale
+    seed: int
+    strategy: str = "fedavg"
+    mu: float = 0.0
+    epsilon: float | None = None
+    mode: str = "fused"
+    holdout: str | None = None
+
+    @property
+    def config(self) -> str:
+        return self.id.rsplit("@seed", 1)[0]
+
+
+def plan(cfg: BenchConfig, site_names: list[str]) -> list[Job]:
+    jobs: list[Job] = []
+    for seed in cfg.seeds:
+        def add(cid: str, **kw) -> None:
+            jobs.append(Job(id=f"{cid}@seed{seed}", seed=seed, **kw))
+
+        if "local" in cfg.strategies:
+            add("local", kind="local")
+        if "pooled" in cfg.strategies:
+            add("pooled", kind="pooled")
+        for eps in cfg.dp_epsilons:
+            tag = "" if eps is None else f"+dp(eps={eps:g})"
+            if eps is not None and "pooled" in cfg.dp_strategies:
+                add(f"pooled{tag}", kind="pooled", epsilon=eps)
+            for s in cfg.strategies:
+                if s not in ("fedavg", "fedprox", "fedadam") or (eps is not None and s not in cfg.dp_strategies):
+                    continue
+                if s == "fedprox":
+                    for mu in cfg.proximal_mu:
+                        add(f"fedprox(mu={mu:g}){tag}", kind="federated", strategy=s, mu=mu, epsilon=eps)
+                else:
+                    add(f"{s}{tag}", kind="federated", strategy=s, epsilon=eps)
+        if cfg.ablation:
+            for mode in ("image", "metadata"):
+                add(f"fedavg[{mode}-only]", kind="federated", strategy="fedavg", mode=mode)
+        if cfg.leave_one_site_out:
+            for h in site_names:
+                add(f"loso(-{h})", kind="loso", strategy="fedavg", holdout=h)
+    if cfg.scale_sites:
+        jobs.append(Job(id=f"scale({cfg.scale_sites} sites)@seed{cfg.seeds[0]}", kind="scale", seed=cfg.seeds[0]))
+    return jobs
+
+
+class Bench:
+    def __init__(self, cfg: BenchConfig, on_progress: Callable[[int, int, str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.out = cfg.out_dir
+        self.results_dir = self.out / "results"
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        self.site_cfgs = {load_site_config(p).site.name: p for p in cfg.sites}
+        self.names = sorted(self.site_cfgs)
+        self.on_progress = on_progress or (lambda i, n, what: None)
+
+    # ----------------------------------------------------------------- helpers
+    def _result_path(self, job: Job) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_.=()[]+@" else "_" for c in job.id)
+        return self.results_dir / f"{safe}.json"
+
+    def _run_yaml(self, job: Job, sites: list[Path], rounds: int | None = None, local_baseline: bool = False) -> Path:
+        name = "bench-" + "".join(c if c.isalnum() else "-" for c in job.id).strip("-")[:60]
+        out = self.out / "runs" / name
+        cfg = {"run": {"name": name, "rounds": rounds or self.cfg.rounds, "strategy": job.strategy,
+                       "proximal_mu": job.mu, "min_sites": 1, "local_epochs": self.cfg.local_epochs,
+                       "out_dir": str(out), "seed": job.seed, "server_lr": self.cfg.server_lr},
+               "cross_site": {"every": 0, "local_baseline": local_baseline},
+               "model": {**self.cfg.model.model_dump(), "mode": job.mode},
+               "privacy": {"dp": job.epsilon is not None, "target_epsilon": job.epsilon or 8.0, "delta": 1e-5},
+               "sites": [str(p) for p in sites]}
+        out.mkdir(parents=True, exist_ok=True)
+        # A benchmark run starts from a clean privacy ledger (a re-run is a new experiment).
+        for p in sites:
+            sc = load_site_config(p)
+            for led in (sc.site.state_dir / "privacy").glob(f"{name}*.json"):
+                led.unlink()
+        path = out.parent / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    def _federate(self, job: Job, sites: list[Path], **kw) -> dict:
+        from dicomfl.common.config import load_run_config
+
+        from .federation import Federation
+        from .inprocess import InProcessGrid
+
+        run_cfg = load_run_config(self._run_yaml(job, sites, **kw))
+        shutil.rmtree(run_cfg.out_dir / "checkpoints", ignore_errors=True)
+        summary = Federation(run_cfg, InProcessGrid(run_cfg.sites)).run()
+        summary["out_dir"] = str(run_cfg.out_dir)
+        return summary
+
+    # ------------------------------------------------------------------- jobs
+    def run_job(self, job: Job) -> dict:
+        t0 = time.perf_counter()
+        if job.kind == "local":
+            res = self._local(job)
+        elif job.kind == "pooled":
+            res = self._pooled(job)
+        elif job.kind == "federated":
+            res = self._federated(job)
+        elif job.kind == "loso":
+            res = self._loso(job)
+        else:
+            res = self._scale(job)
+        res.update({"id": job.id, "config": job.config, "kind": job.kind, "seed": job.seed,
+                    "seconds": round(time.perf_counter() - t0, 2)})
+        return res
+
+    def _federated(self, job: Job) -> dict:
+        s = self._federate(job, [self.site_cfgs[n] for n in self.names])
+        g = s["cross_site"]["matrix"]["global"]
+        eps = [m.get("epsilon") for h in s["history"] for m in h["sites"].values() if m.get("epsilon") is not None]
+        curve = [float(np.nanmean([m.get("val-auroc", math.nan) if m.get("val-auroc") is not None else math.nan
+                                   for m in h["sites"].values()])) for h in s["history"]]
+        return {"per_site": {site: _pick(g.get(site)) for site in self.names}, "epsilon": max(eps) if eps else None,
+                "curve": curve, "declined": sum(len(h["declined"]) for h in s["history"])}
+
+    def _local(self, job: Job) -> dict:
+        # The local-only models trained alongside a FedAvg run: same seed, same budget.
+        s = self._federate(Job(id=job.id, kind="federated", seed=job.seed), [self.site_cfgs[n] for n in self.names],
+                           local_baseline=True)
+        mat = s["cross_site"]["matrix"]
+        per_model = {home: {site: _pick(mat.get(f"local:{home}", {}).get(site)) for site in self.names}
+                     for home in self.names}
+        return {"per_model": per_model, "per_site": {site: per_model[site][site] for site in self.names}}
+
+    def _pooled(self, job: Job) -> dict:
+        from dicomfl.client.privacy import plan_noise, sample_rate, steps_per_epoch
+        from dicomfl.client.trainer import SiteTrainer
+        from dicomfl.common.model import build_model, load_arrays, state_arrays
+        from dicomfl.common.splits import TRAIN
+        from dicomfl.common.train import Arrays, DPSettings, TrainSettings, train_local
+
+        trainers = {n: SiteTrainer(load_site_config(self.site_cfgs[n]), self.cfg.model) for n in self.names}
+        pooled = Arrays.concat([t.split(TRAIN) for t in trainers.values()])
+        first = load_site_config(self.site_cfgs[self.names[0]])
+        epochs = self.cfg.rounds * self.cfg.local_epochs
+        dp = None
+        if job.epsilon is not None:
+            b = first.train.batch_size
+            q = sample_rate(len(pooled), b)
+            sigma = plan_noise(job.epsilon, 1e-5, q, epochs * steps_per_epoch(len(pooled), b))
+            dp = DPSettings(noise_multiplier=sigma, max_grad_norm=first.privacy.max_grad_norm)
+        model = build_model(self.cfg.model, seed=job.seed)
+        res = train_local(model, pooled, TrainSettings(epochs=epochs, batch_size=first.train.batch_size, lr=first.train.lr,
+                                                       seed=job.seed), dp=dp, global_arrays=state_arrays(model))
+        out = {"per_site": {n: _pick(t.evaluate(res.arrays)) for n, t in trainers.items()}}
+        if dp is not None:
+            from dicomfl.client.privacy import epsilon
+
+            out["epsilon"] = epsilon(res.history, 1e-5)
+        return out
+
+    def _loso(self, job: Job) -> dict:
+        from dicomfl.client.trainer import SiteTrainer
+        from dicomfl.server.checkpoint import Checkpoints
+
+        rest = [self.site_cfgs[n] for n in self.names if n != job.holdout]
+        s = self._federate(job, rest)
+        g = Checkpoints(Path(s["out_dir"])).latest().global_arrays
+        held = SiteTrainer(load_site_config(self.site_cfgs[job.holdout]), self.cfg.model).evaluate(g)
+        inside = s["cross_site"]["matrix"]["global"]
+        return {"holdout": job.holdout, "heldout": _pick(held),
+                "per_site": {**{k: _pick(v) for k, v in inside.items()}, job.holdout: _pick(held)}}
+
+    def _scale(self, job: Job) -> dict:
+        """Many small simulated sites: the server side (sampling, checks, aggregation, checkpoints,
+        cross-site matrix) with ``scale_sites`` sites, each a shard of the cohort's data."""
+        from dicomfl.client import app as client_app
+        from dicomfl.client.trainer import SiteTrainer
+        from dicomfl.common.config import load_run_config
+        from dicomfl.common.ingest import SiteData
+
+        from .federation import Federation
+        from .inprocess import InProcessGrid
+
+        n = self.cfg.scale_sites
+        base = [load_site_config(self.site_cfgs[name]) for name in self.names]
+        datas = [SiteTrainer(c, self.cfg.model).data() for c in base]
+        keys = []
+        for i in range(n):
+            src, d = base[i % len(base)], datas[i % len(base)]
+            idx = np.arange(len(d.labels))[(i // len(base))::max(1, math.ceil(n / len(base)))]
+            shard = SiteData(images=d.images[idx], features=d.features[idx], labels=d.labels[idx], split=d.split[idx],
+                             patients=[d.patients[j] for j in idx])
+            sc = src.model_copy(deep=True)
+            sc.site.name = f"sim-{i:03d}"
+            sc.site.state_dir = self.out / "scale-state" / sc.site.name
+            key = f"mem:{sc.site.name}"
+            client_app.preload(key, SiteTrainer(sc, self.cfg.model, data=shard))
+            keys.append(Path(key))
+        run_cfg = load_run_config(self._run_yaml(job, [self.site_cfgs[self.names[0]]], rounds=self.cfg.scale_rounds),
+                                  check_files=False)
+        run_cfg.sites = keys
+        run_cfg.run.min_sites = max(2, n // 2)
+        grid = InProcessGrid(keys)
+        s = Federation(run_cfg, grid).run()
+        g = s["cross_site"]["matrix"]["global"]
+        vals = [v.get("auroc") for v in g.values() if v.get("auroc") is not None and math.isfinite(v["auroc"])]
+        return {"sites": n, "rounds": s["rounds"], "aggregated_per_round": [len(h["aggregated"]) for h in s["history"]],
+                "evaluated_sites": len(g), "mean_auroc": float(np.mean(vals)) if vals else None, "per_site": {}}
+
+    # -------------------------------------------------------------------- main
+    def run(self, only: str | None = None) -> dict:
+        jobs = plan(self.cfg, self.names)
+        if only:
+            jobs = [j for j in jobs if j.config == only or j.id == only]
+            if not jobs:
+                raise ConfigError(f"no configuration named {only!r} in this benchmark")
+        results = []
+        for i, job in enumerate(jobs):
+            path = self._result_path(job)
+            self.on_progress(i, len(jobs), job.id)
+            if path.is_file():
+                results.append(json.loads(path.read_text()))
+                continue
+            res = clean(self.run_job(job))
+            write_json(path, res)
+            results.append(res)
+        self.on_progress(len(jobs), len(jobs), "done")
+        from .benchreport import write_bench_report
+
+        return write_bench_report(self.out, self.cfg, self.names, results)
+
+
+def _pick(m: dict | None) -> dict[str, Any]:
+    m = m or {}
+    return {"auroc": m.get("auroc"), "balanced_accuracy": m.get("balanced_accuracy")}
