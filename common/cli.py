@@ -385,6 +385,7 @@ def bench(
     results are saved per configuration as they finish, so a re-run resumes."""
     from dicomfl.server.bench import Bench, load_bench_config
 
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # per-round chatter; the progress bar says where it is
     try:
         cfg = load_bench_config(bench_yaml)
         with progress_bar("bench") as bar:
@@ -400,7 +401,7 @@ def bench(
             if deployment:
                 from dicomfl.server.benchdeploy import compare
 
-                out.print(compare(b), markup=False, highlight=False)
+                out.print(compare(b, only), markup=False, highlight=False)
     except DicomflError as exc:
         _fail(str(exc))
     out.print((cfg.out_dir / "results.md").read_text(), markup=False, highlight=False)

@@ -75,9 +75,9 @@ class PrivacySection(_Strict):
     max_grad_norm: float = Field(default=1.0, gt=0)
     noise_multiplier: float | None = Field(default=None, ge=0)
     accountant: Literal["rdp", "prv"] = "rdp"
-    # Opacus per-sample gradient engine. functorch was fastest on this model (benchmarks/train_bench.py:
-    # 2.4x the non-private step time vs 2.9x for hooks and 3.3x for ghost clipping, 2 CPU cores).
-    grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "functorch"
+    # Opacus per-sample gradient engine (benchmarks/train_bench.py, 2 CPU cores, 128 px fused model):
+    # hooks 1.9-2.0x the non-private step time, functorch 2.0-2.4x (less memory), ghost 2.5-2.9x.
+    grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
 
 
 class TrainSection(_Strict):
@@ -150,6 +150,16 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def validate_file(path: Path, model: type[BaseModel]):
+    """Read a YAML config and validate it against ``model``; returns (config, the file's folder)."""
+    data = load_yaml(path)
+    try:
+        cfg = model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(path, err)) from None
+    return cfg, Path(path).resolve().parent
+
+
 def _resolve(base: Path, p: Path | None) -> Path | None:
     if p is None:
         return None
@@ -160,12 +170,7 @@ def _resolve(base: Path, p: Path | None) -> Path | None:
 def load_site_config(path: str | Path, *, check_files: bool = True) -> SiteConfig:
     """Load ``site.yaml``; raise :class:`ConfigError` naming the file and key on any problem."""
     path = Path(path)
-    data = load_yaml(path)
-    try:
-        cfg = SiteConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(path, err)) from None
-    base = path.resolve().parent
+    cfg, base = validate_file(path, SiteConfig)
     s = cfg.site
     s.dicom_dir = _resolve(base, s.dicom_dir)
     s.labels = _resolve(base, s.labels)
@@ -239,12 +244,7 @@ class RunConfig(_Strict):
 def load_run_config(path: str | Path, *, check_files: bool = True) -> RunConfig:
     """Load ``run.yaml``; site and coordinator paths are resolved against its folder."""
     path = Path(path)
-    data = load_yaml(path)
-    try:
-        cfg = RunConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(path, err)) from None
-    base = path.resolve().parent
+    cfg, base = validate_file(path, RunConfig)
     cfg.sites = [_resolve(base, p) for p in cfg.sites]
     cfg.coordinator = _resolve(base, cfg.coordinator)
     if cfg.run.out_dir is not None:
@@ -285,12 +285,7 @@ class CoordinatorConfig(_Strict):
 
 def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
     path = Path(path)
-    data = load_yaml(path)
-    try:
-        cfg = CoordinatorConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(path, err)) from None
-    base = path.resolve().parent
+    cfg, base = validate_file(path, CoordinatorConfig)
     c = cfg.coordinator
     c.state_dir = _resolve(base, c.state_dir)
     c.pki_dir = _resolve(base, c.pki_dir)

@@ -40,6 +40,7 @@ def site_logger(state_dir: Path, site: str) -> logging.Logger:
     process, as in the benchmark, without their logs mixing)."""
     lg = logging.getLogger(f"dicomfl.site.{site}")
     lg.setLevel(logging.INFO)
+    lg.propagate = False  # the site's file is its log; nothing of it reaches a shared console
     logdir = Path(state_dir) / "logs"
     path = (logdir / "site.log").resolve()
     if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path) for h in lg.handlers):

@@ -70,7 +70,7 @@ class DPSettings:
     noise_multiplier: float
     max_grad_norm: float = 1.0
     accountant: Literal["rdp", "prv"] = "rdp"
-    grad_sample_mode: str = "functorch"
+    grad_sample_mode: str = "hooks"
     history: list = field(default_factory=list)  # the accountant's (sigma, q, steps) so far
 
 

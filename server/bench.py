@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from dicomfl.common.config import ConfigError, format_validation_error, load_site_config, load_yaml
+from dicomfl.common.config import ConfigError, load_site_config, validate_file
 from dicomfl.common.model import ModelConfig
 
 from .checkpoint import clean, write_json
@@ -56,12 +56,7 @@ class BenchConfig(BaseModel):
 
 def load_bench_config(path: Path) -> BenchConfig:
     path = Path(path)
-    data = load_yaml(path)
-    try:
-        cfg = BenchConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(path, err)) from None
-    base = path.resolve().parent
+    cfg, base = validate_file(path, BenchConfig)
     cfg.sites = [p if p.is_absolute() else (base / p).resolve() for p in cfg.sites]
     cfg.out_dir = cfg.out_dir if cfg.out_dir.is_absolute() else (base / cfg.out_dir).resolve()
     cfg.source = path
@@ -212,7 +207,7 @@ class Bench:
     def _pooled(self, job: Job) -> dict:
         from dicomfl.client.privacy import plan_noise, sample_rate, steps_per_epoch
         from dicomfl.client.trainer import SiteTrainer
-        from dicomfl.common.model import build_model, load_arrays, state_arrays
+        from dicomfl.common.model import build_model, state_arrays
         from dicomfl.common.splits import TRAIN
         from dicomfl.common.train import Arrays, DPSettings, TrainSettings, train_local
 

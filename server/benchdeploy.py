@@ -14,13 +14,25 @@ from .checkpoint import Checkpoints
 from .launcher import LocalFederation
 
 
-def compare(bench: Bench) -> str:
+def compare(bench: Bench, only: str | None = None) -> str:
+    """Run one federated configuration (``only``, else FedAvg) on both paths, first seed."""
+    from .bench import plan
+
     cfg = bench.cfg
     seed = cfg.seeds[0]
-    job = Job(id=f"fedavg@seed{seed}", kind="federated", seed=seed)
+    jobs = [j for j in plan(cfg, bench.names) if j.kind == "federated" and j.seed == seed
+            and (j.config == only if only else j.config == "fedavg")]
+    job = jobs[0] if jobs else Job(id=f"fedavg@seed{seed}", kind="federated", seed=seed)
     sites = [bench.site_cfgs[n] for n in bench.names]
-    inproc = bench._federate(job, sites)
-    dep_job = Job(id=f"deployment-fedavg@seed{seed}", kind="federated", seed=seed)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each deployed site does (DICOMFL_TORCH_THREADS=1): same arithmetic
+    try:
+        inproc = bench._federate(job, sites)
+    finally:
+        torch.set_num_threads(threads)
+    dep_job = Job(**{**job.__dict__, "id": f"deployment-{job.id}"})
     run_yaml = bench._run_yaml(dep_job, sites)
     with LocalFederation(cfg.out_dir / "deployment", sites) as fed:
         code = fed.run(run_yaml, echo=lambda s: None)
@@ -34,7 +46,7 @@ def compare(bench: Bench) -> str:
         math.sqrt(sum(float(np.sum(a[k] ** 2)) for k in a)), 1e-12)
     ga, gb = inproc["cross_site"]["matrix"]["global"], dep["cross_site"]["matrix"]["global"]
     diffs = [abs((ga[s]["auroc"] or 0) - (gb[s]["auroc"] or 0)) for s in bench.names if s in ga and s in gb]
-    lines = ["", "## Deployment spot check (FedAvg, seed %d): in-process vs real SuperLink + SuperNodes" % seed, "",
+    lines = ["", f"## Deployment spot check ({job.config}, seed {seed}): in-process vs real SuperLink + SuperNodes", "",
              "| site | AUROC in process | AUROC deployed |", "| --- | ---: | ---: |"]
     for s in bench.names:
         lines.append(f"| {s} | {ga.get(s, {}).get('auroc')} | {gb.get(s, {}).get('auroc')} |")

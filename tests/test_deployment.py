@@ -48,7 +48,13 @@ def fed(cohort, tmp_path_factory):
         f.start(timeout=180)
         yield f
     finally:
+        pids = [p.pid for p in f.procs.values()]
         f.close()
+        # Stopped cleanly: nothing any daemon started (SuperLink, SuperNodes, SuperExec, apps) is left.
+        from dicomfl.common.supervise import session_pids
+
+        left = [q for pid in pids for q in session_pids(pid)]
+        assert not left, f"processes left running: {left}"
 
 
 def _metrics(run_yaml: Path) -> dict:
@@ -79,6 +85,20 @@ def test_fedavg_then_fedprox_over_tls_with_authenticated_sites(fed, tmp_path):
     for s in SITES:
         assert "allow-runtime-dependency-installation" not in " ".join(
             (fed.workdir / "logs" / f"site-{s}.log").read_text().split())
+
+
+def test_evaluate_only_an_existing_model(fed, tmp_path):
+    run_yaml = write_run(tmp_path, "evalonly")
+    model = tmp_path / "model.npz"
+    from dicomfl.common.model import ModelConfig, build_model, state_arrays
+    from dicomfl.server.checkpoint import save_arrays
+
+    save_arrays(model, state_arrays(build_model(ModelConfig(**MODEL), seed=7)))
+    lines: list[str] = []
+    assert fed.run(run_yaml, evaluate_only=model, echo=lines.append, timeout=300) == 0, "\n".join(lines[-20:])
+    payload = json.loads((tmp_path / "evalonly" / "evaluate-model.json").read_text())
+    assert sorted(payload["matrix"]["model"]) == list(SITES)
+    assert not (tmp_path / "evalonly" / "checkpoints").exists()  # nothing was trained
 
 
 def test_a_supernode_without_a_registered_key_cannot_join(fed):

@@ -250,3 +250,40 @@ def test_errors_cross_the_boundary_only_as_a_code_and_a_reference(cohort, tmp_pa
     for f in cfg.out_dir.rglob("*"):
         if f.is_file() and f.suffix in (".json", ".md", ".csv"):
             assert phi not in f.read_text()
+
+
+def test_a_site_over_its_privacy_budget_declines_and_the_round_goes_on(cohort, tmp_path):
+    raw = yaml.safe_load((cohort / "site-c" / "site.yaml").read_text())
+    for k in ("dicom_dir", "labels", "secret_file"):
+        raw["site"][k] = str((cohort / "site-c" / raw["site"][k]).resolve())
+    raw["site"]["state_dir"] = str(tmp_path / "site-c-state")
+    raw["privacy"] = {"dp": True, "target_epsilon": 0.5, "noise_multiplier": 1.0, "delta": 1e-5}
+    (tmp_path / "site-c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_run_config(write_run(tmp_path, cohort, "budget", rounds=1))
+    cfg.sites = cfg.sites[:2] + [tmp_path / "site-c.yaml"]
+    summary = Federation(cfg, InProcessGrid(cfg.sites)).run()
+    h = summary["history"][0]
+    assert h["declined"] == ["site-c"] and sorted(h["aggregated"]) == ["site-a", "site-b"]
+    assert h["sites"]["site-c"]["declined"] == 1.0 and h["sites"]["site-c"]["epsilon-if-trained"] > 0.5
+    report = (cfg.out_dir / "report.md").read_text()
+    assert "| 1 | site-a, site-b |" in report and "site-c" in report.split("## Per-site")[0]
+    assert "## Privacy" in report  # epsilon per site is reported when DP is on somewhere
+
+
+def test_cross_site_every_k_rounds_and_evaluate_only(cohort, tmp_path):
+    cfg = load_run_config(write_run(tmp_path, cohort, "every", rounds=2))
+    cfg.cross_site.every = 1
+    cfg.cross_site.local_baseline = False
+    grid = InProcessGrid(cfg.sites)
+    fed = Federation(cfg, grid)
+    fed.run()
+    assert (cfg.out_dir / "cross_site_round-0001.json").is_file() and (cfg.out_dir / "cross_site_final.json").is_file()
+    assert json.loads((cfg.out_dir / "cross_site_final.json").read_text())["models"] == ["global"]
+    model = cfg.out_dir / "checkpoints" / "round-0002" / "global.npz"
+    trained = len(grid.sent)
+    payload = Federation(cfg, grid).evaluate_only(model)
+    assert len(grid.sent) == trained + len(SITES)  # one evaluate message per site, no training
+    assert sorted(payload["matrix"]["global"]) == list(SITES)
+    final = json.loads((cfg.out_dir / "cross_site_final.json").read_text())
+    for s in SITES:
+        assert payload["matrix"]["global"][s]["auroc"] == final["matrix"]["global"][s]["auroc"]

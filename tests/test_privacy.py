@@ -8,7 +8,6 @@ import math
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 from scipy.stats import norm
@@ -19,6 +18,7 @@ from dicomfl.common.config import load_site_config
 from dicomfl.common.model import ModelConfig, build_model, state_arrays
 
 MC = ModelConfig(image_size=32, width=8, depth=2, meta_hidden=32, head_hidden=32)
+LOG = logging.getLogger("tests.privacy")
 
 
 def test_epsilon_matches_opacus_accountants_and_their_reference_values():
@@ -76,7 +76,7 @@ def test_budget_persists_across_restart_and_is_enforced(cohort, site_data, tmp_p
     data = site_data["site-a"][1]
     g = state_arrays(build_model(MC))
     plan = dict(run="r1", num_rounds=10, local_epochs=1)
-    t1 = SiteTrainer(cfg, MC, data)
+    t1 = SiteTrainer(cfg, MC, data, logger=LOG)
     o1 = t1.train(g, RoundPlan(server_round=1, **plan))
     e1 = o1.metrics["epsilon"]
     assert 0 < e1 < 3.0 and o1.metrics["declined"] == 0.0 and o1.arrays is not None
@@ -86,9 +86,9 @@ def test_budget_persists_across_restart_and_is_enforced(cohort, site_data, tmp_p
     assert all(isinstance(x, (int, float)) for h in saved["history"] for x in h)  # numbers only
     # "Restart": a new trainer (a new process in a real daemon) reads the ledger back.
     eps, r = [e1], 2
-    with caplog.at_level(logging.WARNING, logger="dicomfl.site"):
+    with caplog.at_level(logging.WARNING, logger="tests.privacy"):
         while True:
-            o = SiteTrainer(cfg, MC, data).train(g, RoundPlan(server_round=r, **plan))
+            o = SiteTrainer(cfg, MC, data, logger=LOG).train(g, RoundPlan(server_round=r, **plan))
             if o.declined:
                 break
             assert o.metrics["epsilon"] > eps[-1]  # cumulative, not per round
@@ -110,11 +110,11 @@ def test_noise_derived_from_target_spends_the_budget_over_the_planned_run(cohort
     data = site_data["site-a"][1]
     g = state_arrays(build_model(MC))
     rounds = 3
-    outs = [SiteTrainer(cfg, MC, data).train(g, RoundPlan(run="r2", server_round=i, num_rounds=rounds)) for i in (1, 2, 3)]
+    outs = [SiteTrainer(cfg, MC, data, logger=LOG).train(g, RoundPlan(run="r2", server_round=i, num_rounds=rounds)) for i in (1, 2, 3)]
     assert not any(o.declined for o in outs)
     assert outs[-1].metrics["epsilon"] == pytest.approx(4.0, rel=0.02)
     assert len({o.metrics["noise-multiplier"] for o in outs}) == 1  # fixed once, kept in the ledger
-    assert SiteTrainer(cfg, MC, data).train(g, RoundPlan(run="r2", server_round=4, num_rounds=rounds)).declined
+    assert SiteTrainer(cfg, MC, data, logger=LOG).train(g, RoundPlan(run="r2", server_round=4, num_rounds=rounds)).declined
 
 
 def _cli(*args):

@@ -1,0 +1,76 @@
+"""``dicomfl bench`` end to end on a tiny grid: every kind of configuration, the tables, the plots,
+resuming from partial results, and the in-process vs deployed spot check."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from dicomfl.server.bench import Bench, load_bench_config
+
+from .test_federation import MODEL, SITES
+
+
+def _bench_yaml(cohort, tmp_path, **over):
+    cfg = {"sites": [str(cohort / s / "site.yaml") for s in SITES], "strategies": ["local", "pooled", "fedavg", "fedprox", "fedadam"],
+           "proximal_mu": [0.1], "dp_epsilons": [None, 8.0], "seeds": [0, 1], "rounds": 1, "model": MODEL,
+           "scale_sites": 12, "scale_rounds": 1, "out_dir": str(tmp_path / "bench"), **over}
+    p = tmp_path / "bench.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_bench_grid_tables_plots_and_resume(cohort, tmp_path):
+    path = _bench_yaml(cohort, tmp_path)
+    cfg = load_bench_config(path)
+    seen = []
+    payload = Bench(cfg, on_progress=lambda i, n, what: seen.append(what)).run()
+    rows = payload["configs"]
+    expected = {"local", "pooled", "fedavg", "fedprox(mu=0.1)", "fedadam", "fedavg+dp(eps=8)", "fedavg[image-only]",
+                "fedavg[metadata-only]", "loso(-site-a)", "loso(-site-b)", "loso(-site-c)", "scale(12 sites)"}
+    assert set(rows) == expected
+    for c, r in rows.items():
+        if r["kind"] == "scale":
+            assert r["sites"] == 12 and r["aggregated_per_round"] == [12] and r["evaluated_sites"] == 12
+            continue
+        assert r["seeds"] == 2
+        assert set(r["auroc"]) == set(SITES)
+    local = rows["local"]
+    assert local["in_site"][0] is not None and local["gap"][0] == pytest.approx(local["in_site"][0] - local["out_site"][0], abs=1e-9)
+    assert 0 < rows["fedavg+dp(eps=8)"]["epsilon"] <= 8.0 * 1.0001
+    assert rows["loso(-site-b)"]["holdout"] == "site-b"
+    out = cfg.out_dir
+    for f in ("results.md", "results.json", "bench_heatmap.png", "bench_curves.png", "bench_privacy.png", "bench_loso.png"):
+        assert (out / f).stat().st_size > 0
+    md = (out / "results.md").read_text()
+    assert "| fedavg+dp(eps=8) |" in md and "Leave one site out" in md and "12 simulated sites" in md
+    # Resume: a second run finds every result on disk and recomputes nothing.
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
+    Bench(cfg).run()
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")} == stamps
+    # Same seed, same numbers (the grid is deterministic).
+    Bench(load_bench_config(_bench_yaml(cohort, tmp_path, out_dir=str(tmp_path / "bench2"), seeds=[0],
+                                                strategies=["fedavg"], dp_epsilons=[None], leave_one_site_out=False,
+                                                ablation=False, scale_sites=0))).run()
+    first = json.loads((out / "results" / "fedavg@seed0.json").read_text())
+    second = json.loads((tmp_path / "bench2" / "results" / "fedavg@seed0.json").read_text())
+    assert first["per_site"] == second["per_site"]
+
+
+@pytest.mark.slow
+def test_bench_deployment_spot_check_agrees_with_the_in_process_path(cohort, tmp_path):
+    path = _bench_yaml(cohort, tmp_path, seeds=[0], strategies=["fedavg"], dp_epsilons=[None],
+                       leave_one_site_out=False, ablation=False, scale_sites=0)
+    r = subprocess.run([sys.executable, "-m", "dicomfl.common.cli", "bench", str(path), "--deployment"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = (tmp_path / "bench" / "results.md").read_text()
+    assert "Deployment spot check (fedavg, seed 0)" in md
+    line = next(x for x in md.splitlines() if x.startswith("Global weights: relative L2 difference"))
+    rel = float(line.split("difference ")[1].split(";")[0])
+    auroc_diff = float(line.rsplit("difference ", 1)[1].rstrip("."))
+    assert rel < 1e-3 and auroc_diff < 0.02, line
