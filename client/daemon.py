@@ -10,13 +10,12 @@ again with a back-off; on SIGTERM the whole process group stops.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
 from dicomfl.common.config import SiteConfig
 from dicomfl.common.errors import ConfigError
-from dicomfl.common.supervise import supervise
+from dicomfl.common.supervise import child_env, supervise
 
 log = logging.getLogger("dicomfl.site")
 
@@ -47,9 +46,7 @@ def start(cfg: SiteConfig) -> int:
     cmd = supernode_command(cfg)
     state = cfg.site.state_dir
     state.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env["FLWR_HOME"] = str(state / "flwr-home")
-    env.setdefault("PYTHONUNBUFFERED", "1")
+    env = child_env({"FLWR_HOME": str(state / "flwr-home")})
     log.info("site %s: connecting to %s", cfg.site.name, cfg.federation.superlink)
     return supervise(cmd, env, state / "logs" / "supernode.log", name="SuperNode",
                      backoff_s=cfg.federation.restart_backoff_s)

@@ -10,6 +10,8 @@ import os
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,14 +41,17 @@ def _die_with_parent() -> None:
 
 
 def session_pids(sid: int) -> list[int]:
-    """Every process in session ``sid`` (Linux /proc); empty elsewhere."""
+    """Every live (non-zombie) process in session ``sid`` (Linux /proc); empty elsewhere."""
     out = []
     for d in Path("/proc").glob("[0-9]*"):
         try:
-            if os.getsid(int(d.name)) == sid:
-                out.append(int(d.name))
-        except (OSError, ValueError):
+            if os.getsid(int(d.name)) != sid:
+                continue
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, ValueError, IndexError):
             continue
+        if state != "Z":
+            out.append(int(d.name))
     return out
 
 
@@ -86,6 +91,24 @@ def _group_alive(pgid: int) -> bool:
         return True
     except (ProcessLookupError, PermissionError):
         return False
+
+
+def _guarded_after_start(fn, proc, name: str) -> None:
+    try:
+        fn(proc)
+    except Exception as exc:  # noqa: BLE001 - keep the daemon up; the log says why
+        log.error("%s: start-up step failed: %s", name, exc)
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for Flower's processes: this Python's bin folder first on PATH (Flower starts
+    ``flower-superexec`` and ``flwr-clientapp`` by name, and the venv need not be activated)."""
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "") if env.get("PATH") else bindir
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -129,10 +152,8 @@ def supervise(
             proc = start_group(cmd, env, log_path)
             log.info("%s started (pid %d); output in %s", name, proc.pid, log_path)
             if after_start is not None:
-                try:
-                    after_start(proc)
-                except Exception as exc:  # noqa: BLE001 - keep the daemon up; the log says why
-                    log.error("%s: start-up step failed: %s", name, exc)
+                # In a thread, so a stop request is honoured while it waits for the port.
+                threading.Thread(target=_guarded_after_start, args=(after_start, proc, name), daemon=True).start()
             started = time.monotonic()
             while proc.poll() is None and not stopping["flag"]:
                 time.sleep(0.2)

@@ -4,12 +4,12 @@ connection, site registration, node listing, run submission."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from dicomfl.common.config import CoordinatorConfig
+from dicomfl.common.supervise import child_env
 
 CONNECTION = "dicomfl"
 
@@ -34,10 +34,7 @@ def write_home(home: Path, coord: CoordinatorConfig) -> Path:
 
 
 def env_with_home(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["FLWR_HOME"] = str(home)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
+    return child_env({"FLWR_HOME": str(home)})
 
 
 def flwr(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -10,7 +10,6 @@ Every process it starts is in its own process group and is stopped by pid on exi
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from dicomfl.common.config import load_coordinator_config, load_run_config, load_site_config
-from dicomfl.common.supervise import free_port, kill_session, stop_group, wait_port
+from dicomfl.common.supervise import child_env, free_port, kill_session, stop_group, wait_port
 
 from . import flwrcli, runner
 from .pki import make_all
@@ -75,11 +74,8 @@ class LocalFederation:
     # ------------------------------------------------------------------ processes
     def _spawn(self, key: str, args: list[str], log: Path, env_extra: dict | None = None) -> subprocess.Popen:
         log.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env.setdefault("DICOMFL_TORCH_THREADS", "1")  # N sites share this machine's cores
-        env.update(env_extra or {})
-        env["FLWR_HOME"] = str(self.workdir / "flwr-home" / key)
-        env["PYTHONUNBUFFERED"] = "1"
+        env = child_env({"DICOMFL_TORCH_THREADS": "1",  # N sites share this machine's cores
+                         "FLWR_HOME": str(self.workdir / "flwr-home" / key), **(env_extra or {})})
         with open(log, "ab") as fh:
             p = subprocess.Popen(_cli(*args), env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  start_new_session=True, cwd=self.workdir)
@@ -160,6 +156,6 @@ class LocalFederation:
         args = ["run", str(run_yaml), "--coordinator", str(self.coordinator_yaml)] + (["--resume"] if resume else [])
         with open(log, "ab") as fh:
             p = subprocess.Popen(_cli(*args), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                 start_new_session=True, env=child_env())
         self.procs[f"run:{len(self.procs)}"] = p
         return p

@@ -53,7 +53,9 @@ def fed(cohort, tmp_path_factory):
         # Stopped cleanly: nothing any daemon started (SuperLink, SuperNodes, SuperExec, apps) is left.
         from dicomfl.common.supervise import session_pids
 
-        left = [q for pid in pids for q in session_pids(pid)]
+        deadline = time.monotonic() + 20
+        while (left := [q for pid in pids for q in session_pids(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert not left, f"processes left running: {left}"
 
 
