@@ -17,6 +17,7 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/ingest_bench.py
 	$(BIN)/python benchmarks/train_bench.py
+	taskset -c 0 $(BIN)/python benchmarks/synth_bench.py
 
 clean:
 	rm -rf runs .pytest_cache

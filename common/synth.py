@@ -17,11 +17,15 @@ import datetime as dt
 import hashlib
 import os
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from pydicom import config as pydicom_config
+from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import correct_ambiguous_vr, write_data_element, write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     ExplicitVRLittleEndian,
@@ -92,9 +96,10 @@ def _smooth(img: np.ndarray, passes: int) -> np.ndarray:
     return img
 
 
-def phantom(rng: np.random.Generator, n: int, positive: bool, ap: bool, profile: SiteProfile,
-            confounders: frozenset[str] = frozenset()) -> np.ndarray:
-    """A chest-radiograph-like image in [0, 1] (1 = dense/bright), n x n."""
+@lru_cache(maxsize=16)
+def _anatomy(n: int, ap: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The noise-free anatomy of an n x n chest for one view: (image, lung masks, x, y). Cached:
+    every image of a site shares it; only the finding, artifacts, blur and noise differ."""
     y, x = np.mgrid[0:n, 0:n].astype(np.float32) / n
     img = np.full((n, n), 0.08, np.float32)
     body = ((x - 0.5) / 0.46) ** 2 + ((y - 0.55) / 0.5) ** 2 < 1
@@ -109,6 +114,17 @@ def phantom(rng: np.random.Generator, n: int, positive: bool, ap: bool, profile:
     img[ribs] += 0.12
     med = np.abs(x - 0.5) < heart_w * (1.0 - 0.5 * np.abs(y - 0.65))
     img[med & body] = 0.7
+    for a in (img, lungs[0], lungs[1], x, y):
+        a.setflags(write=False)
+    return img, lungs[0], lungs[1], x, y
+
+
+def phantom(rng: np.random.Generator, n: int, positive: bool, ap: bool, profile: SiteProfile,
+            confounders: frozenset[str] = frozenset()) -> np.ndarray:
+    """A chest-radiograph-like image in [0, 1] (1 = dense/bright), n x n."""
+    base, lung0, lung1, x, y = _anatomy(n, bool(ap))
+    img = base.copy()
+    lungs = (lung0, lung1)
     if positive:
         side = rng.integers(2)
         cx = (0.31, 0.69)[side] + rng.uniform(-0.06, 0.06)
@@ -244,7 +260,56 @@ def _image_dataset(p: SiteProfile, ds: Dataset, img01: np.ndarray, view: str) ->
     return ds
 
 
+class _Writer:
+    """Writes a site's files with pydicom's element encoder, encoding each repeated element (same
+    tag, VR and value: the site's constant header) once per site instead of once per file."""
+
+    _UNCACHED_VRS = {"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"}
+
+    def __init__(self, syntax: UID) -> None:
+        self.syntax = syntax
+        self.implicit = syntax == ImplicitVRLittleEndian
+        self.encodings = convert_encodings(["ISO_IR 100"])
+        self.cache: dict[tuple, bytes] = {}
+
+    def _encode(self, elem) -> bytes:
+        fp = DicomBytesIO()
+        fp.is_little_endian = True
+        fp.is_implicit_VR = self.implicit
+        write_data_element(fp, elem, self.encodings)
+        return fp.getvalue()
+
+    def _element(self, elem) -> bytes:
+        if elem.VR in self._UNCACHED_VRS:
+            return self._encode(elem)
+        key = (elem.tag, elem.VR, str(elem.value))
+        b = self.cache.get(key)
+        if b is None:
+            b = self.cache[key] = self._encode(elem)
+        return b
+
+    def save(self, ds: Dataset, path: Path, sop_class: UID) -> None:
+        if self.syntax == RLELossless:
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.compress(RLELossless, generate_instance_uid=False)  # keep the seeded, deterministic UID
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = self.syntax
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        mfp = DicomBytesIO()
+        mfp.is_little_endian = True
+        mfp.is_implicit_VR = False
+        write_file_meta_info(mfp, meta, enforce_standard=True)
+        correct_ambiguous_vr(ds, True)  # as dcmwrite does: OB/OW, US/SS resolved from the dataset
+        body = b"".join(self._element(ds[tag]) for tag in sorted(ds.keys()))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\x00" * 128 + b"DICM" + mfp.getvalue() + body)
+
+
 def _save(ds: Dataset, path: Path, syntax: UID, sop_class: UID) -> None:
+    """One file with pydicom's own writer (the bad files and the SR)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -252,7 +317,7 @@ def _save(ds: Dataset, path: Path, syntax: UID, sop_class: UID) -> None:
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.file_meta = meta
     if syntax == RLELossless:
-        ds.compress(RLELossless)
+        ds.compress(RLELossless, generate_instance_uid=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, implicit_vr=syntax == ImplicitVRLittleEndian, little_endian=True, enforce_file_format=True)
 
@@ -333,6 +398,7 @@ def _synth(out_dir: Path, sites: int, per_site: int, seed: int, image_size: int,
                 "age": age,
             })
         rows = []
+        writer = _Writer(SYNTAXES[p.syntax])
         positives = 0
         for k in range(per_site):
             pat = patients[k % n_patients]
@@ -346,7 +412,7 @@ def _synth(out_dir: Path, sites: int, per_site: int, seed: int, image_size: int,
             ds = _base_dataset(p, seed, pat, study_no, k, irng)
             _image_dataset(p, ds, img, "AP" if ap else "PA")
             rel = Path(f"STU{study_no:03d}{k % n_patients:04d}") / "SER001" / (f"IM{k:05d}" + (".dcm" if k % 3 == 0 else ""))
-            _save(ds, dicom / rel, SYNTAXES[p.syntax], ds.SOPClassUID)
+            writer.save(ds, dicom / rel, ds.SOPClassUID)
             rows.append((ds.AccessionNumber, label))
             total += 1
             done += 1
