@@ -169,7 +169,7 @@ def test_fast_writer_writes_exactly_what_pydicom_writes(tmp_path):
         w = S._Writer(S.SYNTAXES[p.syntax])
         for k in range(3):  # the second and third files reuse the cached encodings
             ds = S._image_dataset(p, S._base_dataset(p, 0, pat, 0, k, np.random.default_rng(k)),
-                                  S.phantom(rng, 64, bool(k % 2), False, p), "PA")
+                                  S.phantom(rng, p.matrix, bool(k % 2), False, p), "PA")
             a, b = copy.deepcopy(ds), copy.deepcopy(ds)
             S._save(a, tmp_path / f"{p.name}-{k}-ref", S.SYNTAXES[p.syntax], ds.SOPClassUID)
             w.save(b, tmp_path / f"{p.name}-{k}-fast", ds.SOPClassUID)
