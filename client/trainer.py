@@ -97,13 +97,9 @@ class SiteTrainer:
             q = sample_rate(len(train), t.batch_size)
             steps = plan.local_steps or plan.local_epochs * steps_per_epoch(len(train), t.batch_size)
             if ledger.noise_multiplier is None:
-                if p.noise_multiplier:
-                    ledger.noise_multiplier = p.noise_multiplier
-                else:
-                    total = planned_steps(len(train), t.batch_size, plan.num_rounds, plan.local_epochs, plan.local_steps)
-                    ledger.noise_multiplier = plan_noise(target, delta, q, total, p.accountant)
-                ledger.planned_steps = planned_steps(len(train), t.batch_size, plan.num_rounds, plan.local_epochs,
-                                                     plan.local_steps)
+                total = planned_steps(len(train), t.batch_size, plan.num_rounds, plan.local_epochs, plan.local_steps)
+                ledger.noise_multiplier = p.noise_multiplier or plan_noise(target, delta, q, total, p.accountant)
+                ledger.planned_steps = total
                 ledger.save()
             ok, after = ledger.affordable(ledger.noise_multiplier, q, steps)
             metrics.update({"epsilon": ledger.spent(), "delta": delta, "noise-multiplier": ledger.noise_multiplier,

@@ -260,6 +260,15 @@ def _image_dataset(p: SiteProfile, ds: Dataset, img01: np.ndarray, view: str) ->
     return ds
 
 
+def _file_meta(ds: Dataset, syntax: UID, sop_class: UID) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = syntax
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    return meta
+
+
 class _Writer:
     """Writes a site's files with pydicom's element encoder, encoding each repeated element (same
     tag, VR and value: the site's constant header) once per site instead of once per file."""
@@ -293,11 +302,7 @@ class _Writer:
             ds.file_meta = FileMetaDataset()
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds.compress(RLELossless, generate_instance_uid=False)  # keep the seeded, deterministic UID
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = self.syntax
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta = _file_meta(ds, self.syntax, sop_class)
         mfp = DicomBytesIO()
         mfp.is_little_endian = True
         mfp.is_implicit_VR = False
@@ -310,12 +315,7 @@ class _Writer:
 
 def _save(ds: Dataset, path: Path, syntax: UID, sop_class: UID) -> None:
     """One file with pydicom's own writer (the bad files and the SR)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian if syntax == RLELossless else syntax
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
+    ds.file_meta = _file_meta(ds, ExplicitVRLittleEndian if syntax == RLELossless else syntax, sop_class)
     if syntax == RLELossless:
         ds.compress(RLELossless, generate_instance_uid=False)
     path.parent.mkdir(parents=True, exist_ok=True)

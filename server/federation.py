@@ -146,6 +146,7 @@ class Federation:
         rec: dict = {"round": rnd, "sites": {}, "rejected": {}, "errors": {}, "declined": [], "missing": [],
                      "sampled": len(sampled)}
         candidates: dict[str, Message] = {}
+        updates: dict[str, dict[str, np.ndarray]] = {}  # each accepted reply's arrays, converted once
         replied = set()
         seen: set[str] = set()
         for msg in replies:
@@ -175,6 +176,7 @@ class Federation:
                 log.warning("round %d: rejected the update from %s: %s", rnd, site, problem)
                 continue
             candidates[site] = msg
+            updates[site] = arrays
         # Missing: sampled without a reply in time, or known from earlier rounds and gone now.
         replied_names = {self.name(n) for n in replied}
         expected = {self.name(n) for n in sampled} | set(self.node_names.values())
@@ -182,7 +184,7 @@ class Federation:
         for site in rec["missing"]:
             log.warning("round %d: no reply from %s within %.0f s; left out of this round", rnd, site,
                         cfg.run.round_timeout_s)
-        dists = {s: distance(_to_numpy(m.content[P.ARRAYS]), state.global_arrays) for s, m in candidates.items()}
+        dists = {s: distance(updates[s], state.global_arrays) for s in candidates}
         for site, why in norm_outliers(dists, cfg.run.max_update_norm_ratio).items():
             rec["rejected"][site] = why
             log.warning("round %d: rejected the update from %s: %s", rnd, site, why)
