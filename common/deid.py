@@ -40,6 +40,7 @@ from .deid_profile import (
     REMAP_UID,
     REMOVE,
     SHIFT_DATE,
+    TABLE_EDITION,
     action_table,
 )
 
@@ -141,7 +142,7 @@ class Deidentifier:
         ds.PatientID = patient_pseudonym
         ds.PatientIdentityRemoved = "YES"
         ds.LongitudinalTemporalInformationModified = "MODIFIED" if self._shift else "REMOVED"
-        ds.DeidentificationMethod = f"dicomfl {__version__} PS3.15 E.1 Basic profile"
+        ds.DeidentificationMethod = f"dicomfl {__version__} PS3.15 {TABLE_EDITION} E.1-1 Basic profile"
         items = []
         for name in ("basic", *[k for k, v in self.options.model_dump().items() if v]):
             value, meaning = METHOD_CODES[name]
@@ -235,6 +236,14 @@ class Deidentifier:
 
     @staticmethod
     def _shift_date(ds: Dataset, elem: DataElement, days: int, stats: DeidStats) -> None:
+        """Shift a DA/DT by ``days``; a TM is kept (the shift is whole days); any other VR, or a
+        value that does not parse, is removed."""
+        if elem.VR == "TM":
+            return
+        if elem.VR not in ("DA", "DT"):
+            del ds[elem.tag]
+            stats.removed += 1
+            return
         try:
             values = [elem.value] if isinstance(elem.value, (str, bytes)) or not hasattr(elem.value, "__iter__") else list(elem.value)
             out = []

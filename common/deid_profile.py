@@ -12,9 +12,13 @@ from functools import lru_cache
 from importlib import resources
 
 TABLE_FILE = "ps3_15_table_e1_1.tsv"
+# The edition the shipped TSV transcribes, and that edition's row count (the TSV's first comment
+# line names both; a test holds them together). Rebuilt by deployments/tools/build_e1_1_table.py.
+TABLE_EDITION = "2024b"
+TABLE_ROWS = 621
 TABLE_SOURCE = (
-    "DICOM PS3.15 Table E.1-1, from innolitics/dicom-standard "
-    "standard/confidentiality_profile_attributes.json @ 0d01bf11"
+    f"DICOM PS3.15 Table E.1-1, edition {TABLE_EDITION}: rows and Basic Profile actions from "
+    "dicom-anonymizer's dicomfields_2024b, option columns from idiscore's scrape of the standard"
 )
 
 # Option columns (token in the TSV -> option name used in config and the method code sequence).
@@ -63,6 +67,12 @@ def load_rows() -> tuple[ProfileRow, ...]:
     return tuple(rows)
 
 
+def table_header() -> str:
+    """The TSV's leading comment lines (they name the edition, the row count and the sources)."""
+    text = resources.files("dicomfl.common").joinpath("data", TABLE_FILE).read_text()
+    return "\n".join(line for line in text.splitlines()[:20] if line.startswith("#"))
+
+
 def table_digest() -> str:
     data = resources.files("dicomfl.common").joinpath("data", TABLE_FILE).read_bytes()
     return hashlib.sha256(data).hexdigest()[:16]
@@ -72,8 +82,9 @@ def resolve_action(row: ProfileRow, enabled: frozenset[str]) -> str:
     """The single action dicomfl applies for a row, given the enabled options.
 
     * Options override the Basic profile where the table gives them a code: ``K`` keeps;
-      ``C`` under Retain Longitudinal Modified Dates shifts dates; every other ``C`` (clean) removes,
-      since automatic cleaning of free text cannot be shown safe.
+      ``C`` under Retain Longitudinal Modified Dates shifts dates (a time of day is kept: the shift is
+      whole days); every other ``C`` (clean) removes, since automatic cleaning of free text cannot be
+      shown safe.
     * Where the table lets the implementation choose (X/Z, X/D, X/Z/D, X/Z/U*), dicomfl removes:
       the de-identified dataset never leaves memory, so IOD Type 1/2 conformance is not needed.
       ``Z/D`` becomes ``Z``.
@@ -113,7 +124,7 @@ def action_table(enabled: frozenset[str]) -> dict[int, str]:
 def main() -> None:
     rows = load_rows()
     print(TABLE_SOURCE)
-    print(f"rows: {len(rows)} (PS3.15 2024b edition: 621)")
+    print(f"rows: {len(rows)} (edition {TABLE_EDITION}: {TABLE_ROWS})")
     for code, n in sorted(Counter(r.basic for r in rows).items()):
         print(f"  {code:8s} {n}")
 

@@ -37,7 +37,7 @@ log = logging.getLogger("dicomfl.ingest")
 # pydicom logs the same value-quoting messages it warns with: keep its logger silent.
 logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
 
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: Table E.1-1 2024b; TM kept under date shifting
 
 
 @dataclass

@@ -11,7 +11,16 @@ from pydicom.sequence import Sequence
 
 from dicomfl.common.config import DeidSection
 from dicomfl.common.deid import Deidentifier
-from dicomfl.common.deid_profile import REMOVE, action_table, load_rows
+from dicomfl.common.deid_profile import (
+    OPTION_TOKENS,
+    REMOVE,
+    SHIFT_DATE,
+    TABLE_EDITION,
+    TABLE_ROWS,
+    action_table,
+    load_rows,
+    table_header,
+)
 
 
 def _ds() -> Dataset:
@@ -28,7 +37,10 @@ def _ds() -> Dataset:
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # DX image storage
     ds.Modality = "DX"
     ds.KVP = "120"
-    ds.InstanceCreationDate = "20230405"  # not in the shipped table edition: caught by the DA rule
+    ds.InstanceCreationDate = "20230405"  # X/D in the table
+    ds.DateOfGainCalibration = "20230401"  # a DA the table does not name: caught by the DA rule
+    ds.SourceStartDateTime = "20230405101500"  # a 2024b row (D; full=K mod=C)
+    ds.AcquisitionTime = "101500"  # X/Z; full=K mod=C
     ds.add_new(0x00091010, "LO", "Doe^Jane in a private tag")
     ds.add_new(0x60003000, "OW", b"\x00\x01" * 8)
     item = Dataset()
@@ -45,13 +57,32 @@ def _ds() -> Dataset:
 
 def test_table_is_data_and_complete_for_this_edition():
     rows = load_rows()
-    assert len(rows) == 460
+    header = table_header()
+    assert f"edition {TABLE_EDITION}." in header and f"# {TABLE_ROWS} rows" in header
+    assert len(rows) == TABLE_ROWS == 621 and TABLE_EDITION == "2024b"
+    tags = [r.tag for r in rows]
+    assert len(set(tags)) == len(tags), "a tag appears twice"
+    assert all(len(t) == 8 and all(c in "0123456789abcdefx" for c in t) or t == "oddxxxxx" for t in tags)
+    assert {"50xxxxxx", "60xx3000", "60xx4000", "oddxxxxx"} <= set(tags)  # curves, overlays, private
     assert {r.basic for r in rows} == {"D", "U", "X", "Z", "X/D", "X/Z", "X/Z/D", "X/Z/U*", "Z/D"}
+    option_codes = {code for r in rows for code in r.options.values()}
+    assert option_codes <= {"K", "C", "X", "D", "Z", "U"}, option_codes
+    used = {opt for r in rows for opt in r.options}
+    assert used == set(OPTION_TOKENS.values())  # every option column of the table is present
+    by_tag = {r.tag: r for r in rows}
+    # Spot checks against the 2024b edition of the table.
+    assert by_tag["00100020"].basic == "Z/D"  # Patient ID
+    assert by_tag["00189369"].basic == "D"  # Source Start DateTime (added after 2019)
+    assert by_tag["00189369"].options == {"retain_longitudinal_full_dates": "K", "retain_longitudinal_modified_dates": "C"}
+    assert by_tag["00081140"].basic == "X/Z/U*"  # Referenced Image Sequence
+    assert by_tag["00101010"].options["retain_patient_characteristics"] == "K"  # Patient's Age
+    assert by_tag["oddxxxxx"].options == {"retain_safe_private": "C"}
     table = action_table(frozenset())
     assert table[0x00100010] == "Z"  # Patient's Name
     assert table[0x04000561] == REMOVE  # Original Attributes Sequence
     assert table[0x00101010] == REMOVE  # Patient's Age (X in the basic profile)
     assert action_table(frozenset({"retain_patient_characteristics"}))[0x00101010] == "K"
+    assert action_table(frozenset({"retain_longitudinal_modified_dates"}))[0x00189369] == SHIFT_DATE
 
 
 def test_basic_profile_rules():
@@ -63,7 +94,9 @@ def test_basic_profile_rules():
     assert "PatientBirthDate" not in ds or not ds.PatientBirthDate
     assert "PatientAge" not in ds and not ds.get("PatientSex")
     assert "StudyDate" not in ds or not ds.StudyDate
-    assert "InstanceCreationDate" not in ds
+    assert "InstanceCreationDate" not in ds and "DateOfGainCalibration" not in ds
+    assert "AcquisitionTime" not in ds
+    assert ds.SourceStartDateTime != "20230405101500"  # D: a dummy value
     assert not ds.AccessionNumber
     assert "InstitutionName" not in ds
     assert "ReferencedImageSequence" not in ds  # X/Z/U* -> removed whole
@@ -86,11 +119,16 @@ def test_retain_patient_characteristics_and_shifted_dates():
     assert ds.StudyDate and ds.StudyDate != "20230405"
     shift = d.date_shift_days("p123")
     assert 1 <= shift <= 3650
+    import datetime as dt
+
+    expected = (dt.date(2023, 4, 5) - dt.timedelta(days=shift)).strftime("%Y%m%d")
+    assert ds.StudyDate == expected
+    assert ds.SourceStartDateTime == expected + "101500"  # DT: date shifted, time of day kept
+    assert ds.AcquisitionTime == "101500"  # TM under a whole-day shift: kept
+    assert ds.DateOfGainCalibration == (dt.date(2023, 4, 1) - dt.timedelta(days=shift)).strftime("%Y%m%d")
     ds2 = _ds()
     ds2.StudyDate = "20230410"
     d.apply(ds2, "p123")
-    import datetime as dt
-
     gap = dt.datetime.strptime(ds2.StudyDate, "%Y%m%d") - dt.datetime.strptime(ds.StudyDate, "%Y%m%d")
     assert gap.days == 5  # intervals within a patient are kept
     assert ds.LongitudinalTemporalInformationModified == "MODIFIED"
