@@ -11,6 +11,11 @@ above its budget it declines to train (and says so in its log and its reply).
 The noise multiplier is either fixed in the site config or derived once from the target
 (epsilon, delta) over the planned run — rounds x local epochs x steps per epoch — and then kept in
 the ledger, so it never drifts between rounds.
+
+Class-balanced loss weights need the site's label counts, which are data too. Under DP they are
+released once per run through the Gaussian mechanism (a histogram: adding or removing one record
+moves one count by 1, so the L2 sensitivity is 1), charged to the same accountant as a
+``(sigma_counts, 1.0, 1)`` entry, kept in the ledger and reused every round (post-processing).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -46,14 +52,47 @@ def sample_rate(n_train: int, batch_size: int) -> float:
     return 1.0 / steps_per_epoch(n_train, batch_size)
 
 
-def plan_noise(target_epsilon: float, delta: float, q: float, steps: int, accountant: str = "rdp") -> float:
-    """The smallest noise multiplier (to Opacus's tolerance) that keeps ``steps`` steps within epsilon."""
-    from opacus.accountants.utils import get_noise_multiplier
+def plan_noise(target_epsilon: float, delta: float, q: float, steps: int, accountant: str = "rdp",
+               prefix: list | None = None) -> float:
+    """The smallest noise multiplier that keeps ``steps`` steps at sample rate ``q`` within epsilon,
+    after the releases already in ``prefix`` (history entries, e.g. the label-count release)."""
+    if not prefix:
+        from opacus.accountants.utils import get_noise_multiplier
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=q,
-                                          steps=steps, accountant=accountant))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=q,
+                                              steps=steps, accountant=accountant))
+    prefix = [list(h) for h in prefix]
+    if epsilon(prefix, delta, accountant) >= target_epsilon:
+        raise ValueError(f"the releases before training already spend epsilon >= {target_epsilon}")
+
+    def eps(sigma: float) -> float:
+        return epsilon(prefix + [[sigma, q, steps]], delta, accountant)
+
+    lo, hi = 0.0, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise ValueError(f"no noise multiplier keeps {steps} steps within epsilon {target_epsilon}")
+    while hi - lo > 0.005 * hi:  # Opacus's own tolerance is 0.01 in epsilon; this is finer
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if eps(mid) <= target_epsilon else (mid, hi)
+    return hi
+
+
+def count_release(sigma: float) -> list:
+    """The accountant entry of one Gaussian release of a label histogram (L2 sensitivity 1)."""
+    return [float(sigma), 1.0, 1]
+
+
+def noisy_counts(labels, n_classes: int, sigma: float) -> list[float]:
+    """Label counts plus N(0, sigma^2) each, from OS entropy, floored at 1 (post-processing)."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes).astype(np.float64)
+    rng = np.random.default_rng(secrets.randbits(128))
+    return [float(c) for c in np.maximum(counts + rng.normal(0.0, sigma, n_classes), 1.0)]
 
 
 @dataclass
@@ -70,6 +109,9 @@ class Ledger:
     history: list = field(default_factory=list)
     rounds_trained: list = field(default_factory=list)
     rounds_declined: list = field(default_factory=list)
+    # The DP-released label counts (numbers only) and the noise they were released with.
+    class_counts: list | None = None
+    count_noise_multiplier: float | None = None
     path: Path | None = None
 
     @staticmethod
@@ -96,11 +138,12 @@ class Ledger:
     def spent(self) -> float:
         return epsilon(self.history, self.delta, self.accountant)
 
-    def would_spend(self, noise_multiplier: float, q: float, steps: int) -> float:
-        return epsilon(self.history + [[noise_multiplier, q, steps]], self.delta, self.accountant)
+    def would_spend(self, noise_multiplier: float, q: float, steps: int, extra: list = ()) -> float:
+        return epsilon(self.history + [list(h) for h in extra] + [[noise_multiplier, q, steps]], self.delta,
+                       self.accountant)
 
-    def affordable(self, noise_multiplier: float, q: float, steps: int) -> tuple[bool, float]:
-        after = self.would_spend(noise_multiplier, q, steps)
+    def affordable(self, noise_multiplier: float, q: float, steps: int, extra: list = ()) -> tuple[bool, float]:
+        after = self.would_spend(noise_multiplier, q, steps, extra)
         if self.target_epsilon is None:
             return True, after
         return after <= self.target_epsilon * (1 + 1e-9), after
@@ -154,6 +197,7 @@ def plan_for_site(site, run) -> dict:
     q = sample_rate(n, b)
     steps = planned_steps(n, b, run.run.rounds, run.run.local_epochs, run.run.local_steps)
     acc = site.privacy.accountant
+    prefix = [count_release(site.privacy.count_noise_multiplier)] if site.privacy.class_weights == "noisy" else []
     plan = {"site": site.site.name, "run": run.run.name, "train_images": n, "batch_size": b, "sample_rate": q,
             "rounds": run.run.rounds, "local_epochs": run.run.local_epochs, "steps_per_round": steps // run.run.rounds,
             "total_steps": steps, "target_epsilon": target, "delta": delta, "accountant": acc,
@@ -162,9 +206,15 @@ def plan_for_site(site, run) -> dict:
         plan["noise_multiplier"] = site.privacy.noise_multiplier
         plan["noise_source"] = "fixed in site.yaml"
     elif target is not None:
-        plan["noise_multiplier"] = plan_noise(target, delta, q, steps, acc)
+        try:
+            plan["noise_multiplier"] = plan_noise(target, delta, q, steps, acc, prefix)
+        except ValueError as e:
+            raise ConfigError(f"{site.source}: privacy.target_epsilon: {e}") from None
         plan["noise_source"] = "derived from target epsilon"
     else:
         raise ConfigError(f"{site.source}: privacy: set noise_multiplier or target_epsilon")
-    plan["epsilon_at_end"] = epsilon([[plan["noise_multiplier"], q, steps]], delta, acc)
+    if prefix:
+        plan["class_count_noise"] = site.privacy.count_noise_multiplier
+        plan["epsilon_of_class_counts_alone"] = epsilon(prefix, delta, acc)
+    plan["epsilon_at_end"] = epsilon(prefix + [[plan["noise_multiplier"], q, steps]], delta, acc)
     return plan

@@ -17,7 +17,16 @@ from dicomfl.common.model import ModelConfig, build_model, load_arrays
 from dicomfl.common.splits import TEST, TRAIN, VAL
 from dicomfl.common.train import Arrays, DPSettings, TrainSettings, evaluate, split_arrays, train_local
 
-from .privacy import Ledger, effective_budget, plan_noise, planned_steps, sample_rate, steps_per_epoch
+from .privacy import (
+    Ledger,
+    count_release,
+    effective_budget,
+    noisy_counts,
+    plan_noise,
+    planned_steps,
+    sample_rate,
+    steps_per_epoch,
+)
 
 
 
@@ -96,12 +105,16 @@ class SiteTrainer:
                                  target_epsilon=target, max_grad_norm=p.max_grad_norm)
             q = sample_rate(len(train), t.batch_size)
             steps = plan.local_steps or plan.local_epochs * steps_per_epoch(len(train), t.batch_size)
+            # The label-count release, still to be made this run (once, before the first private round).
+            pending = ([count_release(p.count_noise_multiplier)]
+                       if p.class_weights == "noisy" and ledger.class_counts is None else [])
             if ledger.noise_multiplier is None:
                 total = planned_steps(len(train), t.batch_size, plan.num_rounds, plan.local_epochs, plan.local_steps)
-                ledger.noise_multiplier = p.noise_multiplier or plan_noise(target, delta, q, total, p.accountant)
+                ledger.noise_multiplier = p.noise_multiplier or plan_noise(
+                    target, delta, q, total, p.accountant, prefix=ledger.history + pending)
                 ledger.planned_steps = total
                 ledger.save()
-            ok, after = ledger.affordable(ledger.noise_multiplier, q, steps)
+            ok, after = ledger.affordable(ledger.noise_multiplier, q, steps, extra=pending)
             metrics.update({"epsilon": ledger.spent(), "delta": delta, "noise-multiplier": ledger.noise_multiplier,
                             "target-epsilon": target if target is not None else float("nan")})
             if not ok:
@@ -110,6 +123,14 @@ class SiteTrainer:
                             plan.server_round, after, target)
                 metrics.update({"declined": 1.0, "epsilon-if-trained": after})
                 return Outcome(arrays=None, metrics=metrics, declined=True)
+            if pending:
+                ledger.class_counts = noisy_counts(train.labels, self.model_cfg.n_classes, p.count_noise_multiplier)
+                ledger.count_noise_multiplier = p.count_noise_multiplier
+                ledger.history = ledger.history + pending
+                ledger.save()
+            settings.class_counts = ledger.class_counts
+            settings.class_weights = p.class_weights == "noisy"
+            # No seed: the batches and the noise come from OS entropy (see DPSettings.seed).
             dp = DPSettings(noise_multiplier=ledger.noise_multiplier, max_grad_norm=p.max_grad_norm,
                             accountant=p.accountant, grad_sample_mode=p.grad_sample_mode, history=ledger.history)
         res = train_local(self.model(), train, settings, dp=dp, global_arrays=global_arrays)

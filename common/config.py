@@ -78,6 +78,11 @@ class PrivacySection(_Strict):
     # Opacus per-sample gradient engine (benchmarks/train_bench.py, 2 CPU cores, 128 px fused model):
     # hooks 1.9-2.0x the non-private step time, functorch 2.0-2.4x (less memory), ghost 2.5-2.9x.
     grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
+    # Class-balanced loss weights under DP. "noisy": the label counts are released once per run with
+    # Gaussian noise (this multiplier; L2 sensitivity 1) and charged to the site's privacy ledger
+    # (sigma 10 adds about 0.015 to epsilon 12 under RDP). "none": unweighted loss, nothing released.
+    class_weights: Literal["noisy", "none"] = "noisy"
+    count_noise_multiplier: float = Field(default=10.0, gt=0)
 
 
 class TrainSection(_Strict):

@@ -13,14 +13,18 @@ returns the new weights (plain parameter names) with numbers only. Options:
   ``wrap_model=False``, so parameter names are unchanged. The accountant's history is passed in
   and returned, so the caller can persist the site's cumulative spend.
 * Class imbalance: per-class loss weights (balanced), because Opacus's Poisson sampler silently
-  replaces any custom sampler.
-* Deterministic on CPU for a given seed; CUDA is used when present.
+  replaces any custom sampler. Under DP the caller passes DP-released counts (``class_counts``):
+  weights computed from the exact labels would depend on every record outside the accountant.
+* Deterministic on CPU for a given seed; CUDA is used when present. Under DP the Poisson sampler and
+  the noise draw from their own generators, seeded from OS entropy unless ``DPSettings.seed`` is set
+  (a known seed would let anyone who knows it remove the noise).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import secrets
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -72,6 +76,12 @@ class DPSettings:
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: str = "hooks"
     history: list = field(default_factory=list)  # the accountant's (sigma, q, steps) so far
+    # Randomness of the Poisson batches and of the noise. None (the default, and what a site always
+    # uses): fresh OS entropy on every call, so nobody — the coordinator included, who knows every
+    # training seed — can predict which records were sampled or what noise was added; the accountant
+    # assumes both are secret. An int makes the call reproducible, for simulations and tests only:
+    # whoever knows it can regenerate the noise and subtract it.
+    seed: int | None = None
 
 
 @dataclass
@@ -84,6 +94,9 @@ class TrainSettings:
     proximal_mu: float = 0.0
     seed: int = 0
     class_weights: bool = True
+    # Counts to derive the class weights from instead of the labels (under DP: the site's noisy,
+    # accounted release of its label counts; see client/privacy.py).
+    class_counts: "list[float] | None" = None
 
 
 @dataclass
@@ -102,16 +115,29 @@ def device() -> torch.device:
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    w = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0)
+    return class_weights_from_counts(np.bincount(labels, minlength=n_classes))
+
+
+def class_weights_from_counts(counts) -> torch.Tensor:
+    """Balanced weights total / (K * count_c); a class with no samples gets weight 0."""
+    counts = np.asarray(counts, dtype=np.float64)
+    w = np.where(counts > 0, counts.sum() / (len(counts) * np.maximum(counts, 1e-12)), 0.0)
     return torch.tensor(w, dtype=torch.float32)
 
 
-def _loader(data: Arrays, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+def _loader(data: Arrays, batch_size: int, shuffle: bool, generator: torch.Generator) -> DataLoader:
     ds = TensorDataset(torch.from_numpy(data.images[:, None]), torch.from_numpy(data.features),
                        torch.from_numpy(data.labels))
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=False)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=False)
+
+
+def _dp_generators(seed: int | None, dev: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """(Poisson sampling generator, noise generator): from OS entropy, or from ``seed`` when given."""
+    if seed is None:
+        s_sample, s_noise = secrets.randbits(63), secrets.randbits(63)
+    else:
+        s_sample, s_noise = seed, seed ^ 0x5DEECE66D
+    return torch.Generator().manual_seed(s_sample), torch.Generator(device=dev).manual_seed(s_noise)
 
 
 def train_local(
@@ -133,7 +159,14 @@ def train_local(
     work.to(dev).train()
     anchor = [p.detach().clone() for p in work.parameters()]
     n_classes = work.cfg.n_classes if hasattr(work, "cfg") else int(data.labels.max()) + 1
-    weights = class_weights(data.labels, n_classes).to(dev) if settings.class_weights else None
+    weights = None
+    if settings.class_weights:
+        if settings.class_counts is not None:
+            if len(settings.class_counts) != n_classes:
+                raise ValueError(f"class_counts has {len(settings.class_counts)} entries for {n_classes} classes")
+            weights = class_weights_from_counts(settings.class_counts).to(dev)
+        else:
+            weights = class_weights(data.labels, n_classes).to(dev)
 
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # Opacus warns that its secure RNG is off (see README: secure mode needs torchcsprng) and
@@ -142,18 +175,21 @@ def train_local(
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         torch.manual_seed(settings.seed)
         optimizer = torch.optim.Adam(work.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-        loader = _loader(data, min(settings.batch_size, len(data)), True, settings.seed)
+        loader = _loader(data, min(settings.batch_size, len(data)), True, torch.Generator().manual_seed(settings.seed))
         engine = None
         criterion = None
         if dp is not None:
             from opacus import PrivacyEngine
 
+            sample_gen, noise_gen = _dp_generators(dp.seed, dev)
+            # Opacus's Poisson loader takes the generator of the loader it wraps.
+            loader = _loader(data, min(settings.batch_size, len(data)), True, generator=sample_gen)
             engine = PrivacyEngine(accountant=dp.accountant)
             engine.accountant.history = [tuple(h) for h in dp.history]
             made = engine.make_private(
                 module=work, optimizer=optimizer, data_loader=loader, noise_multiplier=dp.noise_multiplier,
                 max_grad_norm=dp.max_grad_norm, poisson_sampling=True, grad_sample_mode=dp.grad_sample_mode,
-                wrap_model=False, criterion=nn.CrossEntropyLoss(weight=weights),
+                wrap_model=False, criterion=nn.CrossEntropyLoss(weight=weights), noise_generator=noise_gen,
             )
             if len(made) == 4:
                 _, optimizer, criterion, loader = made

@@ -205,7 +205,7 @@ class Bench:
         return {"per_model": per_model, "per_site": {site: per_model[site][site] for site in self.names}}
 
     def _pooled(self, job: Job) -> dict:
-        from dicomfl.client.privacy import plan_noise, sample_rate, steps_per_epoch
+        from dicomfl.client.privacy import count_release, noisy_counts, plan_noise, sample_rate, steps_per_epoch
         from dicomfl.client.trainer import SiteTrainer
         from dicomfl.common.model import build_model, state_arrays
         from dicomfl.common.splits import TRAIN
@@ -216,14 +216,21 @@ class Bench:
         first = load_site_config(self.site_cfgs[self.names[0]])
         epochs = self.cfg.rounds * self.cfg.local_epochs
         dp = None
+        settings = TrainSettings(epochs=epochs, batch_size=first.train.batch_size, lr=first.train.lr, seed=job.seed)
         if job.epsilon is not None:
+            # The same mechanism a site runs: a noisy label-count release for the class weights,
+            # accounted, then DP-SGD with the noise that fits the rest of the budget.
             b = first.train.batch_size
             q = sample_rate(len(pooled), b)
-            sigma = plan_noise(job.epsilon, 1e-5, q, epochs * steps_per_epoch(len(pooled), b))
-            dp = DPSettings(noise_multiplier=sigma, max_grad_norm=first.privacy.max_grad_norm)
+            p = first.privacy
+            prefix = [count_release(p.count_noise_multiplier)] if p.class_weights == "noisy" else []
+            sigma = plan_noise(job.epsilon, 1e-5, q, epochs * steps_per_epoch(len(pooled), b), prefix=prefix)
+            if prefix:
+                settings.class_counts = noisy_counts(pooled.labels, self.cfg.model.n_classes, p.count_noise_multiplier)
+            settings.class_weights = bool(prefix)
+            dp = DPSettings(noise_multiplier=sigma, max_grad_norm=p.max_grad_norm, history=prefix)
         model = build_model(self.cfg.model, seed=job.seed)
-        res = train_local(model, pooled, TrainSettings(epochs=epochs, batch_size=first.train.batch_size, lr=first.train.lr,
-                                                       seed=job.seed), dp=dp, global_arrays=state_arrays(model))
+        res = train_local(model, pooled, settings, dp=dp, global_arrays=state_arrays(model))
         out = {"per_site": {n: _pick(t.evaluate(res.arrays)) for n, t in trainers.items()}}
         if dp is not None:
             from dicomfl.client.privacy import epsilon

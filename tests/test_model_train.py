@@ -12,7 +12,16 @@ from dicomfl.common.metrics import binary_metrics, choose_threshold, evaluate_pr
 from dicomfl.common.model import ModelConfig, build_model, describe, load_arrays, opacus_errors, state_arrays
 from dicomfl.common.normalize import robust_scale
 from dicomfl.common.splits import TEST, TRAIN, VAL
-from dicomfl.common.train import DPSettings, TrainSettings, evaluate, predict, split_arrays, train_local
+from dicomfl.common.train import (
+    DPSettings,
+    TrainSettings,
+    class_weights,
+    class_weights_from_counts,
+    evaluate,
+    predict,
+    split_arrays,
+    train_local,
+)
 
 MC = ModelConfig(image_size=32, width=8, depth=2, meta_hidden=32, head_hidden=32)
 
@@ -151,6 +160,18 @@ def test_training_is_deterministic_and_learns(train_a, site_data):
         assert k in metrics
 
 
+def test_class_weights_from_labels_or_from_released_counts(train_a):
+    assert class_weights_from_counts([30, 10]).tolist() == pytest.approx([40 / 60, 40 / 20])
+    assert class_weights(np.array([0, 0, 0, 1]), 3).tolist() == pytest.approx([4 / 9, 4 / 3, 0.0])
+    s = TrainSettings(epochs=1, max_steps=2, batch_size=16, seed=5)
+    exact = train_local(build_model(MC), train_a, s)
+    s_counts = TrainSettings(epochs=1, max_steps=2, batch_size=16, seed=5, class_counts=[1.0, 1000.0])
+    skewed = train_local(build_model(MC), train_a, s_counts)
+    assert _dist(exact.arrays, skewed.arrays) > 0  # the given counts, not the labels, set the weights
+    with pytest.raises(ValueError, match="class_counts"):
+        train_local(build_model(MC), train_a, TrainSettings(max_steps=1, class_counts=[1.0, 2.0, 3.0]))
+
+
 def test_local_steps_limit(train_a):
     r = train_local(build_model(MC), train_a, TrainSettings(epochs=50, max_steps=3, batch_size=8))
     assert r.steps == 3
@@ -160,7 +181,7 @@ def test_local_steps_limit(train_a):
 def test_fedprox_pulls_weights_toward_the_global_model(train_a, private):
     m = build_model(MC)
     g = state_arrays(m)
-    dp = DPSettings(noise_multiplier=0.5, max_grad_norm=1.0) if private else None
+    dp = DPSettings(noise_multiplier=0.5, max_grad_norm=1.0, seed=7) if private else None
     free = train_local(m, train_a, TrainSettings(epochs=4, batch_size=16, lr=1e-2, seed=1, proximal_mu=0.0), dp=dp,
                        global_arrays=g)
     prox = train_local(m, train_a, TrainSettings(epochs=4, batch_size=16, lr=1e-2, seed=1, proximal_mu=5.0), dp=dp,
@@ -172,8 +193,10 @@ def test_fedprox_pulls_weights_toward_the_global_model(train_a, private):
 def test_dp_keeps_names_and_shapes_and_really_adds_noise(train_a):
     m = build_model(MC)
     plain = train_local(m, train_a, TrainSettings(epochs=2, batch_size=16, seed=2))
-    quiet = train_local(m, train_a, TrainSettings(epochs=2, batch_size=16, seed=2), dp=DPSettings(noise_multiplier=0.0))
-    loud = train_local(m, train_a, TrainSettings(epochs=2, batch_size=16, seed=2), dp=DPSettings(noise_multiplier=20.0))
+    quiet = train_local(m, train_a, TrainSettings(epochs=2, batch_size=16, seed=2),
+                        dp=DPSettings(noise_multiplier=0.0, seed=2))
+    loud = train_local(m, train_a, TrainSettings(epochs=2, batch_size=16, seed=2),
+                       dp=DPSettings(noise_multiplier=20.0, seed=2))
     for r in (quiet, loud):
         assert list(r.arrays) == list(plain.arrays)
         assert all(r.arrays[k].shape == plain.arrays[k].shape for k in plain.arrays)
@@ -188,11 +211,28 @@ def test_dp_keeps_names_and_shapes_and_really_adds_noise(train_a):
     train_local(m, train_a, TrainSettings(epochs=1, batch_size=16), dp=DPSettings(noise_multiplier=1.0))
 
 
+def test_dp_batches_and_noise_do_not_follow_from_the_training_seed(train_a):
+    """The coordinator knows every training seed. Under DP, neither the Poisson batches nor the noise
+    may be derivable from it: with the same TrainSettings.seed two private runs differ. Only an
+    explicit DPSettings.seed (simulations, tests) makes them repeat."""
+    m = build_model(MC)
+    s = TrainSettings(epochs=1, batch_size=16, seed=3)
+    a = train_local(m, train_a, s, dp=DPSettings(noise_multiplier=1.0))
+    b = train_local(m, train_a, s, dp=DPSettings(noise_multiplier=1.0))
+    assert _dist(a.arrays, b.arrays) > 0
+    c = train_local(m, train_a, s, dp=DPSettings(noise_multiplier=1.0, seed=11))
+    d = train_local(m, train_a, s, dp=DPSettings(noise_multiplier=1.0, seed=11))
+    assert _dist(c.arrays, d.arrays) == 0
+    # Without DP, the training seed still makes a run exactly repeatable.
+    e, f = train_local(m, train_a, s), train_local(m, train_a, s)
+    assert _dist(e.arrays, f.arrays) == 0
+
+
 @pytest.mark.parametrize("mode", ["functorch", "ghost"])
 def test_opacus_engines_agree(train_a, mode):
     """Per-sample clipping gives the same update whichever Opacus engine computes it (no noise)."""
     m = build_model(MC)
     s = TrainSettings(epochs=1, max_steps=2, batch_size=16, seed=4, class_weights=False)
-    ref = train_local(m, train_a, s, dp=DPSettings(noise_multiplier=0.0, grad_sample_mode="hooks"))
-    other = train_local(m, train_a, s, dp=DPSettings(noise_multiplier=0.0, grad_sample_mode=mode))
+    ref = train_local(m, train_a, s, dp=DPSettings(noise_multiplier=0.0, grad_sample_mode="hooks", seed=4))
+    other = train_local(m, train_a, s, dp=DPSettings(noise_multiplier=0.0, grad_sample_mode=mode, seed=4))
     assert _dist(ref.arrays, other.arrays) < 1e-3 * max(_dist(ref.arrays, state_arrays(m)), 1e-6) + 1e-5

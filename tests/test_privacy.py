@@ -12,10 +12,11 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 from scipy.stats import norm
 
-from dicomfl.client.privacy import Ledger, epsilon, plan_noise, sample_rate, steps_per_epoch
+from dicomfl.client.privacy import Ledger, count_release, epsilon, plan_noise, sample_rate, steps_per_epoch
 from dicomfl.client.trainer import RoundPlan, SiteTrainer
 from dicomfl.common.config import load_site_config
 from dicomfl.common.model import ModelConfig, build_model, state_arrays
+from dicomfl.common.splits import TRAIN
 
 MC = ModelConfig(image_size=32, width=8, depth=2, meta_hidden=32, head_hidden=32)
 LOG = logging.getLogger("tests.privacy")
@@ -56,6 +57,18 @@ def test_noise_for_a_target_matches_opacus_reference():
     assert steps_per_epoch(92, 32) == 3 and sample_rate(92, 32) == pytest.approx(1 / 3)
 
 
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_noise_plan_leaves_room_for_the_label_count_release(accountant):
+    prefix = [count_release(10.0)]
+    alone = plan_noise(4.0, 1e-5, 0.05, 400, accountant)
+    after = plan_noise(4.0, 1e-5, 0.05, 400, accountant, prefix=prefix)
+    assert after >= alone
+    spent = epsilon(prefix + [[after, 0.05, 400]], 1e-5, accountant)
+    assert 4.0 * 0.98 <= spent <= 4.0
+    with pytest.raises(ValueError):
+        plan_noise(0.1, 1e-5, 0.05, 400, accountant, prefix=[count_release(1.0)])
+
+
 def _dp_site(cohort, tmp_path, **privacy):
     import yaml
 
@@ -84,6 +97,11 @@ def test_budget_persists_across_restart_and_is_enforced(cohort, site_data, tmp_p
     saved = json.loads(ledger_file.read_text())
     assert saved["epsilon"] == pytest.approx(e1) and saved["rounds_trained"] == [1]
     assert all(isinstance(x, (int, float)) for h in saved["history"] for x in h)  # numbers only
+    # The label counts behind the class weights were released once, with noise, and accounted first.
+    assert saved["history"][0] == [10.0, 1.0, 1] and saved["count_noise_multiplier"] == 10.0
+    true_counts = [float((t1.split(TRAIN).labels == c).sum()) for c in (0, 1)]
+    assert len(saved["class_counts"]) == 2 and min(saved["class_counts"]) >= 1.0
+    assert saved["class_counts"] != true_counts
     # "Restart": a new trainer (a new process in a real daemon) reads the ledger back.
     eps, r = [e1], 2
     with caplog.at_level(logging.WARNING, logger="tests.privacy"):
@@ -98,7 +116,10 @@ def test_budget_persists_across_restart_and_is_enforced(cohort, site_data, tmp_p
     assert max(eps) <= 3.0 and o.metrics["epsilon-if-trained"] > 3.0
     assert o.arrays is None and o.metrics["declined"] == 1.0
     assert "declined to train" in caplog.text
-    assert json.loads(ledger_file.read_text())["rounds_declined"] == [r]
+    final = json.loads(ledger_file.read_text())
+    assert final["rounds_declined"] == [r]
+    assert final["class_counts"] == saved["class_counts"]  # released once, reused every round
+    assert sum(1 for h in final["history"] if h[1] == 1.0) == 1
     # The epsilon reported equals an independent accountant over the whole history.
     acc = RDPAccountant()
     acc.history = [tuple(h) for h in json.loads(ledger_file.read_text())["history"]]
@@ -115,6 +136,15 @@ def test_noise_derived_from_target_spends_the_budget_over_the_planned_run(cohort
     assert outs[-1].metrics["epsilon"] == pytest.approx(4.0, rel=0.02)
     assert len({o.metrics["noise-multiplier"] for o in outs}) == 1  # fixed once, kept in the ledger
     assert SiteTrainer(cfg, MC, data, logger=LOG).train(g, RoundPlan(run="r2", server_round=4, num_rounds=rounds)).declined
+
+
+def test_unweighted_private_training_releases_no_counts(cohort, site_data, tmp_path):
+    cfg = _dp_site(cohort, tmp_path, target_epsilon=3.0, noise_multiplier=2.0, class_weights="none")
+    o = SiteTrainer(cfg, MC, site_data["site-a"][1], logger=LOG).train(
+        state_arrays(build_model(MC)), RoundPlan(run="r3", server_round=1, num_rounds=3))
+    saved = json.loads(Ledger.file_for(cfg.site.state_dir, "r3").read_text())
+    assert not o.declined and saved["class_counts"] is None
+    assert all(h[1] < 1.0 for h in saved["history"])  # only DP-SGD steps were accounted
 
 
 def _cli(*args):
