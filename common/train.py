@@ -175,15 +175,15 @@ def train_local(
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         torch.manual_seed(settings.seed)
         optimizer = torch.optim.Adam(work.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-        loader = _loader(data, min(settings.batch_size, len(data)), True, torch.Generator().manual_seed(settings.seed))
+        sample_gen, noise_gen = (_dp_generators(dp.seed, dev) if dp is not None
+                                 else (torch.Generator().manual_seed(settings.seed), None))
+        # Under DP, Opacus's Poisson loader takes the generator of the loader it wraps.
+        loader = _loader(data, min(settings.batch_size, len(data)), True, sample_gen)
         engine = None
         criterion = None
         if dp is not None:
             from opacus import PrivacyEngine
 
-            sample_gen, noise_gen = _dp_generators(dp.seed, dev)
-            # Opacus's Poisson loader takes the generator of the loader it wraps.
-            loader = _loader(data, min(settings.batch_size, len(data)), True, generator=sample_gen)
             engine = PrivacyEngine(accountant=dp.accountant)
             engine.accountant.history = [tuple(h) for h in dp.history]
             made = engine.make_private(
