@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import os
 import shutil
 from pathlib import Path
@@ -52,6 +54,11 @@ def cohort(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("cohort")
     synth(out, sites=3, per_site=60, seed=0, image_size=32)
+    # synth draws each site key from OS entropy (as a real site must); the splits are keyed by it.
+    # Fixed keys here make every test session see the same splits, so a test's outcome does not
+    # depend on the draw.
+    for name in ("site-a", "site-b", "site-c"):
+        (out / name / "site.key").write_text(hashlib.sha256(f"dicomfl-test-key/{name}".encode()).hexdigest())
     return out
 
 
