@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicomfl.common import synth as S
+from dicomfl.workbench import synth as S
 
 
 def main() -> None:

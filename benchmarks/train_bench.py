@@ -27,12 +27,12 @@ def child(args) -> None:
 
     from dicomfl.common.features import N_FEATURES
     from dicomfl.common.model import ModelConfig, build_model
-    from dicomfl.common.train import Arrays, DPSettings, TrainSettings, device, train_local
+    from dicomfl.common.train import SplitData, DPSettings, TrainSettings, device, train_local
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     n = args.batch * args.steps
-    data = Arrays(rng.normal(size=(n, args.image_size, args.image_size)).astype(np.float32),
+    data = SplitData(rng.normal(size=(n, args.image_size, args.image_size)).astype(np.float32),
                   rng.normal(size=(n, N_FEATURES)).astype(np.float32), rng.integers(0, 2, n).astype(np.int64))
     model = build_model(ModelConfig(mode=args.model_mode, image_size=args.image_size, width=args.width, depth=args.depth))
     dp = None

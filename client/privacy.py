@@ -159,7 +159,9 @@ class Ledger:
         self.save()
 
     def save(self) -> None:
-        assert self.path is not None
+        """Write the ledger atomically (numbers only); an unsaved ledger (``path=None``) stays in memory."""
+        if self.path is None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {k: v for k, v in asdict(self).items() if k != "path"}
         payload["epsilon"] = self.spent()
@@ -167,6 +169,84 @@ class Ledger:
         with os.fdopen(fd, "w") as fh:
             json.dump(payload, fh, indent=2)
         os.replace(tmp, self.path)
+
+
+@dataclass
+class RoundBudget:
+    """What one private round would cost: its sample rate and steps, and the epsilon after it."""
+
+    sample_rate: float
+    steps: int
+    epsilon_after: float
+    affordable: bool
+
+
+class PrivacySession:
+    """One site's private training of one dataset: the ledger, the noise plan and the label-count
+    release, in the order the accountant needs them. The site trainer and the benchmark's pooled
+    DP baseline both use it, so both spend the budget the same way.
+
+    Parameters
+    ----------
+    ledger : Ledger
+        The persisted spend (``Ledger.open``) or an unsaved one (``path=None``: simulations).
+    policy : PrivacySection
+        The site's ``privacy:`` settings (noise, clipping, accountant, class weights).
+
+    Use ``budget(...)`` before a round; if it is affordable, ``settings(labels, n_classes)`` makes
+    the pending label-count release (once) and returns the DP-SGD settings; after training,
+    ``record(round, history)``; otherwise ``decline(round)``.
+    """
+
+    def __init__(self, ledger: "Ledger", policy) -> None:
+        self.ledger = ledger
+        self.policy = policy
+
+    def _pending(self) -> list:
+        """The label-count release still to be made this run (once, before the first private step)."""
+        p = self.policy
+        return [count_release(p.count_noise_multiplier)] if p.class_weights == "noisy" and self.ledger.class_counts is None else []
+
+    def budget(self, *, n_train: int, batch_size: int, num_rounds: int, local_epochs: int,
+               local_steps: int | None) -> RoundBudget:
+        """Fix the noise multiplier (once per run, from the policy or the target over the planned
+        run) and say what one more round of this size would spend."""
+        led, p = self.ledger, self.policy
+        q = sample_rate(n_train, batch_size)
+        steps = local_steps or local_epochs * steps_per_epoch(n_train, batch_size)
+        pending = self._pending()
+        if led.noise_multiplier is None:
+            total = planned_steps(n_train, batch_size, num_rounds, local_epochs, local_steps)
+            led.noise_multiplier = p.noise_multiplier or plan_noise(
+                led.target_epsilon, led.delta, q, total, led.accountant, prefix=led.history + pending)
+            led.planned_steps = total
+            led.save()
+        ok, after = led.affordable(led.noise_multiplier, q, steps, extra=pending)
+        return RoundBudget(sample_rate=q, steps=steps, epsilon_after=after, affordable=ok)
+
+    def settings(self, labels, n_classes: int, seed: int | None = None):
+        """Make the pending label-count release and return ``(DPSettings, class_counts)``."""
+        from dicomfl.common.train import DPSettings
+
+        led, p = self.ledger, self.policy
+        pending = self._pending()
+        if pending:
+            led.class_counts = noisy_counts(labels, n_classes, p.count_noise_multiplier)
+            led.count_noise_multiplier = p.count_noise_multiplier
+            led.history = led.history + pending
+            led.save()
+        # No seed: the batches and the noise come from OS entropy (see DPSettings.seed).
+        dp = DPSettings(noise_multiplier=led.noise_multiplier, max_grad_norm=p.max_grad_norm, accountant=led.accountant,
+                        grad_sample_mode=p.grad_sample_mode, history=led.history, seed=seed)
+        return dp, led.class_counts
+
+    def record(self, server_round: int, history: list) -> float:
+        """Keep the accountant's history after a trained round; returns the epsilon spent so far."""
+        self.ledger.record(server_round, history)
+        return self.ledger.spent()
+
+    def decline(self, server_round: int) -> None:
+        self.ledger.decline(server_round)
 
 
 def effective_budget(site_privacy, run_privacy) -> tuple[bool, float | None, float]:
@@ -182,14 +262,20 @@ def planned_steps(n_train: int, batch_size: int, rounds: int, local_epochs: int,
     return rounds * per_round
 
 
-def plan_for_site(site, run) -> dict:
-    """The numbers a privacy officer checks before a run (see ``dicomfl privacy plan``)."""
-    from dicomfl.common.errors import ConfigError
-    from dicomfl.common.ingest import ingest
-    from dicomfl.common.splits import TRAIN
+def plan_for_site(site, run, n: int) -> dict:
+    """The numbers a privacy officer checks before a run (see ``dicomfl privacy plan``).
 
-    data = ingest(site).data
-    n = len(data.subset(TRAIN))
+    Parameters
+    ----------
+    site : SiteConfig
+        The site's config (its budget, batch size and accountant).
+    run : RunConfig
+        The run's config (rounds, local epochs or steps, its DP request).
+    n : int
+        The site's number of labelled training images.
+    """
+    from dicomfl.common.errors import ConfigError
+
     if n == 0:
         raise ConfigError(f"{site.source}: the site has no labelled training images; nothing to plan")
     _, target, delta = effective_budget(site.privacy, run.privacy)

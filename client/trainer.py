@@ -12,21 +12,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dicomfl.common.config import SiteConfig
+from dicomfl.common.errors import NoTrainingData
 from dicomfl.common.ingest import SiteData, ingest
-from dicomfl.common.model import ModelConfig, build_model, load_arrays
+from dicomfl.common.model import ModelConfig, build_model, load_weights
 from dicomfl.common.splits import TEST, TRAIN, VAL
-from dicomfl.common.train import Arrays, DPSettings, TrainSettings, evaluate, split_arrays, train_local
+from dicomfl.common.train import SplitData, TrainSettings, evaluate, load_split, train_local
 
-from .privacy import (
-    Ledger,
-    count_release,
-    effective_budget,
-    noisy_counts,
-    plan_noise,
-    planned_steps,
-    sample_rate,
-    steps_per_epoch,
-)
+from .privacy import Ledger, PrivacySession, effective_budget
 
 
 
@@ -48,7 +40,7 @@ class RoundPlan:
 
 @dataclass
 class Outcome:
-    arrays: "dict[str, np.ndarray] | None"
+    weights: "dict[str, np.ndarray] | None"
     metrics: dict = field(default_factory=dict)
     declined: bool = False
 
@@ -59,13 +51,27 @@ def round_seed(seed: int, site: str, server_round: int, tag: str = "train") -> i
 
 
 class SiteTrainer:
+    """One site's training and evaluation, independent of Flower.
+
+    Parameters
+    ----------
+    cfg : SiteConfig
+        The site's config: its data, privacy policy and training settings.
+    model_cfg : ModelConfig
+        The run's model; its ``image_size``, when set, must equal ``cfg.preprocess.image_size``.
+    data : SiteData, optional
+        Already-ingested data (simulations); by default the site is ingested on first use.
+    logger : logging.Logger, optional
+        The site's own log (full error texts go here, never to the coordinator).
+    """
+
     def __init__(self, cfg: SiteConfig, model_cfg: ModelConfig, data: SiteData | None = None,
                  logger: logging.Logger | None = None) -> None:
         self.cfg = cfg
         self.log = logger or logging.getLogger(f"dicomfl.site.{cfg.site.name}")
         self.model_cfg = model_cfg
         self._data = data
-        self._splits: dict[int, Arrays] = {}
+        self._splits: dict[int, SplitData] = {}
 
     @property
     def name(self) -> str:
@@ -76,19 +82,37 @@ class SiteTrainer:
             self._data = ingest(self.cfg).data
         return self._data
 
-    def split(self, which: int) -> Arrays:
+    def split(self, which: int) -> SplitData:
         if which not in self._splits:
-            self._splits[which] = split_arrays(self.data(), which, self.model_cfg.image_size)
+            self._splits[which] = load_split(self.data(), which, self.model_cfg.image_size)
         return self._splits[which]
 
     def model(self):
         return build_model(self.model_cfg, seed=0)
 
     # ------------------------------------------------------------------ train
-    def train(self, global_arrays: "dict[str, np.ndarray]", plan: RoundPlan) -> Outcome:
+    def train(self, global_weights: "dict[str, np.ndarray]", plan: RoundPlan) -> Outcome:
+        """Train from ``global_weights`` for one round of ``plan`` on the site's training split.
+
+        Under DP (the site's policy or the run's request) the round is charged to the site's
+        ledger first; if it would exceed the budget the site declines (``Outcome.declined``).
+
+        Returns
+        -------
+        Outcome
+            The new weights (None when declined) and whitelisted numbers
+            (:data:`~dicomfl.common.protocol.TRAIN_METRICS`).
+
+        Raises
+        ------
+        NoTrainingData
+            The site has no labelled training images.
+        ModelMismatch
+            The weights or the model's image size do not fit this site.
+        """
         train = self.split(TRAIN)
         if len(train) == 0:
-            raise ValueError("no labelled training images")
+            raise NoTrainingData("no labelled training images")
         t = self.cfg.train
         settings = TrainSettings(
             epochs=plan.local_epochs, max_steps=plan.local_steps, batch_size=t.batch_size, lr=t.lr,
@@ -98,55 +122,38 @@ class SiteTrainer:
         dp_on, target, delta = effective_budget(self.cfg.privacy, plan if plan.dp else None)
         metrics: dict[str, float] = {"num-examples": float(len(train))}
         dp = None
-        ledger = None
+        session = None
         if dp_on:
             p = self.cfg.privacy
-            ledger = Ledger.open(self.cfg.site.state_dir, plan.run, accountant=p.accountant, delta=delta,
-                                 target_epsilon=target, max_grad_norm=p.max_grad_norm)
-            q = sample_rate(len(train), t.batch_size)
-            steps = plan.local_steps or plan.local_epochs * steps_per_epoch(len(train), t.batch_size)
-            # The label-count release, still to be made this run (once, before the first private round).
-            pending = ([count_release(p.count_noise_multiplier)]
-                       if p.class_weights == "noisy" and ledger.class_counts is None else [])
-            if ledger.noise_multiplier is None:
-                total = planned_steps(len(train), t.batch_size, plan.num_rounds, plan.local_epochs, plan.local_steps)
-                ledger.noise_multiplier = p.noise_multiplier or plan_noise(
-                    target, delta, q, total, p.accountant, prefix=ledger.history + pending)
-                ledger.planned_steps = total
-                ledger.save()
-            ok, after = ledger.affordable(ledger.noise_multiplier, q, steps, extra=pending)
+            session = PrivacySession(Ledger.open(self.cfg.site.state_dir, plan.run, accountant=p.accountant, delta=delta,
+                                                 target_epsilon=target, max_grad_norm=p.max_grad_norm), p)
+            budget = session.budget(n_train=len(train), batch_size=t.batch_size, num_rounds=plan.num_rounds,
+                                    local_epochs=plan.local_epochs, local_steps=plan.local_steps)
+            ledger = session.ledger
             metrics.update({"epsilon": ledger.spent(), "delta": delta, "noise-multiplier": ledger.noise_multiplier,
                             "target-epsilon": target if target is not None else float("nan")})
-            if not ok:
-                ledger.decline(plan.server_round)
+            if not budget.affordable:
+                session.decline(plan.server_round)
                 self.log.warning("round %d: declined to train: epsilon would reach %.3f, above the site budget %.3f",
-                            plan.server_round, after, target)
-                metrics.update({"declined": 1.0, "epsilon-if-trained": after})
-                return Outcome(arrays=None, metrics=metrics, declined=True)
-            if pending:
-                ledger.class_counts = noisy_counts(train.labels, self.model_cfg.n_classes, p.count_noise_multiplier)
-                ledger.count_noise_multiplier = p.count_noise_multiplier
-                ledger.history = ledger.history + pending
-                ledger.save()
-            settings.class_counts = ledger.class_counts
+                                 plan.server_round, budget.epsilon_after, target)
+                metrics.update({"declined": 1.0, "epsilon-if-trained": budget.epsilon_after})
+                return Outcome(weights=None, metrics=metrics, declined=True)
+            dp, settings.class_counts = session.settings(train.labels, self.model_cfg.n_classes)
             settings.class_weights = p.class_weights == "noisy"
-            # No seed: the batches and the noise come from OS entropy (see DPSettings.seed).
-            dp = DPSettings(noise_multiplier=ledger.noise_multiplier, max_grad_norm=p.max_grad_norm,
-                            accountant=p.accountant, grad_sample_mode=p.grad_sample_mode, history=ledger.history)
-        res = train_local(self.model(), train, settings, dp=dp, global_arrays=global_arrays)
-        if ledger is not None:
-            ledger.record(plan.server_round, res.history)
-            metrics["epsilon"] = ledger.spent()
+        res = train_local(self.model(), train, settings, dp=dp, global_weights=global_weights)
+        if session is not None:
+            metrics["epsilon"] = session.record(plan.server_round, res.history)
             self.log.info("round %d: trained privately; epsilon spent so far %.3f of %s", plan.server_round,
                      metrics["epsilon"], target)
         metrics.update({"train-loss": res.loss, "steps": float(res.steps), "train-seconds": res.seconds,
                         "declined": 0.0})
-        return Outcome(arrays=res.arrays, metrics=metrics)
+        return Outcome(weights=res.weights, metrics=metrics)
 
     # --------------------------------------------------------------- evaluate
     def evaluate(self, arrays: "dict[str, np.ndarray]", split: int = TEST) -> dict[str, float]:
+        """Metrics of the model with these weights on ``split`` (test: threshold from validation)."""
         m = self.model()
-        load_arrays(m, arrays)
+        load_weights(m, arrays)
         test = self.split(split)
         val = self.split(VAL) if split == TEST else None
         out = evaluate(m, test, val)

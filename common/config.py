@@ -1,9 +1,13 @@
-"""Site configuration: load and validate ``site.yaml``.
+"""Config schemas: ``site.yaml``, ``run.yaml`` (with its ``model:``) and ``coordinator.yaml``.
 
-The keys shown in DESIGN.md are a contract (``site.name``, ``site.dicom_dir``, ``site.labels``,
-``site.label_key``, ``site.secret_file``, ``site.state_dir``, ``preprocess``, ``privacy``,
-``train``). Unknown keys, wrong types and missing files are errors that name the file and key.
-Relative paths are resolved against the folder holding the YAML file.
+The keys shown in the README's "Configuration" section are a contract that scripts rely on
+(``site.name``, ``site.dicom_dir``, ``site.labels``, ``site.label_key``, ``site.secret_file``,
+``site.state_dir``, ``preprocess``, ``privacy``, ``train``; ``run``, ``cross_site``, ``model``):
+keys are added, never renamed. Unknown keys, wrong types and missing files are errors that name
+the file and key. Relative paths are resolved against the folder holding the YAML file.
+
+This module imports neither torch nor the data path (a test holds it to that): loading a config
+is cheap, for every command.
 """
 
 from __future__ import annotations
@@ -12,10 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
-from .model import ModelConfig
 
 LabelKey = Literal["path", "sop_instance_uid", "study_instance_uid", "accession_number", "patient_id"]
 
@@ -86,11 +89,22 @@ class PrivacySection(_Strict):
 
 
 class TrainSection(_Strict):
-    local_epochs: int = Field(default=1, ge=1)
+    """How the site trains. How long (epochs or steps per round) is the run's to say (``run.local_epochs``)."""
+
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1.0e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     seed: int = 0
+
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ignored_keys(cls, data: Any) -> Any:
+        # ``train.local_epochs`` in a site config was never read (the run decides); files that
+        # still carry it keep loading.
+        if isinstance(data, dict) and "local_epochs" in data:
+            data = {k: v for k, v in data.items() if k != "local_epochs"}
+        return data
 
 
 class FederationSection(_Strict):
@@ -198,11 +212,40 @@ def load_site_config(path: str | Path, *, check_files: bool = True) -> SiteConfi
 
 # --------------------------------------------------------------------------- run config
 
+ModelMode = Literal["fused", "image", "metadata"]
+
+
+class ModelConfig(BaseModel):
+    """``model:`` in the run config (a contract: add keys, do not rename)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: ModelMode = "fused"
+    # The image size the network is trained at. It is the sites' ``preprocess.image_size``: the
+    # network itself works at any size (global pooling), and images are resized once, at ingest.
+    # None takes each site's size; a number is a check: a site whose preprocess.image_size differs
+    # refuses the run (``ModelMismatch``) instead of resizing a second time.
+    image_size: int | None = Field(default=None, ge=8, le=2048)
+    width: int = Field(default=32, ge=4, le=256)  # channels of the first stage; doubled per stage
+    depth: int = Field(default=3, ge=1, le=6)  # residual stages, each halves the resolution
+    meta_hidden: int = Field(default=64, ge=4, le=1024)
+    head_hidden: int = Field(default=64, ge=4, le=1024)
+    n_classes: int = Field(default=2, ge=2, le=1000)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    groups: int = Field(default=8, ge=1)  # GroupNorm groups (capped by the channel count)
+
+
+
+
+# The federated strategies a run can name (built in dicomfl.server.strategies; this is the one list).
+FEDERATED_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam")
+StrategyName = Literal[FEDERATED_STRATEGIES]  # type: ignore[valid-type]
+
 
 class RunSection(_Strict):
     name: str = Field(default="run", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     rounds: int = Field(default=5, ge=1, le=10000)
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    strategy: StrategyName = "fedavg"
     proximal_mu: float = Field(default=0.0, ge=0)
     min_sites: int = Field(default=2, ge=1)
     fraction_train: float = Field(default=1.0, gt=0, le=1)
@@ -244,6 +287,31 @@ class RunConfig(_Strict):
     @property
     def out_dir(self) -> Path:
         return self.run.out_dir if self.run.out_dir is not None else Path("runs") / self.run.name
+
+
+def run_config_dict(name: str, *, model: "ModelConfig | dict", sites: list = (), out_dir: "Path | str | None" = None,
+                    rounds: int = 5, strategy: str = "fedavg", proximal_mu: float = 0.0, min_sites: int = 2,
+                    local_epochs: int = 1, seed: int = 0, server_lr: float = 0.01, round_timeout_s: float = 600,
+                    local_baseline: bool = True, cross_site_every: int = 0, dp: bool = False,
+                    target_epsilon: float | None = 8.0, delta: float = 1.0e-5) -> dict[str, Any]:
+    """A run config as a plain mapping, ready for ``yaml.safe_dump`` (the one builder of run configs:
+    ``dicomfl synth``, ``dicomfl demo`` and the benchmark use it). It is validated here, so a bad
+    value fails where it is made, not where it is read.
+    """
+    raw = {"run": {"name": name, "rounds": rounds, "strategy": strategy, "proximal_mu": proximal_mu,
+                   "min_sites": min_sites, "local_epochs": local_epochs, "round_timeout_s": round_timeout_s,
+                   "seed": seed, "server_lr": server_lr},
+           "cross_site": {"every": cross_site_every, "local_baseline": local_baseline},
+           "model": model.model_dump(exclude_none=True) if isinstance(model, BaseModel) else dict(model),
+           "privacy": {"dp": dp, "target_epsilon": target_epsilon, "delta": delta},
+           "sites": [str(p) for p in sites]}
+    if out_dir is not None:
+        raw["run"]["out_dir"] = str(out_dir)
+    try:
+        RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(Path(f"run config {name}"), err)) from None
+    return raw
 
 
 def load_run_config(path: str | Path, *, check_files: bool = True) -> RunConfig:

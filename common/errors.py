@@ -16,6 +16,15 @@ class ConfigError(DicomflError):
     """A configuration file is invalid; the message names the file and the key."""
 
 
+class ModelMismatch(ValueError):
+    """The weights or the model config a message carries do not fit this site's model or data
+    (names, shapes, image size). A site answers it with the ``model-mismatch`` error code."""
+
+
+class NoTrainingData(ValueError):
+    """A site has no labelled training images. A site answers it with ``no-training-data``."""
+
+
 class RejectedFile(Exception):
     """A DICOM file that ingestion skips, with a stable reason code and a PHI-free detail."""
 

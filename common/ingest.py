@@ -146,6 +146,28 @@ def ingest(
     use_cache: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> IngestResult:
+    """Ingest a site's DICOM folder: discover, de-identify, decode at full depth, cache, label, split.
+
+    Parameters
+    ----------
+    cfg : SiteConfig
+        The site's config (folder, labels, key, state dir, de-identification and preprocessing).
+    use_cache : bool
+        Reuse ``<state_dir>/cache`` for unchanged files and write the new generation back.
+    progress : callable, optional
+        ``progress(files_done, files_total)`` after each file.
+
+    Returns
+    -------
+    IngestResult
+        ``report`` (counts, reasons, splits; PHI-free) and ``data`` (images, features, labels,
+        splits, pseudonymous patient ids).
+
+    Raises
+    ------
+    ConfigError
+        The labels file or the secret key cannot be used (one line naming the file and row).
+    """
     t0 = time.perf_counter()
     s = cfg.site
     deid = Deidentifier(cfg.secret_key, cfg.deid)

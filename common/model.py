@@ -15,33 +15,13 @@ Design choices, each forced by a constraint:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Literal
-
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from .config import ModelConfig
+from .errors import ModelMismatch
 from .features import N_FEATURES, SCHEMA_VERSION
-
-Mode = Literal["fused", "image", "metadata"]
-
-
-class ModelConfig(BaseModel):
-    """``model:`` in the run config (a contract: add keys, do not rename)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mode: Mode = "fused"
-    image_size: int = Field(default=128, ge=16, le=1024)
-    width: int = Field(default=32, ge=4, le=256)  # channels of the first stage; doubled per stage
-    depth: int = Field(default=3, ge=1, le=6)  # residual stages, each halves the resolution
-    meta_hidden: int = Field(default=64, ge=4, le=1024)
-    head_hidden: int = Field(default=64, ge=4, le=1024)
-    n_classes: int = Field(default=2, ge=2, le=1000)
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    groups: int = Field(default=8, ge=1)  # GroupNorm groups (capped by the channel count)
-
 
 def _gn(channels: int, groups: int) -> nn.GroupNorm:
     g = min(groups, channels)
@@ -141,21 +121,27 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def state_arrays(model: nn.Module) -> "OrderedDict[str, np.ndarray]":
-    """The model's exchangeable state as NumPy arrays (plain names, CPU, float32)."""
+def get_weights(model: nn.Module) -> "OrderedDict[str, np.ndarray]":
+    """The model's weights as NumPy arrays (plain names, CPU, float32): what is exchanged."""
     return OrderedDict((k, v.detach().cpu().numpy().copy()) for k, v in model.state_dict().items())
 
 
-def load_arrays(model: nn.Module, arrays: "dict[str, np.ndarray]") -> None:
-    """Load arrays into the model, strictly: every name present, every shape equal."""
+def load_weights(model: nn.Module, arrays: "dict[str, np.ndarray]") -> None:
+    """Load weights into the model, strictly: every name present, every shape equal.
+
+    Raises
+    ------
+    ModelMismatch
+        A name is missing or unexpected, or a shape differs.
+    """
     own = model.state_dict()
     missing = sorted(set(own) - set(arrays))
     extra = sorted(set(arrays) - set(own))
     if missing or extra:
-        raise ValueError(f"weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise ModelMismatch(f"weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
     for k, v in own.items():
         if tuple(np.shape(arrays[k])) != tuple(v.shape):
-            raise ValueError(f"weights do not match the model: {k} has shape {np.shape(arrays[k])}, expected {tuple(v.shape)}")
+            raise ModelMismatch(f"weights do not match the model: {k} has shape {np.shape(arrays[k])}, expected {tuple(v.shape)}")
     model.load_state_dict({k: torch.as_tensor(np.asarray(arrays[k])) for k in own}, strict=True)
 
 

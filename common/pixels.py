@@ -32,6 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
 from . import errors as E
+from .decoders import decode_failure
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 
@@ -66,16 +67,6 @@ def native_stderr_silenced():
         os.close(devnull)
 
 
-def _runtime_reason(msg: str) -> str:
-    """pydicom raises RuntimeError both when no plugin can handle the syntax and when one fails."""
-    if "missing dependencies" in msg:
-        return E.NO_DECODER
-    lines = [ln for ln in msg.splitlines()[1:] if ln.strip()]
-    if lines and all("does not support" in ln or "missing" in ln for ln in lines):
-        return E.NO_DECODER
-    return E.DECODE_FAILED
-
-
 def decode(ds: Dataset, multiframe: str = "middle") -> np.ndarray:
     """Stored values of the selected frame, as pydicom returns them (2D or 2D x samples)."""
     index = _frame_index(ds, multiframe)
@@ -86,15 +77,8 @@ def decode(ds: Dataset, multiframe: str = "middle") -> np.ndarray:
                 arr = ds.pixel_array
             else:
                 arr = pixel_array(ds, index=index)
-        except NotImplementedError:
-            raise E.RejectedFile(E.NO_DECODER, _syntax_name(ds)) from None
-        except RuntimeError as exc:
-            raise E.RejectedFile(_runtime_reason(str(exc)), _syntax_name(ds)) from None
-        except ValueError as exc:
-            reason = E.TRUNCATED if ("length" in str(exc) or "less than expected" in str(exc)) else E.DECODE_FAILED
-            raise E.RejectedFile(reason, "ValueError") from None
-        except Exception as exc:  # noqa: BLE001
-            raise E.RejectedFile(E.DECODE_FAILED, type(exc).__name__) from None
+        except Exception as exc:  # noqa: BLE001 - every decoder failure is a reject with a reason
+            raise decode_failure(exc, _syntax_name(ds)) from None
     if index is not None and arr.ndim >= 3 and arr.shape[0] > 1 and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
         arr = arr[0]
     return arr

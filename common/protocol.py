@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 
+from .errors import ConfigError, ModelMismatch, NoTrainingData
+
 ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
@@ -48,3 +50,55 @@ ERR_BAD_MODEL = 1004
 ERROR_CODES = {ERR_INTERNAL: "internal-error", ERR_CONFIG: "site-config-error", ERR_NO_DATA: "no-training-data",
                ERR_BAD_MODEL: "model-mismatch"}
 ERROR_REASON_RE = re.compile(r"^dicomfl:[a-z-]+:ref=[0-9a-f]{12}$")
+
+# The one place errors become codes: by type, most specific first; anything else is internal.
+_CODE_BY_TYPE: tuple[tuple[type[BaseException], int], ...] = (
+    (ModelMismatch, ERR_BAD_MODEL),
+    (NoTrainingData, ERR_NO_DATA),
+    (ConfigError, ERR_CONFIG),
+)
+
+
+def error_code(exc: BaseException) -> int:
+    """The error code a site sends for ``exc`` (its text never crosses the boundary)."""
+    for kind, code in _CODE_BY_TYPE:
+        if isinstance(exc, kind):
+            return code
+    return ERR_INTERNAL
+
+
+def error_reason(code: int, ref: str) -> str:
+    """The reason string of an error reply: the code's name and a reference into the site's log."""
+    return f"dicomfl:{ERROR_CODES[code]}:ref={ref}"
+
+
+# ---------------------------------------------------------------------------------- model ids
+LOCAL_MODEL = "local:"  # cross-site model id of a site's local-only baseline: "local:<site>"
+GLOBAL_MODEL = "global"
+
+
+def local_model_id(site: str) -> str:
+    """The cross-site validation id of ``site``'s local-only model."""
+    return LOCAL_MODEL + site
+
+
+def local_model_site(model_id: str) -> str | None:
+    """The site a ``local:<site>`` model id names, else None."""
+    return model_id[len(LOCAL_MODEL):] if model_id.startswith(LOCAL_MODEL) else None
+
+
+# ---------------------------------------------------------------------------- array records
+Weights = dict  # parameter name -> numpy array (a model's state; plain names, no Opacus prefix)
+
+
+def to_record(weights: "Weights"):
+    """Weights (name -> numpy array) as a Flower ArrayRecord, in order."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def from_record(record) -> "Weights":
+    """A Flower ArrayRecord as weights (name -> numpy array)."""
+    return {k: v.numpy() for k, v in record.items()}

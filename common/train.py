@@ -23,7 +23,6 @@ returns the new weights (plain parameter names) with numbers only. Options:
 from __future__ import annotations
 
 import copy
-import math
 import secrets
 import time
 import warnings
@@ -37,12 +36,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .metrics import evaluate_predictions
-from .model import load_arrays, state_arrays
+from .errors import ModelMismatch, NoTrainingData
+from .model import get_weights, load_weights
 from .normalize import robust_scale
 
 
 @dataclass
-class Arrays:
+class SplitData:
     """Model inputs for one split of one site (normalized images, features, labels)."""
 
     images: np.ndarray  # (N, S, S) float32, robust-scaled
@@ -53,19 +53,34 @@ class Arrays:
         return len(self.labels)
 
     @staticmethod
-    def concat(parts: "list[Arrays]") -> "Arrays":
-        return Arrays(np.concatenate([p.images for p in parts]), np.concatenate([p.features for p in parts]),
+    def concat(parts: "list[SplitData]") -> "SplitData":
+        return SplitData(np.concatenate([p.images for p in parts]), np.concatenate([p.features for p in parts]),
                       np.concatenate([p.labels for p in parts]))
 
 
-def split_arrays(data, split: int, image_size: int | None = None) -> Arrays:
-    """Labelled samples of one split of a :class:`~dicomfl.common.ingest.SiteData`, ready for the model."""
+def load_split(data, split: int, image_size: int | None = None) -> SplitData:
+    """Labelled samples of one split of a site's data, robust-scaled, ready for the model.
+
+    Parameters
+    ----------
+    data : dicomfl.common.ingest.SiteData
+        The site's ingested data (images at ``preprocess.image_size``).
+    split : int
+        ``TRAIN``, ``VAL`` or ``TEST`` (:mod:`dicomfl.common.splits`).
+    image_size : int, optional
+        The size the model expects; a check, never a second resize.
+
+    Raises
+    ------
+    ModelMismatch
+        ``image_size`` differs from the size the images were ingested at.
+    """
     idx = data.subset(split)
     imgs = data.images[idx]
-    if image_size is not None and len(imgs) and imgs.shape[-1] != image_size:
-        t = torch.from_numpy(np.ascontiguousarray(imgs, dtype=np.float32))[:, None]
-        imgs = F.interpolate(t, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)[:, 0].numpy()
-    return Arrays(robust_scale(imgs) if len(imgs) else imgs.astype(np.float32),
+    if image_size is not None and data.images.shape[-1] != image_size:
+        raise ModelMismatch(f"the model asks for {image_size} px images; this site ingests at "
+                            f"{data.images.shape[-1]} px (preprocess.image_size)")
+    return SplitData(robust_scale(imgs) if len(imgs) else imgs.astype(np.float32),
                   data.features[idx].astype(np.float32), data.labels[idx].astype(np.int64))
 
 
@@ -101,7 +116,7 @@ class TrainSettings:
 
 @dataclass
 class TrainResult:
-    arrays: "dict[str, np.ndarray]"
+    weights: "dict[str, np.ndarray]"
     loss: float
     num_examples: int
     steps: int
@@ -125,7 +140,7 @@ def class_weights_from_counts(counts) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def _loader(data: Arrays, batch_size: int, shuffle: bool, generator: torch.Generator) -> DataLoader:
+def _loader(data: SplitData, batch_size: int, shuffle: bool, generator: torch.Generator) -> DataLoader:
     ds = TensorDataset(torch.from_numpy(data.images[:, None]), torch.from_numpy(data.features),
                        torch.from_numpy(data.labels))
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=False)
@@ -142,20 +157,20 @@ def _dp_generators(seed: int | None, dev: torch.device) -> tuple[torch.Generator
 
 def train_local(
     model: nn.Module,
-    data: Arrays,
+    data: SplitData,
     settings: TrainSettings,
     dp: DPSettings | None = None,
-    global_arrays: "dict[str, np.ndarray] | None" = None,
+    global_weights: "dict[str, np.ndarray] | None" = None,
     dev: torch.device | None = None,
 ) -> TrainResult:
-    """Train a copy of ``model`` (loaded with ``global_arrays`` if given) on ``data``."""
+    """Train a copy of ``model`` (loaded with ``global_weights`` if given) on ``data``."""
     if len(data) == 0:
-        raise ValueError("no labelled training samples")
+        raise NoTrainingData("no labelled training samples")
     t0 = time.perf_counter()
     dev = dev or device()
     work = copy.deepcopy(model)
-    if global_arrays is not None:
-        load_arrays(work, global_arrays)
+    if global_weights is not None:
+        load_weights(work, global_weights)
     work.to(dev).train()
     anchor = [p.detach().clone() for p in work.parameters()]
     n_classes = work.cfg.n_classes if hasattr(work, "cfg") else int(data.labels.max()) + 1
@@ -230,8 +245,8 @@ def train_local(
                 break
         history = list(engine.accountant.history) if engine is not None else []
         sample_rate = (1.0 / len(loader)) if engine is not None else None
-    out = state_arrays(work)
-    return TrainResult(arrays=out, loss=total_loss / max(seen, 1), num_examples=len(data), steps=steps,
+    out = get_weights(work)
+    return TrainResult(weights=out, loss=total_loss / max(seen, 1), num_examples=len(data), steps=steps,
                        seconds=time.perf_counter() - t0, history=[list(h) for h in history], sample_rate=sample_rate)
 
 
@@ -254,7 +269,7 @@ def _private_step(optimizer, model: nn.Module, anchor: list[torch.Tensor], mu: f
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: Arrays, batch_size: int = 256, dev: torch.device | None = None) -> np.ndarray:
+def predict(model: nn.Module, data: SplitData, batch_size: int = 256, dev: torch.device | None = None) -> np.ndarray:
     """Class probabilities (N, C)."""
     dev = dev or device()
     model = model.to(dev).eval()
@@ -267,7 +282,7 @@ def predict(model: nn.Module, data: Arrays, batch_size: int = 256, dev: torch.de
     return np.concatenate(outs) if outs else np.zeros((0, n_classes), np.float32)
 
 
-def evaluate(model: nn.Module, test: Arrays, val: Arrays | None = None) -> dict[str, float]:
+def evaluate(model: nn.Module, test: SplitData, val: SplitData | None = None) -> dict[str, float]:
     """Metrics on ``test`` with the binary threshold chosen on ``val`` (see :mod:`.metrics`), plus loss."""
     probs = predict(model, test)
     pv = predict(model, val) if val is not None and len(val) else None
@@ -279,6 +294,3 @@ def evaluate(model: nn.Module, test: Arrays, val: Arrays | None = None) -> dict[
         out["loss"] = float("nan")
     return out
 
-
-def finite(x: float) -> bool:
-    return isinstance(x, float) and math.isfinite(x)

@@ -29,7 +29,7 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     def w(tmp):
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
@@ -37,7 +37,7 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     _atomic_write(Path(path), w)
 
 
-def load_arrays(path: Path) -> dict[str, np.ndarray]:
+def read_npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
@@ -74,8 +74,8 @@ def clean(o):
 @dataclass
 class State:
     round: int
-    global_arrays: dict
-    local_arrays: dict = field(default_factory=dict)  # site name -> arrays
+    global_weights: dict
+    local_weights: dict = field(default_factory=dict)  # site name -> arrays
     strategy_state: dict = field(default_factory=dict)  # name -> arrays (e.g. FedAdam m_t, v_t)
     history: list = field(default_factory=list)
     node_names: dict = field(default_factory=dict)
@@ -87,12 +87,12 @@ class Checkpoints:
 
     def save(self, st: State) -> Path:
         d = self.dir / f"round-{st.round:04d}"
-        save_arrays(d / "global.npz", st.global_arrays)
-        for site, arr in st.local_arrays.items():
-            save_arrays(d / f"local-{site}.npz", arr)
+        write_npz(d / "global.npz", st.global_weights)
+        for site, arr in st.local_weights.items():
+            write_npz(d / f"local-{site}.npz", arr)
         for name, arr in st.strategy_state.items():
-            save_arrays(d / f"strategy-{name}.npz", arr)
-        write_json(d / "state.json", clean({"round": st.round, "history": st.history, "local_sites": sorted(st.local_arrays),
+            write_npz(d / f"strategy-{name}.npz", arr)
+        write_json(d / "state.json", clean({"round": st.round, "history": st.history, "local_sites": sorted(st.local_weights),
                                             "strategy_state": sorted(st.strategy_state),
                                             "node_names": {str(k): v for k, v in st.node_names.items()}}))
         write_json(self.dir / "latest.json", {"round": st.round, "path": d.name})
@@ -107,9 +107,9 @@ class Checkpoints:
         meta = json.loads((d / "state.json").read_text())
         return State(
             round=int(meta["round"]),
-            global_arrays=load_arrays(d / "global.npz"),
-            local_arrays={s: load_arrays(d / f"local-{s}.npz") for s in meta["local_sites"]},
-            strategy_state={n: load_arrays(d / f"strategy-{n}.npz") for n in meta["strategy_state"]},
+            global_weights=read_npz(d / "global.npz"),
+            local_weights={s: read_npz(d / f"local-{s}.npz") for s in meta["local_sites"]},
+            strategy_state={n: read_npz(d / f"strategy-{n}.npz") for n in meta["strategy_state"]},
             history=meta["history"],
             node_names={int(k): v for k, v in meta.get("node_names", {}).items()},
         )

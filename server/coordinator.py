@@ -8,8 +8,11 @@ off (sites and coordinator are offline). After each start the sites listed in
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 from dicomfl.common.config import CoordinatorConfig
@@ -47,9 +50,30 @@ def register_sites(cfg: CoordinatorConfig) -> None:
         (log.info if ok else log.error)("site %s: %s", site, msg)
 
 
+def ready_file(cfg: CoordinatorConfig) -> Path:
+    """``<state_dir>/ready.json``: written each time the SuperLink is up and the sites registered."""
+    return cfg.coordinator.state_dir / "ready.json"
+
+
+def write_ready(cfg: CoordinatorConfig, superlink_pid: int) -> None:
+    path = ready_file(cfg)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"superlink_pid": superlink_pid, "target": cfg.target, "time": time.time()}))
+    os.replace(tmp, path)
+
+
+def read_ready(cfg: CoordinatorConfig) -> dict | None:
+    """The last ready record, or None while the coordinator has not (re)started."""
+    try:
+        return json.loads(ready_file(cfg).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def start(cfg: CoordinatorConfig) -> int:
     c = cfg.coordinator
     c.state_dir.mkdir(parents=True, exist_ok=True)
+    ready_file(cfg).unlink(missing_ok=True)
     h = home(cfg)
 
     def after_start(proc) -> None:
@@ -59,6 +83,7 @@ def start(cfg: CoordinatorConfig) -> int:
         log.info("SuperLink listening on %s (tls=%s, supernode auth=%s)", cfg.target, c.tls, c.supernode_auth)
         if c.supernode_auth:
             register_sites(cfg)
+        write_ready(cfg, proc.pid)
         log.info("coordinator ready")
 
     return supervise(superlink_command(cfg), flwrcli.env_with_home(h), c.state_dir / "logs" / "superlink.log",

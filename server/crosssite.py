@@ -15,13 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
+from dicomfl.common import protocol as P
+
 from .checkpoint import clean, write_json
 
 METRICS = ("auroc", "balanced_accuracy", "auprc", "accuracy", "sensitivity", "specificity", "brier", "ece", "loss")
 
 
 def home_site(model_id: str) -> str | None:
-    return model_id.split(":", 1)[1] if model_id.startswith("local:") else None
+    return P.local_model_site(model_id)
 
 
 def gaps(matrix: dict[str, dict[str, dict]], metric: str = "auroc") -> dict[str, dict]:

@@ -17,19 +17,35 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from dicomfl.common import protocol as P
 from dicomfl.common.config import RunConfig
-from dicomfl.common.model import build_model, state_arrays
+from dicomfl.common.model import build_model, get_weights
 
 from . import crosssite
-from .checkpoint import Checkpoints, State, clean, load_arrays, write_json
+from .checkpoint import Checkpoints, State, clean, read_npz, write_json
 from .checks import distance, norm_outliers, update_problem
 
 log = logging.getLogger("dicomfl.server")
+
+
+class RoundRecord(TypedDict, total=False):
+    """What happened in one round: kept in the checkpoints, ``metrics.json`` and the report."""
+
+    round: int
+    sampled: int  # sites the strategy sent a train message to
+    sites: dict[str, dict[str, float]]  # site -> its train metrics (whitelisted numbers only)
+    rejected: dict[str, str]  # site -> why its update was not aggregated
+    errors: dict[str, str]  # site -> the error code it replied with
+    declined: list[str]  # sites that declined to train (privacy budget)
+    missing: list[str]  # sites that did not reply in time
+    aggregated: list[str]  # sites whose updates made the new global model
+    train_loss: float | None
+    seconds: float
 
 Event = Callable[[str, dict], None]
 
@@ -47,15 +63,24 @@ def make_strategy(cfg: RunConfig):
     return FedAvg(**common)
 
 
-def _to_numpy(rec: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in rec.items()}
-
-
-def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
 class Federation:
+    """The coordinator's side of a run: rounds, checks, aggregation, checkpoints, cross-site validation.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run (rounds, strategy, model, privacy request, cross-site schedule).
+    grid : flwr.serverapp.Grid
+        A real SuperLink's grid (in the ServerApp) or an in-process one (benchmark, tests).
+    out_dir : Path, optional
+        Where checkpoints, ``metrics.json`` and the report go (default: the run's ``out_dir``).
+    on_event : callable, optional
+        ``on_event(kind, data)`` for progress ("round-start", "round-end", "cross-site-end", ...).
+
+    ``run(resume=False)`` returns the run's summary (history of :class:`RoundRecord`, final
+    cross-site matrix, sites); ``evaluate_only(model_path)`` runs cross-site validation only.
+    """
+
     def __init__(self, cfg: RunConfig, grid, out_dir: Path | None = None, on_event: Event | None = None) -> None:
         self.cfg = cfg
         self.grid = grid
@@ -97,7 +122,7 @@ class Federation:
     # ------------------------------------------------------------------ training
     def run(self, resume: bool = False) -> dict:
         cfg = self.cfg
-        initial = state_arrays(build_model(cfg.model, seed=cfg.run.seed))
+        initial = get_weights(build_model(cfg.model, seed=cfg.run.seed))
         state = self.ckpt.latest() if resume else None
         if state is not None:
             start = state.round + 1
@@ -107,7 +132,7 @@ class Federation:
             log.info("resuming run %s after round %d of %d", cfg.run.name, state.round, cfg.run.rounds)
             self._emit("resume", round=state.round)
         else:
-            state = State(round=0, global_arrays=initial)
+            state = State(round=0, global_weights=initial)
             start = 1
         write_json(self.out_dir / "run_config.json", clean(cfg.model_dump(mode="json")))
         for rnd in range(start, cfg.run.rounds + 1):
@@ -125,26 +150,25 @@ class Federation:
         return summary
 
     def _models(self, state: State) -> dict[str, dict]:
-        models = {"global": state.global_arrays}
-        for site, arr in sorted(state.local_arrays.items()):
-            models[f"local:{site}"] = arr
+        models = {P.GLOBAL_MODEL: state.global_weights}
+        for site, arr in sorted(state.local_weights.items()):
+            models[P.local_model_id(site)] = arr
         return models
 
     def _round(self, rnd: int, state: State, initial: dict) -> None:
         cfg, t0 = self.cfg, time.perf_counter()
         self._emit("round-start", round=rnd, rounds=cfg.run.rounds)
         config = self._base_config(rnd)
-        messages = list(self.strategy.configure_train(rnd, _record(state.global_arrays), config, self.grid))
+        messages = list(self.strategy.configure_train(rnd, P.to_record(state.global_weights), config, self.grid))
         sampled = [m.metadata.dst_node_id for m in messages]
         for m in messages:  # each message gets its own RecordDict (Flower shares one between them)
             content = RecordDict({P.ARRAYS: m.content[P.ARRAYS], P.CONFIG: m.content[P.CONFIG]})
             if cfg.cross_site.local_baseline:
                 site = self.node_names.get(m.metadata.dst_node_id)
-                content[P.LOCAL_ARRAYS] = _record(state.local_arrays.get(site, initial) if site else initial)
+                content[P.LOCAL_ARRAYS] = P.to_record(state.local_weights.get(site, initial) if site else initial)
             m.content = content
         replies = list(self.grid.send_and_receive(messages, timeout=cfg.run.round_timeout_s))
-        rec: dict = {"round": rnd, "sites": {}, "rejected": {}, "errors": {}, "declined": [], "missing": [],
-                     "sampled": len(sampled)}
+        rec = RoundRecord(round=rnd, sites={}, rejected={}, errors={}, declined=[], missing=[], sampled=len(sampled))
         candidates: dict[str, Message] = {}
         updates: dict[str, dict[str, np.ndarray]] = {}  # each accepted reply's arrays, converted once
         replied = set()
@@ -162,15 +186,15 @@ class Federation:
             metrics = {k: float(v) for k, v in msg.content[P.METRICS].items()} if P.METRICS in msg.content else {}
             rec["sites"][site] = metrics
             if P.LOCAL_ARRAYS in msg.content:
-                local = _to_numpy(msg.content[P.LOCAL_ARRAYS])
+                local = P.from_record(msg.content[P.LOCAL_ARRAYS])
                 if update_problem(local, initial) is None:
-                    state.local_arrays[site] = local
+                    state.local_weights[site] = local
             if metrics.get("declined", 0.0) >= 1.0 or P.ARRAYS not in msg.content:
                 rec["declined"].append(site)
                 log.warning("round %d: %s declined to train (privacy budget)", rnd, site)
                 continue
-            arrays = _to_numpy(msg.content[P.ARRAYS])
-            problem = update_problem(arrays, state.global_arrays)
+            arrays = P.from_record(msg.content[P.ARRAYS])
+            problem = update_problem(arrays, state.global_weights)
             if problem:
                 rec["rejected"][site] = problem
                 log.warning("round %d: rejected the update from %s: %s", rnd, site, problem)
@@ -184,7 +208,7 @@ class Federation:
         for site in rec["missing"]:
             log.warning("round %d: no reply from %s within %.0f s; left out of this round", rnd, site,
                         cfg.run.round_timeout_s)
-        dists = {s: distance(updates[s], state.global_arrays) for s in candidates}
+        dists = {s: distance(updates[s], state.global_weights) for s in candidates}
         for site, why in norm_outliers(dists, cfg.run.max_update_norm_ratio).items():
             rec["rejected"][site] = why
             log.warning("round %d: rejected the update from %s: %s", rnd, site, why)
@@ -200,7 +224,7 @@ class Federation:
         if len(accepted) >= max(1, min(cfg.run.min_sites, len(sampled))):
             arrays, agg = self.strategy.aggregate_train(rnd, accepted)
             if arrays is not None:
-                state.global_arrays = _to_numpy(arrays)
+                state.global_weights = P.from_record(arrays)
             rec["train_loss"] = float(agg["train-loss"]) if agg is not None and "train-loss" in agg else None
         else:
             rec["aggregated"] = []
@@ -221,7 +245,7 @@ class Federation:
         nodes = list(self.grid.get_node_ids())
         content = RecordDict({P.CONFIG: self._base_config(0)})
         for mid, arr in models.items():
-            content[P.MODEL_PREFIX + mid] = _record(arr)
+            content[P.MODEL_PREFIX + mid] = P.to_record(arr)
         messages = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
         self._emit("cross-site-start", models=len(models), sites=len(nodes), tag=tag)
         replies = list(self.grid.send_and_receive(messages, timeout=cfg.run.round_timeout_s))
@@ -247,7 +271,7 @@ class Federation:
         return clean(payload)
 
     def evaluate_only(self, model_path: Path) -> dict:
-        arrays = load_arrays(model_path)
+        arrays = read_npz(model_path)
         name = Path(model_path).stem
         payload = self.cross_site({name: arrays}, tag=f"evaluate-{name}")
         write_json(self.out_dir / f"evaluate-{name}.json", payload)

@@ -28,7 +28,7 @@ publisher = "dicomfl"
 
 [tool.flwr.app.components]
 serverapp = "dicomfl.server.app:app"
-clientapp = "dicomfl.client.app:app"
+clientapp = "{clientapp}"
 
 [tool.flwr.app.config]
 run-yaml = ""
@@ -37,8 +37,13 @@ evaluate-only = ""
 """
 
 
-def write_app(folder: Path) -> Path:
+CLIENTAPP = "dicomfl.client.app:app"
+
+
+def write_app(folder: Path, clientapp: str = CLIENTAPP) -> Path:
+    """Write the FAB's pyproject into ``folder``; ``clientapp`` is the ClientApp the sites run
+    (``module:attribute``, importable at the sites; the default is dicomfl's)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text(PYPROJECT.format(version=__version__))
+    (folder / "pyproject.toml").write_text(PYPROJECT.format(version=__version__, clientapp=clientapp))
     return folder

@@ -51,9 +51,23 @@ def register(home: Path, public_key: Path) -> tuple[bool, str]:
     if payload.get("success"):
         return True, "registered"
     msg = str(payload.get("error-message", "")).strip().splitlines()[-1:] or [""]
-    if "already" in msg[0].lower():
+    if key_already_registered(msg[0]):
         return True, "already registered"
     return False, msg[0]
+
+
+def key_already_registered(error_message: str) -> bool:
+    """Whether a failed ``flwr supernode register`` says the key is registered already.
+
+    Flower's CLI reports the SuperLink's error only as text (its JSON output has no error code),
+    so this is the one place that reads it: against Flower's own public message for
+    ``ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE`` (pinned by tests/test_layers.py).
+    """
+    from flwr.supercore.error.base import ApiErrorCode
+    from flwr.supercore.error.catalog import API_ERROR_MAP
+
+    expected = API_ERROR_MAP[ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE].public_message.rstrip(".")
+    return expected.lower() in error_message.lower()
 
 
 def nodes(home: Path) -> list[dict]:

@@ -16,18 +16,23 @@ from pathlib import Path
 from dicomfl.common.config import CoordinatorConfig, RunConfig
 
 from . import flwrcli
-from .flwrapp import write_app
+from .flwrapp import CLIENTAPP, write_app
 
 
 def submit(run: RunConfig, coord: CoordinatorConfig, *, resume: bool = False, evaluate_only: Path | None = None,
-           echo: Callable[[str], None] = print, timeout: float | None = None) -> int:
+           echo: Callable[[str], None] = print, timeout: float | None = None, clientapp: str = CLIENTAPP) -> int:
+    """Submit ``run`` to the coordinator's SuperLink and stream its progress to ``echo``.
+
+    Returns 0 when the run finished (all its rounds, or the evaluation), 1 when it did not, 124 on
+    ``timeout``. ``clientapp`` names the ClientApp the sites run (default: dicomfl's).
+    """
     out = run.out_dir
     out.mkdir(parents=True, exist_ok=True)
     if not resume and evaluate_only is None and (out / "metrics.json").exists():
         (out / "metrics.json").unlink()  # a stale result must not pass for this run's
     with tempfile.TemporaryDirectory(prefix="dicomfl-run-") as tmp:
         tmp = Path(tmp)
-        app = write_app(tmp / "app")
+        app = write_app(tmp / "app", clientapp)
         home = flwrcli.write_home(tmp / "home", coord)
         overrides = [f'run-yaml="{Path(run.source).resolve()}"', f"resume={'true' if resume else 'false'}"]
         if evaluate_only is not None:

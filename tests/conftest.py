@@ -50,7 +50,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory) -> Path:
     """A small generated 3-site cohort (32x32 training images), shared by the training tests."""
-    from dicomfl.common.synth import synth
+    from dicomfl.workbench.synth import synth
 
     out = tmp_path_factory.mktemp("cohort")
     synth(out, sites=3, per_site=60, seed=0, image_size=32)

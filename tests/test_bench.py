@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from dicomfl.server.bench import Bench, load_bench_config
+from dicomfl.workbench.bench import Bench, load_bench_config
 
 from .test_federation import MODEL, SITES
 
@@ -65,7 +65,7 @@ def test_bench_grid_tables_plots_and_resume(cohort, tmp_path):
 def test_bench_deployment_spot_check_agrees_with_the_in_process_path(cohort, tmp_path):
     path = _bench_yaml(cohort, tmp_path, seeds=[0], strategies=["fedavg"], dp_epsilons=[None],
                        leave_one_site_out=False, ablation=False, scale_sites=0)
-    r = subprocess.run([sys.executable, "-m", "dicomfl.common.cli", "bench", str(path), "--deployment"],
+    r = subprocess.run([sys.executable, "-m", "dicomfl.workbench.cli", "bench", str(path), "--deployment"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     md = (tmp_path / "bench" / "results.md").read_text()

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import yaml
 
-from dicomfl.server.checkpoint import Checkpoints, load_arrays
-from dicomfl.server.launcher import LocalFederation
+from dicomfl.server.checkpoint import Checkpoints, read_npz
+from dicomfl.workbench.launcher import LocalFederation
 
+from .faultapps import FAULT_ENV, FAULTY_CLIENTAPP
 from .test_federation import MODEL, SITES
 
 pytestmark = pytest.mark.slow
@@ -78,8 +79,8 @@ def test_fedavg_then_fedprox_over_tls_with_authenticated_sites(fed, tmp_path):
         assert cs["models"] == ["global"] + [f"local:{s}" for s in SITES]
         assert all(sorted(cs["matrix"][mdl]) == list(SITES) for mdl in cs["models"])
         out = Path(yaml.safe_load(run_yaml.read_text())["run"]["out_dir"])
-        g1 = load_arrays(out / "checkpoints" / "round-0001" / "global.npz")
-        g2 = load_arrays(out / "checkpoints" / "round-0002" / "global.npz")
+        g1 = read_npz(out / "checkpoints" / "round-0001" / "global.npz")
+        g2 = read_npz(out / "checkpoints" / "round-0002" / "global.npz")
         assert any(not np.array_equal(g1[k], g2[k]) for k in g1)
         assert (out / "report.md").is_file() and (out / "cross_site_final.png").is_file()
     assert any(line.startswith("round 2:") for line in lines)  # progress streamed to the terminal
@@ -92,10 +93,10 @@ def test_fedavg_then_fedprox_over_tls_with_authenticated_sites(fed, tmp_path):
 def test_evaluate_only_an_existing_model(fed, tmp_path):
     run_yaml = write_run(tmp_path, "evalonly")
     model = tmp_path / "model.npz"
-    from dicomfl.common.model import ModelConfig, build_model, state_arrays
-    from dicomfl.server.checkpoint import save_arrays
+    from dicomfl.common.model import ModelConfig, build_model, get_weights
+    from dicomfl.server.checkpoint import write_npz
 
-    save_arrays(model, state_arrays(build_model(ModelConfig(**MODEL), seed=7)))
+    write_npz(model, get_weights(build_model(ModelConfig(**MODEL), seed=7)))
     lines: list[str] = []
     assert fed.run(run_yaml, evaluate_only=model, echo=lines.append, timeout=300) == 0, "\n".join(lines[-20:])
     payload = json.loads((tmp_path / "evalonly" / "evaluate-model.json").read_text())
@@ -163,17 +164,19 @@ def test_coordinator_restart_sites_reconnect_and_run_resumes(fed, tmp_path):
 
 def test_a_site_sending_nan_weights_is_rejected(fed, tmp_path):
     fed.stop("site:site-b")
-    fed.start_site("site-b", env_extra={"DICOMFL_TEST_FAULT": "nan-weights"})
+    # site-b runs a test-side ClientApp (tests/faultapps.py) that sends NaN weights.
+    fed.start_site("site-b", env_extra={"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                                        FAULT_ENV: "nan-weights"})
     try:
         time.sleep(2)
         fed.wait_online(len(SITES), 180)
         run_yaml = write_run(tmp_path, "nan", rounds=1)
         lines: list[str] = []
-        assert fed.run(run_yaml, echo=lines.append, timeout=600) == 0, "\n".join(lines[-20:])
+        assert fed.run(run_yaml, echo=lines.append, timeout=600, clientapp=FAULTY_CLIENTAPP) == 0, "\n".join(lines[-20:])
         m = _metrics(run_yaml)
         h = m["history"][0]
         assert "NaN" in h["rejected"]["site-b"] and sorted(h["aggregated"]) == ["site-a", "site-c"]
-        g = Checkpoints(tmp_path / "nan").latest().global_arrays
+        g = Checkpoints(tmp_path / "nan").latest().global_weights
         assert all(np.isfinite(v).all() for v in g.values())
         assert any("rejected site-b" in line for line in lines)
     finally:

@@ -15,14 +15,15 @@ import yaml
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from dicomfl.client import app as client_app
+from dicomfl.client.handler import SiteResolver
 from dicomfl.common import protocol as P
 from dicomfl.common.config import load_run_config
 from dicomfl.common.discover import walk
-from dicomfl.common.model import ModelConfig, build_model, state_arrays
+from dicomfl.common.model import ModelConfig, build_model, get_weights
 from dicomfl.server.checks import norm_outliers, update_problem
 from dicomfl.server.checkpoint import Checkpoints
 from dicomfl.server.federation import Federation
-from dicomfl.server.inprocess import InProcessGrid
+from dicomfl.workbench.inprocess import InProcessGrid
 
 from .phi import identifying_values
 
@@ -54,8 +55,8 @@ def test_rounds_change_the_model_and_cross_site_matrix_is_complete(cohort, tmp_p
     for h in summary["history"]:
         assert sorted(h["aggregated"]) == list(SITES)
         assert all("train-loss" in m and "val-auroc" in m for m in h["sites"].values())
-    initial = state_arrays(build_model(ModelConfig(**MODEL), seed=0))
-    final = Checkpoints(out).latest().global_arrays
+    initial = get_weights(build_model(ModelConfig(**MODEL), seed=0))
+    final = Checkpoints(out).latest().global_weights
     assert _dist(final, initial) > 0
     cs = json.loads((out / "cross_site_final.json").read_text())
     assert cs["models"] == ["global"] + [f"local:{s}" for s in SITES]
@@ -87,19 +88,22 @@ def test_resume_continues_from_the_checkpoint_to_the_same_round_count(cohort, tm
     path = write_run(tmp_path, cohort, "resume", rounds=3)
     cfg = load_run_config(path)
     cfg.run.rounds = 1  # "interrupted" after round 1
-    Federation(cfg, InProcessGrid(cfg.sites)).run()
+    # One resolver for the three runs, so they train on the very same arrays in memory: CPU kernels
+    # may round differently for differently aligned copies, and training amplifies that.
+    sites = SiteResolver()
+    Federation(cfg, InProcessGrid(cfg.sites, resolver=sites)).run()
     after1 = Checkpoints(cfg.out_dir).latest()
     assert after1.round == 1
     cfg3 = load_run_config(path)
-    grid = InProcessGrid(cfg3.sites)
+    grid = InProcessGrid(cfg3.sites, resolver=sites)
     summary = Federation(cfg3, grid).run(resume=True)
     assert [h["round"] for h in summary["history"]] == [1, 2, 3]
     rounds_sent = sorted({int(m.content[P.CONFIG]["server-round"]) for m in grid.sent if m.metadata.message_type == "train"})
     assert rounds_sent == [2, 3]
     # and the same result as an uninterrupted run
     straight = load_run_config(write_run(tmp_path, cohort, "straight", rounds=3))
-    Federation(straight, InProcessGrid(straight.sites)).run()
-    a, b = Checkpoints(cfg3.out_dir).latest().global_arrays, Checkpoints(straight.out_dir).latest().global_arrays
+    Federation(straight, InProcessGrid(straight.sites, resolver=sites)).run()
+    a, b = Checkpoints(cfg3.out_dir).latest().global_weights, Checkpoints(straight.out_dir).latest().global_weights
     assert _dist(a, b) < 1e-4
 
 
@@ -153,7 +157,7 @@ def test_bad_updates_are_rejected_with_the_site_named(cohort, tmp_path, caplog):
     assert "NaN" in h["rejected"]["site-b"]
     assert "norm" in h["rejected"]["site-c"]
     assert "site-b" not in h["aggregated"] and "site-c" not in h["aggregated"]
-    final = Checkpoints(cfg.out_dir).latest().global_arrays
+    final = Checkpoints(cfg.out_dir).latest().global_weights
     assert all(np.isfinite(v).all() for v in final.values())
     assert "rejected the update from site-b" in caplog.text
 
@@ -218,7 +222,7 @@ def test_privacy_audit_every_reply_holds_only_weights_and_whitelisted_numbers(co
     cfg = load_run_config(write_run(tmp_path, cohort, "audit", rounds=1))
     grid = InProcessGrid(cfg.sites)
     Federation(cfg, grid).run()
-    model_names = {k: tuple(v.shape) for k, v in state_arrays(build_model(ModelConfig(**MODEL))).items()}
+    model_names = {k: tuple(v.shape) for k, v in get_weights(build_model(ModelConfig(**MODEL))).items()}
     headers = set().union(*(_header_strings(cohort, s) for s in SITES))
     assert len(headers) > 100  # the cohort really carries fake PHI to catch
     assert len(grid.received) == 2 * len(SITES)  # train + cross-site evaluate

@@ -20,7 +20,7 @@ from dicomfl.common.ingest import ingest
 
 from .conftest import write_site
 
-DICOMFL = [sys.executable, "-m", "dicomfl.common.cli"]
+DICOMFL = [sys.executable, "-m", "dicomfl.workbench.cli"]
 
 
 def _run(*args, **kw):

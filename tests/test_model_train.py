@@ -7,9 +7,10 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
+from dicomfl.common.errors import ModelMismatch
 from dicomfl.common.features import N_FEATURES
 from dicomfl.common.metrics import binary_metrics, choose_threshold, evaluate_predictions, expected_calibration_error
-from dicomfl.common.model import ModelConfig, build_model, describe, load_arrays, opacus_errors, state_arrays
+from dicomfl.common.model import ModelConfig, build_model, describe, load_weights, opacus_errors, get_weights
 from dicomfl.common.normalize import robust_scale
 from dicomfl.common.splits import TEST, TRAIN, VAL
 from dicomfl.common.train import (
@@ -19,7 +20,7 @@ from dicomfl.common.train import (
     class_weights_from_counts,
     evaluate,
     predict,
-    split_arrays,
+    load_split,
     train_local,
 )
 
@@ -33,7 +34,7 @@ def _dist(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def train_a(site_data):
     cfg, data = site_data["site-a"]
-    return split_arrays(data, TRAIN, 32)
+    return load_split(data, TRAIN, 32)
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -62,20 +63,20 @@ def test_modes_use_only_their_inputs():
 
 
 def test_same_seed_same_weights_and_strict_loading():
-    a, b = state_arrays(build_model(MC, seed=3)), state_arrays(build_model(MC, seed=3))
+    a, b = get_weights(build_model(MC, seed=3)), get_weights(build_model(MC, seed=3))
     assert all(np.array_equal(a[k], b[k]) for k in a)
-    c = state_arrays(build_model(MC, seed=4))
+    c = get_weights(build_model(MC, seed=4))
     assert not all(np.array_equal(a[k], c[k]) for k in a)
     m = build_model(MC)
     bad = dict(a)
     bad.pop(next(iter(bad)))
     with pytest.raises(ValueError, match="missing"):
-        load_arrays(m, bad)
+        load_weights(m, bad)
     bad = dict(a)
     k = next(iter(bad))
     bad[k] = np.zeros((1, 2, 3), np.float32)
     with pytest.raises(ValueError, match="shape"):
-        load_arrays(m, bad)
+        load_weights(m, bad)
 
 
 def test_input_size_is_free_for_the_image_encoder():
@@ -100,12 +101,13 @@ def test_robust_scale_is_invariant_to_scanner_gain_and_offset():
 
 def test_split_arrays_are_normalized_full_depth(site_data):
     cfg, data = site_data["site-b"]  # signed pixels with an intercept
-    arr = split_arrays(data, TRAIN, 32)
+    arr = load_split(data, TRAIN, 32)
     assert arr.images.shape[1:] == (32, 32) and arr.images.dtype == np.float32
     med = np.median(arr.images.reshape(len(arr), -1), axis=1)
     assert np.abs(med).max() < 1e-3
     assert set(np.unique(arr.labels)) <= {0, 1}
-    assert len(split_arrays(data, TRAIN, 16).images[0]) == 16  # resized on demand
+    with pytest.raises(ModelMismatch, match="preprocess.image_size"):  # one image size: never resized twice
+        load_split(data, TRAIN, 16)
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -147,15 +149,15 @@ def test_training_is_deterministic_and_learns(train_a, site_data):
     m = build_model(MC)
     s = TrainSettings(epochs=20, batch_size=16, lr=3e-3, seed=5)
     r1, r2 = train_local(m, train_a, s), train_local(m, train_a, s)
-    assert all(np.array_equal(r1.arrays[k], r2.arrays[k]) for k in r1.arrays)
-    assert _dist(r1.arrays, state_arrays(m)) > 0
+    assert all(np.array_equal(r1.weights[k], r2.weights[k]) for k in r1.weights)
+    assert _dist(r1.weights, get_weights(m)) > 0
     assert r1.num_examples == len(train_a) and r1.steps == 20 * int(np.ceil(len(train_a) / 16))
-    load_arrays(m, r1.arrays)
+    load_weights(m, r1.weights)
     probs = predict(m, train_a)
     assert skm.roc_auc_score(train_a.labels, probs[:, 1]) > 0.75  # it fits its own training data
     first = train_local(build_model(MC), train_a, TrainSettings(epochs=1, batch_size=16, lr=3e-3, seed=5))
     assert r1.loss < first.loss
-    metrics = evaluate(m, split_arrays(site_data["site-a"][1], TEST, 32), split_arrays(site_data["site-a"][1], VAL, 32))
+    metrics = evaluate(m, load_split(site_data["site-a"][1], TEST, 32), load_split(site_data["site-a"][1], VAL, 32))
     for k in ("auroc", "auprc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "brier", "ece", "loss"):
         assert k in metrics
 
@@ -167,7 +169,7 @@ def test_class_weights_from_labels_or_from_released_counts(train_a):
     exact = train_local(build_model(MC), train_a, s)
     s_counts = TrainSettings(epochs=1, max_steps=2, batch_size=16, seed=5, class_counts=[1.0, 1000.0])
     skewed = train_local(build_model(MC), train_a, s_counts)
-    assert _dist(exact.arrays, skewed.arrays) > 0  # the given counts, not the labels, set the weights
+    assert _dist(exact.weights, skewed.weights) > 0  # the given counts, not the labels, set the weights
     with pytest.raises(ValueError, match="class_counts"):
         train_local(build_model(MC), train_a, TrainSettings(max_steps=1, class_counts=[1.0, 2.0, 3.0]))
 
@@ -180,13 +182,13 @@ def test_local_steps_limit(train_a):
 @pytest.mark.parametrize("private", [False, True])
 def test_fedprox_pulls_weights_toward_the_global_model(train_a, private):
     m = build_model(MC)
-    g = state_arrays(m)
+    g = get_weights(m)
     dp = DPSettings(noise_multiplier=0.5, max_grad_norm=1.0, seed=7) if private else None
     free = train_local(m, train_a, TrainSettings(epochs=4, batch_size=16, lr=1e-2, seed=1, proximal_mu=0.0), dp=dp,
-                       global_arrays=g)
+                       global_weights=g)
     prox = train_local(m, train_a, TrainSettings(epochs=4, batch_size=16, lr=1e-2, seed=1, proximal_mu=5.0), dp=dp,
-                       global_arrays=g)
-    d_free, d_prox = _dist(free.arrays, g), _dist(prox.arrays, g)
+                       global_weights=g)
+    d_free, d_prox = _dist(free.weights, g), _dist(prox.weights, g)
     assert d_prox < 0.7 * d_free, (d_prox, d_free)
 
 
@@ -198,12 +200,12 @@ def test_dp_keeps_names_and_shapes_and_really_adds_noise(train_a):
     loud = train_local(m, train_a, TrainSettings(epochs=2, batch_size=16, seed=2),
                        dp=DPSettings(noise_multiplier=20.0, seed=2))
     for r in (quiet, loud):
-        assert list(r.arrays) == list(plain.arrays)
-        assert all(r.arrays[k].shape == plain.arrays[k].shape for k in plain.arrays)
-        assert not any(k.startswith("_module") for k in r.arrays)
-    start = state_arrays(m)
+        assert list(r.weights) == list(plain.weights)
+        assert all(r.weights[k].shape == plain.weights[k].shape for k in plain.weights)
+        assert not any(k.startswith("_module") for k in r.weights)
+    start = get_weights(m)
     # Same seed, same Poisson batches: the only difference is the Gaussian noise.
-    assert _dist(loud.arrays, quiet.arrays) > 0.5 * _dist(quiet.arrays, start)
+    assert _dist(loud.weights, quiet.weights) > 0.5 * _dist(quiet.weights, start)
     # The accountant saw every step at the loader's sample rate.
     assert loud.history and loud.history[-1][0] == 20.0 and loud.sample_rate == pytest.approx(1 / np.ceil(len(train_a) / 16))
     assert sum(h[2] for h in loud.history) == loud.steps
@@ -219,13 +221,13 @@ def test_dp_batches_and_noise_do_not_follow_from_the_training_seed(train_a):
     s = TrainSettings(epochs=1, batch_size=16, seed=3)
     a = train_local(m, train_a, s, dp=DPSettings(noise_multiplier=1.0))
     b = train_local(m, train_a, s, dp=DPSettings(noise_multiplier=1.0))
-    assert _dist(a.arrays, b.arrays) > 0
+    assert _dist(a.weights, b.weights) > 0
     c = train_local(m, train_a, s, dp=DPSettings(noise_multiplier=1.0, seed=11))
     d = train_local(m, train_a, s, dp=DPSettings(noise_multiplier=1.0, seed=11))
-    assert _dist(c.arrays, d.arrays) == 0
+    assert _dist(c.weights, d.weights) == 0
     # Without DP, the training seed still makes a run exactly repeatable.
     e, f = train_local(m, train_a, s), train_local(m, train_a, s)
-    assert _dist(e.arrays, f.arrays) == 0
+    assert _dist(e.weights, f.weights) == 0
 
 
 @pytest.mark.parametrize("mode", ["functorch", "ghost"])
@@ -235,4 +237,4 @@ def test_opacus_engines_agree(train_a, mode):
     s = TrainSettings(epochs=1, max_steps=2, batch_size=16, seed=4, class_weights=False)
     ref = train_local(m, train_a, s, dp=DPSettings(noise_multiplier=0.0, grad_sample_mode="hooks", seed=4))
     other = train_local(m, train_a, s, dp=DPSettings(noise_multiplier=0.0, grad_sample_mode=mode, seed=4))
-    assert _dist(ref.arrays, other.arrays) < 1e-3 * max(_dist(ref.arrays, state_arrays(m)), 1e-6) + 1e-5
+    assert _dist(ref.weights, other.weights) < 1e-3 * max(_dist(ref.weights, get_weights(m)), 1e-6) + 1e-5

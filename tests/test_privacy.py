@@ -15,7 +15,7 @@ from scipy.stats import norm
 from dicomfl.client.privacy import Ledger, count_release, epsilon, plan_noise, sample_rate, steps_per_epoch
 from dicomfl.client.trainer import RoundPlan, SiteTrainer
 from dicomfl.common.config import load_site_config
-from dicomfl.common.model import ModelConfig, build_model, state_arrays
+from dicomfl.common.model import ModelConfig, build_model, get_weights
 from dicomfl.common.splits import TRAIN
 
 MC = ModelConfig(image_size=32, width=8, depth=2, meta_hidden=32, head_hidden=32)
@@ -87,12 +87,12 @@ def _dp_site(cohort, tmp_path, **privacy):
 def test_budget_persists_across_restart_and_is_enforced(cohort, site_data, tmp_path, caplog):
     cfg = _dp_site(cohort, tmp_path, target_epsilon=3.0, noise_multiplier=2.0)
     data = site_data["site-a"][1]
-    g = state_arrays(build_model(MC))
+    g = get_weights(build_model(MC))
     plan = dict(run="r1", num_rounds=10, local_epochs=1)
     t1 = SiteTrainer(cfg, MC, data, logger=LOG)
     o1 = t1.train(g, RoundPlan(server_round=1, **plan))
     e1 = o1.metrics["epsilon"]
-    assert 0 < e1 < 3.0 and o1.metrics["declined"] == 0.0 and o1.arrays is not None
+    assert 0 < e1 < 3.0 and o1.metrics["declined"] == 0.0 and o1.weights is not None
     ledger_file = Ledger.file_for(cfg.site.state_dir, "r1")
     saved = json.loads(ledger_file.read_text())
     assert saved["epsilon"] == pytest.approx(e1) and saved["rounds_trained"] == [1]
@@ -114,7 +114,7 @@ def test_budget_persists_across_restart_and_is_enforced(cohort, site_data, tmp_p
             r += 1
             assert r < 50
     assert max(eps) <= 3.0 and o.metrics["epsilon-if-trained"] > 3.0
-    assert o.arrays is None and o.metrics["declined"] == 1.0
+    assert o.weights is None and o.metrics["declined"] == 1.0
     assert "declined to train" in caplog.text
     final = json.loads(ledger_file.read_text())
     assert final["rounds_declined"] == [r]
@@ -129,7 +129,7 @@ def test_budget_persists_across_restart_and_is_enforced(cohort, site_data, tmp_p
 def test_noise_derived_from_target_spends_the_budget_over_the_planned_run(cohort, site_data, tmp_path):
     cfg = _dp_site(cohort, tmp_path, target_epsilon=4.0, noise_multiplier=None)
     data = site_data["site-a"][1]
-    g = state_arrays(build_model(MC))
+    g = get_weights(build_model(MC))
     rounds = 3
     outs = [SiteTrainer(cfg, MC, data, logger=LOG).train(g, RoundPlan(run="r2", server_round=i, num_rounds=rounds)) for i in (1, 2, 3)]
     assert not any(o.declined for o in outs)
@@ -141,14 +141,14 @@ def test_noise_derived_from_target_spends_the_budget_over_the_planned_run(cohort
 def test_unweighted_private_training_releases_no_counts(cohort, site_data, tmp_path):
     cfg = _dp_site(cohort, tmp_path, target_epsilon=3.0, noise_multiplier=2.0, class_weights="none")
     o = SiteTrainer(cfg, MC, site_data["site-a"][1], logger=LOG).train(
-        state_arrays(build_model(MC)), RoundPlan(run="r3", server_round=1, num_rounds=3))
+        get_weights(build_model(MC)), RoundPlan(run="r3", server_round=1, num_rounds=3))
     saved = json.loads(Ledger.file_for(cfg.site.state_dir, "r3").read_text())
     assert not o.declined and saved["class_counts"] is None
     assert all(h[1] < 1.0 for h in saved["history"])  # only DP-SGD steps were accounted
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "dicomfl.common.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "dicomfl.workbench.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_privacy_cli(cohort):

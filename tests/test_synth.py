@@ -17,7 +17,7 @@ import pytest
 
 from dicomfl.common.config import load_site_config
 from dicomfl.common.ingest import ingest
-from dicomfl.common.synth import synth
+from dicomfl.workbench.synth import synth
 
 from .phi import identifying_values
 
@@ -28,7 +28,7 @@ BAD = {"TRUNC01": "truncated", "NOPIX01": "no-pixel-data", "BURNED01": "burned-i
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("cohort")
-    r = subprocess.run([sys.executable, "-m", "dicomfl.common.cli", "synth", str(out), "--sites", "3",
+    r = subprocess.run([sys.executable, "-m", "dicomfl.workbench.cli", "synth", str(out), "--sites", "3",
                         "--per-site", "60", "--seed", "7", "--image-size", "32"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     return out
@@ -160,7 +160,7 @@ def test_fast_writer_writes_exactly_what_pydicom_writes(tmp_path):
     """The per-site writer (cached encodings of repeated elements) is byte-identical to dcmwrite."""
     import copy
 
-    from dicomfl.common import synth as S
+    from dicomfl.workbench import synth as S
 
     pat = {"id": "X1", "name": "Doe^Jane", "sex": "F", "birth": S.dt.date(1950, 1, 1),
            "first_study": S.dt.date(2022, 1, 1), "referrer": "Ref^Doc", "house": 12, "age": 70.0}

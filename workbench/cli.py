@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .errors import DicomflError
+from dicomfl.common.errors import DicomflError
 
 app = typer.Typer(
     name="dicomfl",
@@ -25,14 +25,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console that wraps only for a person: piped or redirected, each line stays whole."""
+    tty = (sys.stderr if stderr else sys.stdout).isatty()
+    return Console(stderr=stderr, soft_wrap=not tty, width=None if tty else 100_000)
+
+
+err = _console(stderr=True)
 
 
 @app.callback()
 def _root() -> None:
     """Federated learning across hospital sites on native DICOM."""
 
-out = Console()
+out = _console()
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -79,6 +87,7 @@ def ingest(
     site_yaml: Path = typer.Argument(..., help="The site's config (site.yaml)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the report as JSON to this file."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Decode everything again; do not read or write the cache."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
 ) -> None:
     """Discover, de-identify and cache a site's DICOM files; print a report.
 
@@ -86,9 +95,9 @@ def ingest(
     reason in the site log (<state_dir>/logs/ingest.log) and in the JSON report. The report is
     also written to <state_dir>/reports/ingest.json.
     """
-    from .config import load_site_config
-    from .ingest import ingest as run_ingest
-    from .logs import setup
+    from dicomfl.common.config import load_site_config
+    from dicomfl.common.ingest import ingest as run_ingest
+    from dicomfl.common.logs import setup
 
     try:
         cfg = load_site_config(site_yaml)
@@ -99,7 +108,10 @@ def ingest(
     except DicomflError as exc:
         _fail(str(exc))
     rep = result.report
-    out.print(_report_table(rep))
+    if json_out:
+        out.print_json(json.dumps(rep.to_json()))
+    else:
+        out.print(_report_table(rep))
     shown = 0
     for r in rep.rejects:
         if r["reason"] == "not-dicom":
@@ -191,15 +203,18 @@ def privacy_plan(
     rounds x local epochs x ceil(N / batch) (or rounds x local_steps), at sample rate 1/ceil(N / batch).
     """
     from dicomfl.client.privacy import plan_for_site
-    from .config import load_run_config, load_site_config
+    from dicomfl.common.config import load_run_config, load_site_config
 
     try:
         site = load_site_config(site_yaml)
         run = load_run_config(run_yaml, check_files=False)
-        from .logs import setup
+        from dicomfl.common.logs import setup
 
         setup(site.site.state_dir, "privacy", console_level=logging.ERROR)
-        plan = plan_for_site(site, run)
+        from dicomfl.common.ingest import ingest as run_ingest
+        from dicomfl.common.splits import TRAIN
+
+        plan = plan_for_site(site, run, len(run_ingest(site).data.subset(TRAIN)))
     except DicomflError as exc:
         _fail(str(exc))
     if json_out:
@@ -216,21 +231,25 @@ def privacy_plan(
 @app.command()
 def model(
     run_yaml: Optional[Path] = typer.Argument(None, help="A run config; its model: section is described (default model if absent)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Describe the model a run trains: mode, sizes, parameter counts, Opacus compatibility."""
-    from .config import load_run_config
-    from .model import ModelConfig, describe
+    from dicomfl.common.config import ModelConfig, load_run_config
+    from dicomfl.common.model import describe
 
     try:
         cfg = load_run_config(run_yaml, check_files=False).model if run_yaml else ModelConfig()
     except DicomflError as exc:
         _fail(str(exc))
     info = describe(cfg)
+    if json_out:
+        out.print_json(json.dumps(info))
+        return
     t = Table(title=f"model: {info['mode']}")
     t.add_column("what")
     t.add_column("value", justify="right")
     for k in ("mode", "image_size", "width", "depth", "n_features", "feature_schema", "n_classes"):
-        t.add_row(k.replace("_", " "), str(info[k]))
+        t.add_row(k.replace("_", " "), "each site's preprocess.image_size" if info[k] is None else str(info[k]))
     for k, v in info["parameters"].items():
         t.add_row(f"parameters: {k}", f"{v:,}")
     t.add_row("Opacus validator", "ok" if not info["opacus_errors"] else "; ".join(info["opacus_errors"]))
@@ -249,8 +268,8 @@ def site_start(site_yaml: Path = typer.Argument(..., help="The site's config (si
     coordinator asks; only weights and numbers leave. Logs: <state_dir>/logs/{site,supernode}.log."""
     from dicomfl.client.daemon import start
 
-    from .config import load_site_config
-    from .logs import setup
+    from dicomfl.common.config import load_site_config
+    from dicomfl.common.logs import setup
 
     try:
         cfg = load_site_config(site_yaml)
@@ -267,8 +286,8 @@ def coordinator_start(coord_yaml: Path = typer.Argument(..., help="The coordinat
     registers the public keys of coordinator.authorized_sites at every start."""
     from dicomfl.server.coordinator import start
 
-    from .config import load_coordinator_config
-    from .logs import setup
+    from dicomfl.common.config import load_coordinator_config
+    from dicomfl.common.logs import setup
 
     try:
         cfg = load_coordinator_config(coord_yaml)
@@ -280,7 +299,7 @@ def coordinator_start(coord_yaml: Path = typer.Argument(..., help="The coordinat
 
 
 def _coordinator_for(run_yaml: Path, cfg, explicit: Optional[Path]):
-    from .config import load_coordinator_config
+    from dicomfl.common.config import load_coordinator_config
 
     path = explicit or cfg.coordinator or (Path(run_yaml).resolve().parent / "coordinator.yaml")
     if not Path(path).is_file():
@@ -301,7 +320,7 @@ def run(
     """
     from dicomfl.server.runner import submit
 
-    from .config import load_run_config
+    from dicomfl.common.config import load_run_config
 
     try:
         cfg = load_run_config(run_yaml)
@@ -334,7 +353,8 @@ def demo(
 
     import yaml as _yaml
 
-    from dicomfl.server.launcher import LocalFederation
+    from dicomfl.common.config import run_config_dict
+    from dicomfl.workbench.launcher import LocalFederation
 
     from .synth import synth as run_synth
 
@@ -348,12 +368,9 @@ def demo(
             run_synth(cohort, sites=sites, per_site=per_site, seed=seed, image_size=64,
                       progress=lambda i, n: bar.update(task, completed=i, total=n))
     names = sorted(p.parent.name for p in cohort.glob("site-*/site.yaml"))[:sites]
-    run_cfg = {"run": {"name": "demo", "rounds": rounds, "strategy": "fedavg", "min_sites": 2, "local_epochs": local_epochs,
-                       "round_timeout_s": 600, "out_dir": str(out_dir), "seed": seed},
-               "cross_site": {"every": 0, "local_baseline": True},
-               "model": {"mode": "fused", "image_size": 64, "width": 16, "depth": 3},
-               "privacy": {"dp": dp, "target_epsilon": 8.0, "delta": 1.0e-5},
-               "sites": [str(cohort / n / "site.yaml") for n in names]}
+    run_cfg = run_config_dict("demo", rounds=rounds, local_epochs=local_epochs, out_dir=out_dir, seed=seed, dp=dp,
+                              model={"mode": "fused", "image_size": 64, "width": 16, "depth": 3},
+                              sites=[cohort / n / "site.yaml" for n in names])
     run_yaml = out_dir / "run.yaml"
     run_yaml.write_text(_yaml.safe_dump(run_cfg, sort_keys=False))
     out.print(f"2/4 starting a SuperLink and {len(names)} site daemons on loopback (TLS, SuperNode authentication)",
@@ -383,7 +400,7 @@ def bench(
     """Local-only vs pooled vs FedAvg/FedProx/FedAdam (± DP-SGD), leave-one-site-out, ablation and a
     many-site scale run, over several seeds. Writes <out_dir>/results.md, results.json and PNG plots;
     results are saved per configuration as they finish, so a re-run resumes."""
-    from dicomfl.server.bench import Bench, load_bench_config
+    from dicomfl.workbench.bench import Bench, load_bench_config
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # per-round chatter; the progress bar says where it is
     try:
@@ -399,7 +416,7 @@ def bench(
             b = Bench(cfg, on_progress=progress)
             b.run(only=only)
             if deployment:
-                from dicomfl.server.benchdeploy import compare
+                from dicomfl.workbench.benchdeploy import compare
 
                 out.print(compare(b, only), markup=False, highlight=False)
     except DicomflError as exc:

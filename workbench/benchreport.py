@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import clean, write_json
+from dicomfl.common import protocol as P
+from dicomfl.server.checkpoint import clean, write_json
 
 
 def _ms(vals: list) -> tuple[float | None, float | None]:
@@ -117,7 +118,7 @@ def _plots(out: Path, names: list[str], rows: dict) -> None:
     for c, r in rows.items():
         if r["kind"] == "local":
             for h in names:
-                labels.append(f"local:{h}")
+                labels.append(P.local_model_id(h))
                 data.append([r["per_model"][h][s] if r["per_model"][h][s] is not None else np.nan for s in names])
         elif r["kind"] in ("pooled", "federated") and "dp(" not in c:
             labels.append(c)
@@ -143,12 +144,7 @@ def _plots(out: Path, names: list[str], rows: dict) -> None:
         if r.get("curve") and "[" not in c:
             ax.plot(range(len(r["curve"])), r["curve"], marker=".", label=c)
     ax.set(xlabel="global model after round", ylabel="mean validation AUROC over sites", title="learning curves")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "bench_curves.png", dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, out / "bench_curves.png", legend_size=7)
     fig, ax = plt.subplots(figsize=(6, 4))
     for base in ("fedavg", "pooled"):
         pts = sorted((r["epsilon"], r["auroc_mean"][0]) for c, r in rows.items()
@@ -159,12 +155,7 @@ def _plots(out: Path, names: list[str], rows: dict) -> None:
             ax.axhline(rows[base]["auroc_mean"][0], ls="--", color="gray" if base == "fedavg" else "black",
                        label=f"{base}, no DP")
     ax.set(xscale="log", xlabel="epsilon spent (delta 1e-5)", ylabel="mean AUROC over sites", title="privacy vs utility")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "bench_privacy.png", dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, out / "bench_privacy.png", legend_size=8)
     loso = [r for r in rows.values() if r["kind"] == "loso"]
     fig, ax = plt.subplots(figsize=(6, 4))
     if loso:
@@ -176,4 +167,14 @@ def _plots(out: Path, names: list[str], rows: dict) -> None:
     ax.set(ylim=(0.4, 1.0), ylabel="AUROC", title="leave one site out")
     fig.tight_layout()
     fig.savefig(out / "bench_loso.png", dpi=110)
+    plt.close(fig)
+
+
+def _finish(plt, fig, ax, path: Path, legend_size: int) -> None:
+    """Grid, a legend when something is drawn, tight layout; save and close."""
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

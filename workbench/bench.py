@@ -2,7 +2,7 @@
 leave-one-site-out, model ablation and a many-site scale run — under identical budgets and seeds.
 
 Every federated configuration runs the same ClientApp, round loop and Flower strategies as a real
-deployment, through :class:`~dicomfl.server.inprocess.InProcessGrid` (one process, so a full grid
+deployment, through :class:`~dicomfl.workbench.inprocess.InProcessGrid` (one process, so a full grid
 fits on 2 CPU cores). ``--deployment`` also runs one configuration through a real SuperLink and
 SuperNodes on loopback and reports how far the two paths differ.
 
@@ -27,17 +27,21 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from dicomfl.common.config import ConfigError, load_site_config, validate_file
-from dicomfl.common.model import ModelConfig
+from dicomfl.common.config import FEDERATED_STRATEGIES, ConfigError, ModelConfig, load_site_config, run_config_dict, validate_file
 
-from .checkpoint import clean, write_json
+from dicomfl.common import protocol as P
+from dicomfl.server.checkpoint import clean, write_json
+
+
+# Baselines the benchmark trains next to the federated strategies (common.config.FEDERATED_STRATEGIES).
+BASELINES = ("local", "pooled")
 
 
 class BenchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sites: list[Path]
-    strategies: list[str] = ["local", "pooled", "fedavg", "fedprox", "fedadam"]
+    strategies: list[str] = [*BASELINES, *FEDERATED_STRATEGIES]
     proximal_mu: list[float] = [0.01, 0.1]
     dp_epsilons: list[float | None] = [None, 8.0, 1.0]
     dp_strategies: list[str] = ["fedavg"]
@@ -63,7 +67,7 @@ def load_bench_config(path: Path) -> BenchConfig:
     for i, p in enumerate(cfg.sites):
         if not p.is_file():
             raise ConfigError(f"{path}: sites.{i}: file not found: {p}")
-    unknown = set(cfg.strategies) - {"local", "pooled", "fedavg", "fedprox", "fedadam"}
+    unknown = set(cfg.strategies) - set(BASELINES) - set(FEDERATED_STRATEGIES)
     if unknown:
         raise ConfigError(f"{path}: strategies: unknown {sorted(unknown)}")
     if len(cfg.sites) < 2:
@@ -104,7 +108,7 @@ def plan(cfg: BenchConfig, site_names: list[str]) -> list[Job]:
             if eps is not None and "pooled" in cfg.dp_strategies:
                 add(f"pooled{tag}", kind="pooled", epsilon=eps)
             for s in cfg.strategies:
-                if s not in ("fedavg", "fedprox", "fedadam") or (eps is not None and s not in cfg.dp_strategies):
+                if s not in FEDERATED_STRATEGIES or (eps is not None and s not in cfg.dp_strategies):
                     continue
                 if s == "fedprox":
                     for mu in cfg.proximal_mu:
@@ -123,6 +127,19 @@ def plan(cfg: BenchConfig, site_names: list[str]) -> list[Job]:
 
 
 class Bench:
+    """The multicenter benchmark: every configuration of a :class:`BenchConfig`, over its seeds.
+
+    Parameters
+    ----------
+    cfg : BenchConfig
+        Sites, strategies, DP budgets, seeds, rounds, model, output folder.
+    on_progress : callable, optional
+        ``on_progress(done, total, job_id)`` before each job.
+
+    ``run(only=None)`` runs (or resumes) the grid and returns the summary that is also written to
+    ``<out_dir>/results.md`` and ``results.json``.
+    """
+
     def __init__(self, cfg: BenchConfig, on_progress: Callable[[int, int, str], None] | None = None) -> None:
         self.cfg = cfg
         self.out = cfg.out_dir
@@ -140,13 +157,11 @@ class Bench:
     def _run_yaml(self, job: Job, sites: list[Path], rounds: int | None = None, local_baseline: bool = False) -> Path:
         name = "bench-" + "".join(c if c.isalnum() else "-" for c in job.id).strip("-")[:60]
         out = self.out / "runs" / name
-        cfg = {"run": {"name": name, "rounds": rounds or self.cfg.rounds, "strategy": job.strategy,
-                       "proximal_mu": job.mu, "min_sites": 1, "local_epochs": self.cfg.local_epochs,
-                       "out_dir": str(out), "seed": job.seed, "server_lr": self.cfg.server_lr},
-               "cross_site": {"every": 0, "local_baseline": local_baseline},
-               "model": {**self.cfg.model.model_dump(), "mode": job.mode},
-               "privacy": {"dp": job.epsilon is not None, "target_epsilon": job.epsilon or 8.0, "delta": 1e-5},
-               "sites": [str(p) for p in sites]}
+        cfg = run_config_dict(name, rounds=rounds or self.cfg.rounds, strategy=job.strategy, proximal_mu=job.mu,
+                              min_sites=1, local_epochs=self.cfg.local_epochs, out_dir=out, seed=job.seed,
+                              server_lr=self.cfg.server_lr, local_baseline=local_baseline,
+                              model={**self.cfg.model.model_dump(exclude_none=True), "mode": job.mode},
+                              dp=job.epsilon is not None, target_epsilon=job.epsilon or 8.0, sites=sites)
         out.mkdir(parents=True, exist_ok=True)
         # A benchmark run starts from a clean privacy ledger (a re-run is a new experiment).
         for p in sites:
@@ -160,7 +175,7 @@ class Bench:
     def _federate(self, job: Job, sites: list[Path], **kw) -> dict:
         from dicomfl.common.config import load_run_config
 
-        from .federation import Federation
+        from dicomfl.server.federation import Federation
         from .inprocess import InProcessGrid
 
         run_cfg = load_run_config(self._run_yaml(job, sites, **kw))
@@ -200,42 +215,40 @@ class Bench:
         s = self._federate(Job(id=job.id, kind="federated", seed=job.seed), [self.site_cfgs[n] for n in self.names],
                            local_baseline=True)
         mat = s["cross_site"]["matrix"]
-        per_model = {home: {site: _pick(mat.get(f"local:{home}", {}).get(site)) for site in self.names}
+        per_model = {home: {site: _pick(mat.get(P.local_model_id(home), {}).get(site)) for site in self.names}
                      for home in self.names}
         return {"per_model": per_model, "per_site": {site: per_model[site][site] for site in self.names}}
 
     def _pooled(self, job: Job) -> dict:
-        from dicomfl.client.privacy import count_release, noisy_counts, plan_noise, sample_rate, steps_per_epoch
+        from dicomfl.client.privacy import Ledger, PrivacySession
         from dicomfl.client.trainer import SiteTrainer
-        from dicomfl.common.model import build_model, state_arrays
+        from dicomfl.common.model import build_model, get_weights
         from dicomfl.common.splits import TRAIN
-        from dicomfl.common.train import Arrays, DPSettings, TrainSettings, train_local
+        from dicomfl.common.train import SplitData, TrainSettings, train_local
 
         trainers = {n: SiteTrainer(load_site_config(self.site_cfgs[n]), self.cfg.model) for n in self.names}
-        pooled = Arrays.concat([t.split(TRAIN) for t in trainers.values()])
+        pooled = SplitData.concat([t.split(TRAIN) for t in trainers.values()])
         first = load_site_config(self.site_cfgs[self.names[0]])
         epochs = self.cfg.rounds * self.cfg.local_epochs
         dp = None
         settings = TrainSettings(epochs=epochs, batch_size=first.train.batch_size, lr=first.train.lr, seed=job.seed)
         if job.epsilon is not None:
-            # The same mechanism a site runs: a noisy label-count release for the class weights,
-            # accounted, then DP-SGD with the noise that fits the rest of the budget.
-            b = first.train.batch_size
-            q = sample_rate(len(pooled), b)
-            p = first.privacy
-            prefix = [count_release(p.count_noise_multiplier)] if p.class_weights == "noisy" else []
-            sigma = plan_noise(job.epsilon, 1e-5, q, epochs * steps_per_epoch(len(pooled), b), prefix=prefix)
-            if prefix:
-                settings.class_counts = noisy_counts(pooled.labels, self.cfg.model.n_classes, p.count_noise_multiplier)
-            settings.class_weights = bool(prefix)
-            dp = DPSettings(noise_multiplier=sigma, max_grad_norm=p.max_grad_norm, history=prefix)
+            # The same mechanism a site runs (PrivacySession): a noisy label-count release for the
+            # class weights, accounted, then DP-SGD with the noise that fits the rest of the budget.
+            p = first.privacy.model_copy(update={"noise_multiplier": None})
+            session = PrivacySession(Ledger(run=job.id, accountant=p.accountant, delta=1e-5, target_epsilon=job.epsilon,
+                                            max_grad_norm=p.max_grad_norm), p)
+            session.budget(n_train=len(pooled), batch_size=settings.batch_size, num_rounds=1, local_epochs=epochs,
+                           local_steps=None)
+            dp, settings.class_counts = session.settings(pooled.labels, self.cfg.model.n_classes)
+            settings.class_weights = p.class_weights == "noisy"
         model = build_model(self.cfg.model, seed=job.seed)
-        res = train_local(model, pooled, settings, dp=dp, global_arrays=state_arrays(model))
-        out = {"per_site": {n: _pick(t.evaluate(res.arrays)) for n, t in trainers.items()}}
+        res = train_local(model, pooled, settings, dp=dp, global_weights=get_weights(model))
+        out = {"per_site": {n: _pick(t.evaluate(res.weights)) for n, t in trainers.items()}}
         if dp is not None:
             from dicomfl.client.privacy import epsilon
 
-            out["epsilon"] = epsilon(res.history, 1e-5)
+            out["epsilon"] = epsilon(res.history, 1e-5, p.accountant)
         return out
 
     def _loso(self, job: Job) -> dict:
@@ -244,7 +257,7 @@ class Bench:
 
         rest = [self.site_cfgs[n] for n in self.names if n != job.holdout]
         s = self._federate(job, rest)
-        g = Checkpoints(Path(s["out_dir"])).latest().global_arrays
+        g = Checkpoints(Path(s["out_dir"])).latest().global_weights
         held = SiteTrainer(load_site_config(self.site_cfgs[job.holdout]), self.cfg.model).evaluate(g)
         inside = s["cross_site"]["matrix"]["global"]
         return {"holdout": job.holdout, "heldout": _pick(held),
@@ -253,18 +266,18 @@ class Bench:
     def _scale(self, job: Job) -> dict:
         """Many small simulated sites: the server side (sampling, checks, aggregation, checkpoints,
         cross-site matrix) with ``scale_sites`` sites, each a shard of the cohort's data."""
-        from dicomfl.client import app as client_app
+        from dicomfl.client.handler import InMemorySites
         from dicomfl.client.trainer import SiteTrainer
         from dicomfl.common.config import load_run_config
         from dicomfl.common.ingest import SiteData
 
-        from .federation import Federation
+        from dicomfl.server.federation import Federation
         from .inprocess import InProcessGrid
 
         n = self.cfg.scale_sites
         base = [load_site_config(self.site_cfgs[name]) for name in self.names]
         datas = [SiteTrainer(c, self.cfg.model).data() for c in base]
-        keys = []
+        keys, sims = [], {}
         for i in range(n):
             src, d = base[i % len(base)], datas[i % len(base)]
             idx = np.arange(len(d.labels))[(i // len(base))::max(1, math.ceil(n / len(base)))]
@@ -274,13 +287,13 @@ class Bench:
             sc.site.name = f"sim-{i:03d}"
             sc.site.state_dir = self.out / "scale-state" / sc.site.name
             key = f"mem:{sc.site.name}"
-            client_app.preload(key, SiteTrainer(sc, self.cfg.model, data=shard))
+            sims[key] = SiteTrainer(sc, self.cfg.model, data=shard)
             keys.append(Path(key))
         run_cfg = load_run_config(self._run_yaml(job, [self.site_cfgs[self.names[0]]], rounds=self.cfg.scale_rounds),
                                   check_files=False)
         run_cfg.sites = keys
         run_cfg.run.min_sites = max(2, n // 2)
-        grid = InProcessGrid(keys)
+        grid = InProcessGrid(keys, resolver=InMemorySites(sims))
         s = Federation(run_cfg, grid).run()
         g = s["cross_site"]["matrix"]["global"]
         vals = [v.get("auroc") for v in g.values() if v.get("auroc") is not None and math.isfinite(v["auroc"])]

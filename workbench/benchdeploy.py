@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .bench import Bench, Job
-from .checkpoint import Checkpoints
+from dicomfl.server.checkpoint import Checkpoints
 from .launcher import LocalFederation
 
 
@@ -27,7 +27,7 @@ def compare(bench: Bench, only: str | None = None) -> str:
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each deployed site does (DICOMFL_TORCH_THREADS=1): same arithmetic
+    torch.set_num_threads(1)  # as each deployed site does (OMP_NUM_THREADS=1): same arithmetic
     try:
         inproc = bench._federate(job, sites)
     finally:
@@ -40,8 +40,8 @@ def compare(bench: Bench, only: str | None = None) -> str:
         return f"deployment spot check: the run did not finish (see {cfg.out_dir}/deployment/logs)"
     dep_out = cfg.out_dir / "runs" / Path(run_yaml).stem
     dep = json.loads((dep_out / "metrics.json").read_text())
-    a = Checkpoints(Path(inproc["out_dir"])).latest().global_arrays
-    b = Checkpoints(dep_out).latest().global_arrays
+    a = Checkpoints(Path(inproc["out_dir"])).latest().global_weights
+    b = Checkpoints(dep_out).latest().global_weights
     rel = math.sqrt(sum(float(np.sum((a[k] - b[k]) ** 2)) for k in a)) / max(
         math.sqrt(sum(float(np.sum(a[k] ** 2)) for k in a)), 1e-12)
     ga, gb = inproc["cross_site"]["matrix"]["global"], dep["cross_site"]["matrix"]["global"]

@@ -19,14 +19,15 @@ from pathlib import Path
 import yaml
 
 from dicomfl.common.config import load_coordinator_config, load_run_config, load_site_config
-from dicomfl.common.supervise import child_env, free_port, kill_session, stop_group, wait_port
+from dicomfl.common.supervise import child_env, free_port, kill_session, stop_group
 
-from . import flwrcli, runner
-from .pki import make_all
+from dicomfl.server import flwrcli, runner
+from dicomfl.server.coordinator import read_ready, ready_file
+from dicomfl.server.pki import make_all
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dicomfl.common.cli", *args]
+    return [sys.executable, "-m", "dicomfl.workbench.cli", *args]
 
 
 class LocalFederation:
@@ -74,7 +75,8 @@ class LocalFederation:
     # ------------------------------------------------------------------ processes
     def _spawn(self, key: str, args: list[str], log: Path, env_extra: dict | None = None) -> subprocess.Popen:
         log.parent.mkdir(parents=True, exist_ok=True)
-        env = child_env({"DICOMFL_TORCH_THREADS": "1",  # N sites share this machine's cores
+        # N sites share this machine's cores: one math thread each (torch and BLAS read these at start).
+        env = child_env({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                          "FLWR_HOME": str(self.workdir / "flwr-home" / key), **(env_extra or {})})
         with open(log, "ab") as fh:
             p = subprocess.Popen(_cli(*args), env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -83,14 +85,16 @@ class LocalFederation:
         return p
 
     def start_coordinator(self, timeout: float = 90) -> None:
-        self._spawn("coordinator", ["coordinator", "start", str(self.coordinator_yaml)], self.workdir / "logs" / "coordinator.log")
-        if not wait_port("127.0.0.1", self.port, timeout):
-            raise RuntimeError(f"SuperLink did not start; see {self.workdir}/coordinator/logs/superlink.log")
-        if self.auth:  # registration happens right after the port opens
-            deadline = time.monotonic() + timeout
-            log = self.workdir / "logs" / "coordinator.log"
-            while time.monotonic() < deadline and "coordinator ready" not in (log.read_text() if log.exists() else ""):
-                time.sleep(0.3)
+        coord = load_coordinator_config(self.coordinator_yaml)
+        ready_file(coord).unlink(missing_ok=True)
+        p = self._spawn("coordinator", ["coordinator", "start", str(self.coordinator_yaml)],
+                        self.workdir / "logs" / "coordinator.log")
+        # Ready: the SuperLink is up and the sites are registered (the service writes ready.json).
+        deadline = time.monotonic() + timeout
+        while read_ready(coord) is None:
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"SuperLink did not start; see {self.workdir}/coordinator/logs/superlink.log")
+            time.sleep(0.2)
 
     def start_site(self, name: str, yaml_path: Path | None = None, env_extra: dict | None = None) -> subprocess.Popen:
         return self._spawn(f"site:{name}", ["site", "start", str(yaml_path or self.sites[name])],
@@ -145,9 +149,9 @@ class LocalFederation:
 
     # ------------------------------------------------------------------ runs
     def run(self, run_yaml: Path, *, resume: bool = False, evaluate_only: Path | None = None, echo=print,
-            timeout: float | None = None) -> int:
+            timeout: float | None = None, **submit_options) -> int:
         return runner.submit(load_run_config(run_yaml, check_files=False), load_coordinator_config(self.coordinator_yaml),
-                             resume=resume, evaluate_only=evaluate_only, echo=echo, timeout=timeout)
+                             resume=resume, evaluate_only=evaluate_only, echo=echo, timeout=timeout, **submit_options)
 
     def run_async(self, run_yaml: Path, *, resume: bool = False, log: Path | None = None) -> subprocess.Popen:
         """``dicomfl run`` as a separate process (for fault tests that stop things mid-run)."""

@@ -1,0 +1,182 @@
+"""What a site does with one message from the coordinator, independent of how it arrived.
+
+:class:`SiteHandler` turns a train or evaluate :class:`flwr.app.Message` into its reply. The
+ClientApp (:mod:`dicomfl.client.app`) is a thin shell over it; the in-process grid of the
+benchmark and the tests call it directly, with their own :class:`SiteResolver`.
+
+Every reply holds only what :mod:`dicomfl.common.protocol` lists. Any exception — which could
+quote a file name or a header value — is logged in full in the site's own log under a random
+reference, and the coordinator receives only an error code (chosen by the exception's type, in
+:func:`dicomfl.common.protocol.error_code`) and that reference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+
+from dicomfl.common import protocol as P
+from dicomfl.common.config import ModelConfig
+from dicomfl.common.errors import ConfigError
+from dicomfl.common.splits import VAL
+
+from .trainer import RoundPlan, SiteTrainer
+
+log = logging.getLogger("dicomfl.site")
+
+
+class SiteResolver:
+    """Finds the :class:`SiteTrainer` a message is for, from the node config and the run's model.
+
+    The default reads ``site-config=<path of site.yaml>`` from the SuperNode's node config and
+    keeps one trainer per (site config, model config), so a long-lived process opens a site's
+    data once. The benchmark passes a resolver of its own (simulated sites held in memory).
+    """
+
+    def __init__(self) -> None:
+        self._trainers: dict[str, SiteTrainer] = {}
+
+    def load(self, site_config: str, model_cfg: ModelConfig) -> SiteTrainer:
+        """A new trainer for ``site_config`` (override to serve sites from elsewhere)."""
+        from dicomfl.common.config import load_site_config
+        from dicomfl.common.logs import site_logger
+
+        site = load_site_config(Path(site_config))
+        return SiteTrainer(site, model_cfg, logger=site_logger(site.site.state_dir, site.site.name))
+
+    def __call__(self, node_config: Mapping, model_cfg: ModelConfig) -> SiteTrainer:
+        path = node_config.get("site-config")
+        if not path:
+            raise ConfigError("node config: site-config is not set")
+        key = f"{path}|{model_cfg.model_dump_json()}"
+        if key not in self._trainers:
+            self._trainers[key] = self.load(str(path), model_cfg)
+        return self._trainers[key]
+
+
+class InMemorySites(SiteResolver):
+    """Sites held in memory, named by key: ``site-config=<key>`` selects one (simulations)."""
+
+    def __init__(self, sites: Mapping[str, SiteTrainer]) -> None:
+        super().__init__()
+        self.sites = dict(sites)
+
+    def load(self, site_config: str, model_cfg: ModelConfig) -> SiteTrainer:
+        base = self.sites.get(site_config)
+        if base is None:
+            raise ConfigError(f"node config: no simulated site {site_config!r}")
+        return SiteTrainer(base.cfg, model_cfg, data=base.data(), logger=base.log)
+
+
+def _numbers(d: dict, allowed: frozenset) -> MetricRecord:
+    return MetricRecord({k: float(v) for k, v in d.items()
+                         if k in allowed and isinstance(v, (int, float, np.floating, np.integer))})
+
+
+def round_plan(cfg: ConfigRecord) -> RoundPlan:
+    """The round's plan from the train message's config record (numbers and short names only)."""
+    def num(key, default=None, cast=float):
+        v = cfg.get(key, default)
+        return None if v is None else cast(v)
+
+    steps = num("local-steps", 0, int)
+    target = num("target-epsilon", 0.0)
+    return RoundPlan(run=str(cfg.get("run", "run")), server_round=num("server-round", 1, int),
+                     num_rounds=num("num-rounds", 1, int), local_epochs=num("local-epochs", 1, int),
+                     local_steps=steps or None, proximal_mu=num("proximal-mu", 0.0),
+                     dp=bool(cfg.get("dp", False)), target_epsilon=target or None, delta=num("delta", 1e-5),
+                     seed=num("seed", 0, int))
+
+
+class SiteHandler:
+    """A site's answers to the coordinator's messages.
+
+    Parameters
+    ----------
+    resolver : SiteResolver, optional
+        Maps a message's node config and model to the site's trainer (default: site.yaml on disk).
+    """
+
+    def __init__(self, resolver: SiteResolver | None = None) -> None:
+        self.resolver = resolver or SiteResolver()
+        self._started = time.perf_counter()
+
+    # ----------------------------------------------------------------- entry point
+    def handle(self, msg: Message, context: Context) -> Message:
+        """The reply to ``msg``: a train or evaluate result, or an error code and a log reference."""
+        handlers: dict[str, Callable[[Message, SiteTrainer, ConfigRecord], Message]] = {
+            "train": self.train, "evaluate": self.evaluate}
+        kind = msg.metadata.message_type
+        t0 = time.perf_counter()
+        site_log = log
+        try:
+            handler = handlers.get(kind)
+            if handler is None:
+                raise ConfigError(f"message type {kind!r} is not handled by a site")
+            site, cfg = self._site(msg, context)
+            site_log = site.log
+            reply = handler(msg, site, cfg)
+            site_log.info("%s message handled in %.2f s (handler up %.2f s)", kind, time.perf_counter() - t0,
+                          time.perf_counter() - self._started)
+            return reply
+        except Exception as exc:  # noqa: BLE001 - nothing of the exception may cross the boundary
+            return self._error(msg, exc, site_log)
+        except BaseException as exc:  # noqa: BLE001 - e.g. a native binding's panic; not an exit
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            return self._error(msg, exc, site_log)
+
+    def _error(self, msg: Message, exc: BaseException, site_log: logging.Logger) -> Message:
+        ref = secrets.token_hex(6)
+        code = P.error_code(exc)
+        site_log.error("%s failed (ref=%s): %s\n%s", msg.metadata.message_type, ref, exc, traceback.format_exc())
+        return Message(Error(code=code, reason=P.error_reason(code, ref)), reply_to=msg)
+
+    def _site(self, msg: Message, context: Context) -> tuple[SiteTrainer, ConfigRecord]:
+        cfg = msg.content[P.CONFIG]
+        model_cfg = ModelConfig.model_validate(json.loads(str(cfg["model"])))
+        return self.resolver(context.node_config, model_cfg), cfg
+
+    # ---------------------------------------------------------------------- train
+    def train(self, msg: Message, site: SiteTrainer, cfg: ConfigRecord) -> Message:
+        """Evaluate the incoming global model on validation data, train it, and train the local-only
+        baseline if the message carries one."""
+        plan = round_plan(cfg)
+        global_weights = P.from_record(msg.content[P.ARRAYS])
+        metrics: dict[str, float] = {}
+        val = site.evaluate(global_weights, split=VAL)
+        for k in ("auroc", "loss", "balanced_accuracy", "num-examples"):
+            metrics[f"val-{k}"] = val.get(k, math.nan)
+        out = site.train(global_weights, plan)
+        metrics.update(out.metrics)
+        content = RecordDict({P.SITE: ConfigRecord({"name": site.name})})
+        if not out.declined:  # declined: no update; the metrics tell the coordinator why
+            content[P.ARRAYS] = P.to_record(out.weights)
+        content[P.METRICS] = _numbers(metrics, P.TRAIN_METRICS)
+        if P.LOCAL_ARRAYS in msg.content:
+            local_plan = RoundPlan(**{**plan.__dict__, "run": f"{plan.run}.local", "proximal_mu": 0.0})
+            lo = site.train(P.from_record(msg.content[P.LOCAL_ARRAYS]), local_plan)
+            if lo.weights is not None:
+                content[P.LOCAL_ARRAYS] = P.to_record(lo.weights)
+            content[P.LOCAL_METRICS] = _numbers(lo.metrics, P.TRAIN_METRICS)
+        return Message(content=content, reply_to=msg)
+
+    # ------------------------------------------------------------------- evaluate
+    def evaluate(self, msg: Message, site: SiteTrainer, cfg: ConfigRecord) -> Message:
+        """Every model in the message, on this site's test split (threshold from its validation split)."""
+        content = RecordDict({P.SITE: ConfigRecord({"name": site.name})})
+        for key in list(msg.content.keys()):
+            if key.startswith(P.MODEL_PREFIX):
+                model_id = key[len(P.MODEL_PREFIX):]
+                metrics = site.evaluate(P.from_record(msg.content[key]))
+                content[P.EVAL_PREFIX + model_id] = _numbers(metrics, P.EVAL_METRICS)
+        return Message(content=content, reply_to=msg)

@@ -1,0 +1,179 @@
+"""The architecture, held by tests: one direction of dependency, light configs, no back doors,
+and the few places that read a library's text or reach into its internals pinned to that library.
+
+    workbench (CLI, demo launcher, benchmark, in-process grid, cohort generator)
+        |                 |
+      client (site)    server (coordinator)        never each other
+        \\                 /
+               common (data path, model, training, metrics, config schemas, protocol)
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"common": "dicomfl.common", "client": "dicomfl.client", "server": "dicomfl.server",
+            "workbench": "dicomfl.workbench"}
+# What each layer may import of dicomfl (besides itself).
+ALLOWED = {
+    "common": set(),
+    "client": {"common"},
+    "server": {"common"},
+    "workbench": {"common", "client", "server"},
+}
+
+
+def imported_modules(source: str, package: str) -> list[tuple[int, str]]:
+    """Every module an import statement names, anywhere in the file (function bodies too),
+    with relative imports resolved against ``package``."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.append((node.lineno, mod))
+            out += [(node.lineno, f"{mod}.{a.name}") for a in node.names if mod == "dicomfl"]
+    return out
+
+
+def violations(layer: str, source: str, filename: str = "<string>") -> list[str]:
+    """Imports in a file of ``layer`` that break the dependency rule."""
+    bad = []
+    for line, mod in imported_modules(source, PACKAGES[layer]):
+        parts = mod.split(".")
+        if parts[0] != "dicomfl" or len(parts) < 2 or parts[1] == layer:
+            continue
+        if parts[1] not in ALLOWED[layer]:
+            bad.append(f"{filename}:{line}: {layer} imports {mod}")
+    return bad
+
+
+def test_the_dependency_rule_holds_in_the_tree():
+    bad = []
+    for layer in PACKAGES:
+        for f in sorted((ROOT / layer).rglob("*.py")):
+            bad += violations(layer, f.read_text(), str(f.relative_to(ROOT)))
+    assert bad == []
+
+
+@pytest.mark.parametrize("layer,line", [
+    ("common", "import dicomfl.server"),
+    ("common", "def f():\n    from dicomfl.client.trainer import SiteTrainer"),
+    ("common", "from dicomfl import workbench"),
+    ("client", "from dicomfl.server.checks import distance"),
+    ("server", "from dicomfl.client import handler"),
+    ("server", "from dicomfl.workbench.bench import Bench"),
+])
+def test_the_rule_catches_an_upward_or_sideways_import(layer, line):
+    assert violations(layer, textwrap.dedent(line))
+
+
+def test_relative_imports_are_resolved():
+    assert violations("client", "from ..server import checks") and not violations("client", "from .trainer import x")
+
+
+def _imports_torch(code: str) -> bool:
+    r = subprocess.run([sys.executable, "-c", code + "\nimport sys; print('torch' in sys.modules)"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().endswith("True")
+
+
+def test_config_schemas_and_protocol_do_not_import_torch():
+    assert not _imports_torch("import dicomfl.common.config, dicomfl.common.protocol, dicomfl.common.errors")
+
+
+def test_the_command_line_starts_without_torch():
+    assert not _imports_torch("import dicomfl.workbench.cli")
+
+
+# ----------------------------------------------------------------- no test hooks in production code
+BANNED = ["DICOMFL_TEST_FAULT", "DICOMFL_TORCH_THREADS", "def preload", "_preloaded", "in str(exc)",
+          "coordinator ready\" not in", "\"already\" in"]
+
+
+def test_no_test_hooks_or_message_matching_in_production_code():
+    hits = []
+    for layer in PACKAGES:
+        for f in (ROOT / layer).rglob("*.py"):
+            text = f.read_text()
+            hits += [f"{f.relative_to(ROOT)}: {b}" for b in BANNED if b in text]
+    assert hits == []
+
+
+# ------------------------------------------------------- the adapters, pinned to the libraries
+def test_pydicom_wording_the_decoder_adapter_reads():
+    """dicomfl.common.decoders reads pydicom's messages: these are the ones it expects."""
+    import warnings
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import pixel_array
+
+    from dicomfl.common import decoders
+    from dicomfl.common import errors as E
+
+    warnings.simplefilter("ignore")
+    ds = pydicom.dcmread(get_testdata_file("JPEG-LL.dcm"))
+    with pytest.raises(RuntimeError) as missing:  # pylibjpeg-libjpeg is deliberately not installed
+        pixel_array(ds, decoding_plugin="pylibjpeg")
+    assert decoders.MISSING_DEPENDENCIES in str(missing.value)
+    assert decoders.decode_failure(missing.value, "x").reason == E.NO_DECODER
+    short = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    short.PixelData = short.PixelData[:100]
+    with pytest.raises(ValueError) as truncated:
+        short.pixel_array
+    assert decoders.decode_failure(truncated.value, "x").reason == E.TRUNCATED
+    nodec = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    nodec.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.110"  # JPEG XL: no decoder exists
+    with pytest.raises(NotImplementedError) as none:
+        nodec.pixel_array
+    assert decoders.decode_failure(none.value, "x").reason == E.NO_DECODER
+
+
+def test_flower_message_the_registration_adapter_reads():
+    from dicomfl.server.flwrcli import key_already_registered
+
+    from flwr.supercore.error.base import ApiErrorCode
+    from flwr.supercore.error.catalog import API_ERROR_MAP
+
+    msg = API_ERROR_MAP[ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE].public_message
+    assert msg == "Public key already in use."
+    assert key_already_registered(msg) and not key_already_registered("The provided public key is not valid.")
+
+
+def test_flower_internals_the_inprocess_grid_sets():
+    """workbench/inprocess.py sets Flower's TaskIdentity and stamps message ids. When Flower no
+    longer needs the first (a Message can be built in a bare process) or stores ids elsewhere,
+    this fails: drop or move the adapter."""
+    code = textwrap.dedent("""
+        from flwr.app import Message, RecordDict
+        try:
+            Message(RecordDict(), dst_node_id=1, message_type="train")
+        except RuntimeError as e:
+            print("needs-identity")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "needs-identity", r.stderr
+    from flwr.app import Message, RecordDict
+
+    from dicomfl.workbench.inprocess import _as_flower_would, _task_identity
+
+    _task_identity()
+    m = Message(RecordDict(), dst_node_id=1, message_type="train")
+    assert m.metadata.message_id == ""
+    _as_flower_would(m, "inproc-1")
+    assert m.metadata.message_id == "inproc-1"
