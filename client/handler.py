@@ -26,7 +26,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 
 from dicomfl.common import protocol as P
 from dicomfl.common.config import ModelConfig
-from dicomfl.common.errors import ConfigError
+from dicomfl.common.errors import BadRequest, ConfigError
 from dicomfl.common.splits import VAL
 
 from .trainer import RoundPlan, SiteTrainer
@@ -82,19 +82,48 @@ def _numbers(d: dict, allowed: frozenset) -> MetricRecord:
                          if k in allowed and isinstance(v, (int, float, np.floating, np.integer))})
 
 
-def round_plan(cfg: ConfigRecord) -> RoundPlan:
-    """The round's plan from the train message's config record (numbers and short names only)."""
-    def num(key, default=None, cast=float):
-        v = cfg.get(key, default)
-        return None if v is None else cast(v)
+# What a site accepts from the coordinator, key by key: (type, lowest, highest). Every string and
+# number in a message may be an attack on the site: nothing outside these bounds is used, and no
+# value is ever echoed back (the reply says only ``bad-request``).
+_INT, _NUM = "int", "number"
+PLAN_BOUNDS: dict[str, tuple[str, float, float]] = {
+    "server-round": (_INT, 1, 1_000_000), "num-rounds": (_INT, 1, 1_000_000), "local-epochs": (_INT, 1, 10_000),
+    "local-steps": (_INT, 0, 10_000_000), "seed": (_INT, -(2**62), 2**62), "proximal-mu": (_NUM, 0.0, 1e6),
+    "target-epsilon": (_NUM, 0.0, 1e6), "delta": (_NUM, 1e-300, 0.999),
+}
 
-    steps = num("local-steps", 0, int)
-    target = num("target-epsilon", 0.0)
-    return RoundPlan(run=str(cfg.get("run", "run")), server_round=num("server-round", 1, int),
-                     num_rounds=num("num-rounds", 1, int), local_epochs=num("local-epochs", 1, int),
-                     local_steps=steps or None, proximal_mu=num("proximal-mu", 0.0),
-                     dp=bool(cfg.get("dp", False)), target_epsilon=target or None, delta=num("delta", 1e-5),
-                     seed=num("seed", 0, int))
+
+def _bounded(cfg: ConfigRecord, key: str, default: float) -> float:
+    kind, lo, hi = PLAN_BOUNDS[key]
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+        raise BadRequest(f"config {key}: not a finite number")
+    if kind == _INT and float(v) != int(v):
+        raise BadRequest(f"config {key}: not an integer")
+    if not lo <= v <= hi:
+        raise BadRequest(f"config {key}: outside [{lo:g}, {hi:g}]")
+    return int(v) if kind == _INT else float(v)
+
+
+def run_name(value) -> str:
+    """The run name a message carries, if it is a plain name (it keys the site's privacy ledger)."""
+    if not isinstance(value, str) or not P.RUN_NAME_RE.fullmatch(value):
+        raise BadRequest("config run: not a run name (letters, digits, '.', '_', '-'; at most 64)")
+    return value
+
+
+def round_plan(cfg: ConfigRecord) -> RoundPlan:
+    """The round's plan from a train message's config record, every value checked against its
+    pattern or bounds (:data:`PLAN_BOUNDS`); raises :class:`BadRequest` otherwise."""
+    dp = cfg.get("dp", False)
+    if not isinstance(dp, bool):
+        raise BadRequest("config dp: not a boolean")
+    steps = _bounded(cfg, "local-steps", 0)
+    target = _bounded(cfg, "target-epsilon", 0.0)
+    return RoundPlan(run=run_name(cfg.get("run", "run")), server_round=_bounded(cfg, "server-round", 1),
+                     num_rounds=_bounded(cfg, "num-rounds", 1), local_epochs=_bounded(cfg, "local-epochs", 1),
+                     local_steps=steps or None, proximal_mu=_bounded(cfg, "proximal-mu", 0.0), dp=dp,
+                     target_epsilon=target or None, delta=_bounded(cfg, "delta", 1e-5), seed=_bounded(cfg, "seed", 0))
 
 
 class SiteHandler:
@@ -142,8 +171,16 @@ class SiteHandler:
         return Message(Error(code=code, reason=P.error_reason(code, ref)), reply_to=msg)
 
     def _site(self, msg: Message, context: Context) -> tuple[SiteTrainer, ConfigRecord]:
+        if P.CONFIG not in msg.content or not isinstance(msg.content[P.CONFIG], ConfigRecord):
+            raise BadRequest("message has no config record")
         cfg = msg.content[P.CONFIG]
-        model_cfg = ModelConfig.model_validate(json.loads(str(cfg["model"])))
+        raw = cfg.get("model")
+        if not isinstance(raw, str) or len(raw) > 10_000:
+            raise BadRequest("config model: not a model description")
+        try:
+            model_cfg = ModelConfig.model_validate(json.loads(raw))
+        except ValueError:  # JSON or schema: the text may quote the value, so it is not kept
+            raise BadRequest("config model: not a valid model description") from None
         return self.resolver(context.node_config, model_cfg), cfg
 
     # ---------------------------------------------------------------------- train
@@ -162,7 +199,7 @@ class SiteHandler:
         if not out.declined:  # declined: no update; the metrics tell the coordinator why
             content[P.ARRAYS] = P.to_record(out.weights)
         content[P.METRICS] = _numbers(metrics, P.TRAIN_METRICS)
-        if P.LOCAL_ARRAYS in msg.content:
+        if P.LOCAL_ARRAYS in msg.content and site.cfg.privacy.share_local_model:  # the site's opt-in, never the coordinator's
             local_plan = RoundPlan(**{**plan.__dict__, "run": f"{plan.run}.local", "proximal_mu": 0.0})
             lo = site.train(P.from_record(msg.content[P.LOCAL_ARRAYS]), local_plan)
             if lo.weights is not None:

@@ -1,12 +1,15 @@
 """The site's privacy budget: accountant arithmetic and a ledger that survives restarts.
 
-The accountant lives at the site. Its history — one ``(noise_multiplier, sample_rate, steps)``
-entry per round, exactly as Opacus's accountants keep it — is written to
-``<state_dir>/privacy/<run>.json`` after every round and read back before the next, so the epsilon
-a site reports is its cumulative spend over the whole federation, across daemon restarts.
+The accountant lives at the site, and the budget belongs to the site's data, not to a run. One
+ledger per site, ``<state_dir>/privacy/ledger.json``, keeps every run's history — one
+``(noise_multiplier, sample_rate, steps)`` entry per round, exactly as Opacus's accountants keep
+it, for the global model's training and for the local baseline (``<run>.local``) alike — and is
+written after every round, under a file lock. The site's ``privacy.target_epsilon`` caps the
+spend of all of it composed: a new run name opens no new budget.
 
-Before a round the site computes the epsilon it *would* have spent after that round; if that is
-above its budget it declines to train (and says so in its log and its reply).
+Before a round the site computes the epsilon it *would* have spent after that round, for the run
+and for the site in total; if either is above its budget it declines to train (and says so in
+its log and its reply).
 
 The noise multiplier is either fixed in the site config or derived once from the target
 (epsilon, delta) over the planned run — rounds x local epochs x steps per epoch — and then kept in
@@ -20,13 +23,15 @@ moves one count by 1, so the L2 sensitivity is 1), charged to the same accountan
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import secrets
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -95,9 +100,79 @@ def noisy_counts(labels, n_classes: int, sigma: float) -> list[float]:
     return [float(c) for c in np.maximum(counts + rng.normal(0.0, sigma, n_classes), 1.0)]
 
 
+LEDGER_FILE = "ledger.json"
+LEDGER_VERSION = 1
+_RUN_FIELDS = ("accountant", "delta", "target_epsilon", "noise_multiplier", "max_grad_norm", "planned_steps", "history",
+               "rounds_trained", "rounds_declined", "class_counts", "count_noise_multiplier")
+
+
+@contextmanager
+def ledger_lock(state_dir: Path):
+    """Hold the site's ledger lock (one private round at a time per site, across processes)."""
+    folder = Path(state_dir) / "privacy"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def read_site_ledger(state_dir: Path) -> dict:
+    """The site's whole ledger: ``{"version", "runs": {run: {...}}}`` (numbers only); empty if none.
+
+    Per-run files of dicomfl before 0.2 (``privacy/<run>.json``) are folded in, so an upgrade
+    never forgets what was spent.
+    """
+    folder = Path(state_dir) / "privacy"
+    path = folder / LEDGER_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    runs = {}
+    for old in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            raw = json.loads(old.read_text())
+            runs[str(raw["run"])] = {k: raw.get(k) for k in _RUN_FIELDS}
+        except (ValueError, KeyError, TypeError):
+            continue
+    return {"version": LEDGER_VERSION, "runs": runs}
+
+
+def _write_site_ledger(state_dir: Path, data: dict) -> None:
+    folder = Path(state_dir) / "privacy"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ledger-")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2)
+    os.replace(tmp, folder / LEDGER_FILE)
+
+
+def site_spend(state_dir: Path, accountant: str, delta: float) -> dict:
+    """What a site has spent: per run and in total (all runs' histories composed), for
+    ``dicomfl privacy status`` and the budget check."""
+    data = read_site_ledger(state_dir)
+    runs = {}
+    everything: list = []
+    for name, r in sorted(data.get("runs", {}).items()):
+        hist = r.get("history") or []
+        everything += hist
+        runs[name] = {"epsilon": epsilon(hist, delta, accountant), "rounds_trained": len(r.get("rounds_trained") or []),
+                      "rounds_declined": len(r.get("rounds_declined") or []), "noise_multiplier": r.get("noise_multiplier"),
+                      "label_counts_released": r.get("class_counts") is not None}
+    return {"runs": runs, "epsilon_total": epsilon(everything, delta, accountant), "accountant": accountant, "delta": delta}
+
+
 @dataclass
 class Ledger:
-    """One site's privacy spend for one run; persisted as JSON (numbers only)."""
+    """One run's privacy spend at a site, kept in the site's ledger (``<state_dir>/privacy/ledger.json``).
+
+    The budget belongs to the site's data, not to a run: ``others`` is every other run's history
+    (the global model's and the local baseline's of every run, across restarts), and a round is
+    affordable only if the site's total, all of it composed, stays within ``site_budget``.
+    """
 
     run: str
     accountant: str
@@ -112,41 +187,53 @@ class Ledger:
     # The DP-released label counts (numbers only) and the noise they were released with.
     class_counts: list | None = None
     count_noise_multiplier: float | None = None
-    path: Path | None = None
+    site_budget: float | None = None  # the site's total epsilon over all runs (its privacy.target_epsilon)
+    others: list = field(default_factory=list)  # every other run's history entries
+    state_dir: Path | None = None  # None: an unsaved ledger (simulations)
 
     @staticmethod
-    def file_for(state_dir: Path, run: str) -> Path:
-        return Path(state_dir) / "privacy" / f"{run}.json"
+    def file_for(state_dir: Path, run: str | None = None) -> Path:
+        """The site's ledger file (one for all runs)."""
+        return Path(state_dir) / "privacy" / LEDGER_FILE
 
     @classmethod
     def open(cls, state_dir: Path, run: str, *, accountant: str, delta: float, target_epsilon: float | None,
-             max_grad_norm: float) -> "Ledger":
-        path = cls.file_for(state_dir, run)
-        if path.is_file():
-            raw = json.loads(path.read_text())
-            raw.pop("path", None)
-            raw.pop("epsilon", None)
-            led = cls(**raw)
+             max_grad_norm: float, site_budget: float | None = None) -> "Ledger":
+        """This run's entry of the site's ledger (new if the run is new), with every other run's spend."""
+        runs = read_site_ledger(state_dir).get("runs", {})
+        others = [h for name, r in sorted(runs.items()) if name != run for h in (r.get("history") or [])]
+        if run in runs:
+            raw = {k: runs[run].get(k) for k in _RUN_FIELDS if k in runs[run]}
+            led = cls(run=run, **{**raw, "history": raw.get("history") or [], "rounds_trained": raw.get("rounds_trained") or [],
+                                  "rounds_declined": raw.get("rounds_declined") or []})
             # The site's current policy applies from now on; history is never rewritten.
             led.target_epsilon = target_epsilon
         else:
             led = cls(run=run, accountant=accountant, delta=delta, target_epsilon=target_epsilon,
                       max_grad_norm=max_grad_norm)
-        led.path = path
+        led.site_budget, led.others, led.state_dir = site_budget, others, Path(state_dir)
         return led
 
     def spent(self) -> float:
+        """Epsilon spent by this run."""
         return epsilon(self.history, self.delta, self.accountant)
 
-    def would_spend(self, noise_multiplier: float, q: float, steps: int, extra: list = ()) -> float:
-        return epsilon(self.history + [list(h) for h in extra] + [[noise_multiplier, q, steps]], self.delta,
-                       self.accountant)
+    def spent_total(self) -> float:
+        """Epsilon spent by the site's data over all runs, this one included."""
+        return epsilon(self.others + self.history, self.delta, self.accountant)
 
     def affordable(self, noise_multiplier: float, q: float, steps: int, extra: list = ()) -> tuple[bool, float]:
-        after = self.would_spend(noise_multiplier, q, steps, extra)
-        if self.target_epsilon is None:
-            return True, after
-        return after <= self.target_epsilon * (1 + 1e-9), after
+        """Whether one more round fits this run's target and the site's total budget; and the
+        epsilon it would reach (the site's total when that is what it would break)."""
+        new = [list(h) for h in extra] + [[noise_multiplier, q, steps]]
+        after_run = epsilon(self.history + new, self.delta, self.accountant)
+        if self.site_budget is not None:
+            after_total = epsilon(self.others + self.history + new, self.delta, self.accountant)
+            if after_total > self.site_budget * (1 + 1e-9):
+                return False, after_total
+        if self.target_epsilon is not None and after_run > self.target_epsilon * (1 + 1e-9):
+            return False, after_run
+        return True, after_run
 
     def record(self, server_round: int, history: list) -> None:
         self.history = [list(h) for h in history]
@@ -159,16 +246,17 @@ class Ledger:
         self.save()
 
     def save(self) -> None:
-        """Write the ledger atomically (numbers only); an unsaved ledger (``path=None``) stays in memory."""
-        if self.path is None:
+        """Write this run's entry into the site's ledger atomically (numbers only); an unsaved
+        ledger (``state_dir=None``) stays in memory. Callers hold :func:`ledger_lock`."""
+        if self.state_dir is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {k: v for k, v in asdict(self).items() if k != "path"}
-        payload["epsilon"] = self.spent()
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
-        os.replace(tmp, self.path)
+        data = read_site_ledger(self.state_dir)
+        entry = {k: getattr(self, k) for k in _RUN_FIELDS}
+        entry["epsilon"] = self.spent()
+        data.setdefault("runs", {})[self.run] = entry
+        data["version"] = LEDGER_VERSION
+        data["epsilon_total"] = self.spent_total()
+        _write_site_ledger(self.state_dir, data)
 
 
 @dataclass
@@ -209,16 +297,26 @@ class PrivacySession:
 
     def budget(self, *, n_train: int, batch_size: int, num_rounds: int, local_epochs: int,
                local_steps: int | None) -> RoundBudget:
-        """Fix the noise multiplier (once per run, from the policy or the target over the planned
-        run) and say what one more round of this size would spend."""
+        """Fix the noise multiplier (once per run: the policy's, or the least noise that keeps the
+        planned run within this run's target and within what is left of the site's budget) and
+        say what one more round of this size would spend."""
         led, p = self.ledger, self.policy
         q = sample_rate(n_train, batch_size)
         steps = local_steps or local_epochs * steps_per_epoch(n_train, batch_size)
         pending = self._pending()
         if led.noise_multiplier is None:
             total = planned_steps(n_train, batch_size, num_rounds, local_epochs, local_steps)
-            led.noise_multiplier = p.noise_multiplier or plan_noise(
-                led.target_epsilon, led.delta, q, total, led.accountant, prefix=led.history + pending)
+            sigma = p.noise_multiplier
+            if not sigma:
+                try:
+                    sigma = plan_noise(led.target_epsilon, led.delta, q, total, led.accountant, prefix=led.history + pending)
+                    if led.site_budget is not None and led.others:
+                        sigma = max(sigma, plan_noise(led.site_budget, led.delta, q, total, led.accountant,
+                                                      prefix=led.others + led.history + pending))
+                except ValueError:  # the budget is spent already: nothing fits
+                    spent = led.spent_total()
+                    return RoundBudget(sample_rate=q, steps=steps, epsilon_after=spent, affordable=False)
+            led.noise_multiplier = sigma
             led.planned_steps = total
             led.save()
         ok, after = led.affordable(led.noise_multiplier, q, steps, extra=pending)

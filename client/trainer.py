@@ -18,7 +18,7 @@ from dicomfl.common.model import ModelConfig, build_model, load_weights
 from dicomfl.common.splits import TEST, TRAIN, VAL
 from dicomfl.common.train import SplitData, TrainSettings, evaluate, load_split, train_local
 
-from .privacy import Ledger, PrivacySession, effective_budget
+from .privacy import Ledger, PrivacySession, effective_budget, ledger_lock
 
 
 
@@ -60,7 +60,8 @@ class SiteTrainer:
     model_cfg : ModelConfig
         The run's model; its ``image_size``, when set, must equal ``cfg.preprocess.image_size``.
     data : SiteData, optional
-        Already-ingested data (simulations); by default the site is ingested on first use.
+        Already-ingested data (simulations: lazy views of a cache, or arrays in memory); by
+        default the site is ingested on first use.
     logger : logging.Logger, optional
         The site's own log (full error texts go here, never to the coordinator).
     """
@@ -78,11 +79,16 @@ class SiteTrainer:
         return self.cfg.site.name
 
     def data(self) -> SiteData:
+        """The site's data: lazy views of its on-disk cache (ingesting first, which reuses the
+        cache for unchanged files); nothing of the images is held in memory."""
         if self._data is None:
             self._data = ingest(self.cfg).data
         return self._data
 
     def split(self, which: int) -> SplitData:
+        """One split's labelled samples: a lazy view; batches are read from disk as training and
+        evaluation need them. Raises ``ModelMismatch`` when the model's image size or classes
+        do not fit the site's data."""
         if which not in self._splits:
             self._splits[which] = load_split(self.data(), which, self.model_cfg.image_size)
         return self._splits[which]
@@ -120,34 +126,42 @@ class SiteTrainer:
             seed=round_seed(t.seed + plan.seed, self.name, plan.server_round),
         )
         dp_on, target, delta = effective_budget(self.cfg.privacy, plan if plan.dp else None)
-        metrics: dict[str, float] = {"num-examples": float(len(train))}
-        dp = None
-        session = None
-        if dp_on:
-            p = self.cfg.privacy
-            session = PrivacySession(Ledger.open(self.cfg.site.state_dir, plan.run, accountant=p.accountant, delta=delta,
-                                                 target_epsilon=target, max_grad_norm=p.max_grad_norm), p)
-            budget = session.budget(n_train=len(train), batch_size=t.batch_size, num_rounds=plan.num_rounds,
-                                    local_epochs=plan.local_epochs, local_steps=plan.local_steps)
-            ledger = session.ledger
-            metrics.update({"epsilon": ledger.spent(), "delta": delta, "noise-multiplier": ledger.noise_multiplier,
-                            "target-epsilon": target if target is not None else float("nan")})
-            if not budget.affordable:
-                session.decline(plan.server_round)
-                self.log.warning("round %d: declined to train: epsilon would reach %.3f, above the site budget %.3f",
-                                 plan.server_round, budget.epsilon_after, target)
-                metrics.update({"declined": 1.0, "epsilon-if-trained": budget.epsilon_after})
-                return Outcome(weights=None, metrics=metrics, declined=True)
-            dp, settings.class_counts = session.settings(train.labels, self.model_cfg.n_classes)
-            settings.class_weights = p.class_weights == "noisy"
+        if not dp_on:
+            return self._trained(train_local(self.model(), train, settings, global_weights=global_weights), len(train))
+        with ledger_lock(self.cfg.site.state_dir):  # one private round at a time per site: the budget is shared
+            return self._train_privately(train, settings, global_weights, plan, target, delta)
+
+    def _trained(self, res, n: int, metrics: dict | None = None) -> Outcome:
+        out = {"num-examples": float(n), **(metrics or {}), "train-loss": res.loss, "steps": float(res.steps),
+               "train-seconds": res.seconds, "declined": 0.0}
+        return Outcome(weights=res.weights, metrics=out)
+
+    def _train_privately(self, train: SplitData, settings: TrainSettings, global_weights, plan: RoundPlan,
+                         target: float | None, delta: float) -> Outcome:
+        p = self.cfg.privacy
+        session = PrivacySession(Ledger.open(self.cfg.site.state_dir, plan.run, accountant=p.accountant, delta=delta,
+                                             target_epsilon=target, max_grad_norm=p.max_grad_norm,
+                                             site_budget=p.target_epsilon), p)
+        budget = session.budget(n_train=len(train), batch_size=settings.batch_size, num_rounds=plan.num_rounds,
+                                local_epochs=plan.local_epochs, local_steps=plan.local_steps)
+        ledger = session.ledger
+        metrics = {"num-examples": float(len(train)), "epsilon": ledger.spent(), "delta": delta,
+                   "noise-multiplier": ledger.noise_multiplier if ledger.noise_multiplier is not None else float("nan"),
+                   "target-epsilon": target if target is not None else float("nan")}
+        if not budget.affordable:
+            session.decline(plan.server_round)
+            self.log.warning("round %d of run %s: declined to train: epsilon would reach %.3f (site total so far %.3f; "
+                             "run target %s, site budget %s)", plan.server_round, plan.run, budget.epsilon_after,
+                             ledger.spent_total(), target, p.target_epsilon)
+            metrics.update({"declined": 1.0, "epsilon-if-trained": budget.epsilon_after})
+            return Outcome(weights=None, metrics=metrics, declined=True)
+        dp, settings.class_counts = session.settings(train.labels, self.model_cfg.n_classes)
+        settings.class_weights = p.class_weights == "noisy"
         res = train_local(self.model(), train, settings, dp=dp, global_weights=global_weights)
-        if session is not None:
-            metrics["epsilon"] = session.record(plan.server_round, res.history)
-            self.log.info("round %d: trained privately; epsilon spent so far %.3f of %s", plan.server_round,
-                     metrics["epsilon"], target)
-        metrics.update({"train-loss": res.loss, "steps": float(res.steps), "train-seconds": res.seconds,
-                        "declined": 0.0})
-        return Outcome(weights=res.weights, metrics=metrics)
+        metrics["epsilon"] = session.record(plan.server_round, res.history)
+        self.log.info("round %d of run %s: trained privately; epsilon spent by the run %.3f of %s, by the site %.3f of %s",
+                      plan.server_round, plan.run, metrics["epsilon"], target, ledger.spent_total(), p.target_epsilon)
+        return self._trained(res, len(train), metrics)
 
     # --------------------------------------------------------------- evaluate
     def evaluate(self, arrays: "dict[str, np.ndarray]", split: int = TEST) -> dict[str, float]:

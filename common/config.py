@@ -32,6 +32,13 @@ class SiteSection(_Strict):
     dicom_dir: Path
     labels: Path | None = None
     label_key: LabelKey = "accession_number"
+    # The labels CSV's columns. By default the key column is named after label_key or after its
+    # DICOM keyword (accession_number or AccessionNumber, ...) and the value column is "label";
+    # these name them explicitly.
+    labels_key_column: str | None = Field(default=None, min_length=1, max_length=256)
+    labels_value_column: str | None = Field(default=None, min_length=1, max_length=256)
+    # Labels are the integers 0..n_classes-1; a row outside that range stops ingestion (exit 2).
+    n_classes: int = Field(default=2, ge=2, le=1000)
     secret_file: Path
     state_dir: Path
 
@@ -56,6 +63,21 @@ class PreprocessSection(_Strict):
     color: Literal["luminance", "reject"] = "luminance"
     # Cap on rows x columns x frames x samples, checked from the header before decoding.
     max_pixels: int = Field(default=256 * 1024 * 1024, ge=1)
+
+
+class IngestSection(_Strict):
+    """How ingestion runs: every file is read, checked, de-identified and decoded in a worker
+    process (a crash, hang or runaway allocation in a native decoder costs only that file)."""
+
+    # Worker processes; null: the CPUs this process may use.
+    workers: int | None = Field(default=None, ge=1, le=1024)
+    # A file still decoding after this long is rejected (reason "timeout"); its worker is killed.
+    file_timeout_s: float = Field(default=300.0, gt=0)
+    # Address space each worker may add to its start-up size (file mapping + decode); over it the
+    # file is rejected ("worker-memory"). null: no limit.
+    worker_memory_mb: int | None = Field(default=4096, ge=64)
+    # Files larger than this are rejected ("too-large") without being read.
+    max_file_bytes: int = Field(default=1 << 30, ge=1024)
 
 
 class SplitsSection(_Strict):
@@ -86,6 +108,11 @@ class PrivacySection(_Strict):
     # (sigma 10 adds about 0.015 to epsilon 12 under RDP). "none": unweighted loss, nothing released.
     class_weights: Literal["noisy", "none"] = "noisy"
     count_noise_multiplier: float = Field(default=10.0, gt=0)
+    # Train and send a local-only model (trained on this site's data alone) when a run asks for one
+    # as a baseline. It is another release of the site's data, to the coordinator and to every
+    # other site (cross-site validation): off unless the site opts in. Under DP it is charged to
+    # the same budget as everything else.
+    share_local_model: bool = False
 
 
 class TrainSection(_Strict):
@@ -123,6 +150,7 @@ class SiteConfig(_Strict):
     federation: FederationSection = FederationSection()
     deid: DeidSection = DeidSection()
     preprocess: PreprocessSection = PreprocessSection()
+    ingest: IngestSection = IngestSection()
     splits: SplitsSection = SplitsSection()
     privacy: PrivacySection = PrivacySection()
     train: TrainSection = TrainSection()
@@ -134,12 +162,24 @@ class SiteConfig(_Strict):
 
 
 def read_secret(path: Path) -> bytes:
+    """The site's HMAC key. Like ssh with a private key, a key file that group or others may read
+    is refused; a key with little variety gets a warning (it keys every pseudonym)."""
     try:
+        mode = path.stat().st_mode
         key = path.read_bytes().strip()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read site secret key ({type(exc).__name__})") from None
+    if mode & 0o077:
+        raise ConfigError(f"{path}: site secret key is readable by group or others (mode {mode & 0o777:o}); "
+                          f"run: chmod 600 {path}")
     if len(key) < 16:
         raise ConfigError(f"{path}: site secret key is shorter than 16 bytes")
+    if len(set(key)) < 12:
+        import logging
+
+        logging.getLogger("dicomfl.config").warning("%s: the site secret key has little variety (%d distinct bytes); "
+                                                    "make one with: head -c 32 /dev/urandom | xxd -p -c 64", path,
+                                                    len(set(key)))
     return key
 
 
@@ -237,8 +277,23 @@ class ModelConfig(BaseModel):
 
 
 
-# The federated strategies a run can name (built in dicomfl.server.strategies; this is the one list).
-FEDERATED_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam")
+# The federated strategies a run can name, with the extra parameters each takes (the one list;
+# dicomfl.server.strategies builds them from Flower's, see its table).
+STRATEGY_PARAMS: dict[str, frozenset[str]] = {
+    "fedavg": frozenset(),
+    "fedprox": frozenset(),
+    "fedadam": frozenset({"eta_l", "beta_1", "beta_2", "tau"}),
+    "fedyogi": frozenset({"eta_l", "beta_1", "beta_2", "tau"}),
+    "fedadagrad": frozenset({"eta_l", "tau"}),
+    "fedavgm": frozenset({"server_momentum"}),
+    "fedmedian": frozenset(),
+    "fedtrimmedavg": frozenset({"beta"}),
+    "krum": frozenset({"num_malicious_nodes"}),
+    "multikrum": frozenset({"num_malicious_nodes", "num_nodes_to_select"}),
+    "bulyan": frozenset({"num_malicious_nodes"}),
+}
+FEDERATED_STRATEGIES: tuple[str, ...] = tuple(STRATEGY_PARAMS)
+SERVER_OPTIMIZERS = frozenset({"fedadam", "fedyogi", "fedadagrad"})  # server_lr is their eta
 StrategyName = Literal[FEDERATED_STRATEGIES]  # type: ignore[valid-type]
 
 
@@ -251,15 +306,34 @@ class RunSection(_Strict):
     fraction_train: float = Field(default=1.0, gt=0, le=1)
     fraction_evaluate: float = Field(default=1.0, gt=0, le=1)
     round_timeout_s: float = Field(default=600, gt=0)
+    # How often the coordinator asks the SuperLink for replies while a round is out.
+    poll_interval_s: float = Field(default=0.2, ge=0.01, le=10)
     local_epochs: int = Field(default=1, ge=1)
     local_steps: int | None = Field(default=None, ge=1)  # if set: S optimizer steps per round instead of epochs
     out_dir: Path | None = None  # default: runs/<name>, relative to the working directory
     seed: int = 0
-    # FedAdam's server-side learning rate (ignored by the other strategies).
+    # Server learning rate: eta of FedAdam/FedYogi/FedAdagrad (default 0.01 for them); FedAvgM's
+    # server_learning_rate only when set here (its own default is 1.0). Ignored by the others.
     server_lr: float = Field(default=0.01, gt=0)
-    # Updates whose L2 distance from the global model exceeds this many times the median of the
-    # round's updates are rejected (0 turns the norm check off).
+    # The strategy's own parameters (dicomfl.server.strategies), e.g. {num_malicious_nodes: 1}.
+    strategy_params: dict[str, int | float] = Field(default_factory=dict)
+    # ---- what one site's reply may do to the global model (checked before aggregation)
+    # Reject an update whose L2 distance from the global model is above this multiple of the
+    # global model's norm (works with any number of sites; 0 = off). Honest updates measured here:
+    # 3-15% of the norm (Adam, lr 1e-3, 2-200 steps).
+    max_update_norm_rel: float = Field(default=1.0, ge=0)
+    # ... or above this many times the median distance of the round's updates (>= 3 left; 0 = off).
     max_update_norm_ratio: float = Field(default=10.0, ge=0)
+    # Clip each accepted update to this L2 distance from the global model (None = no clipping;
+    # robust aggregation and central DP assume a fixed bound).
+    clip_update_norm: float | None = Field(default=None, gt=0)
+    # No site gets more than this share of the aggregation weight, whatever num-examples it
+    # claims (1.0 = off; with 2 sites, 0.5 means equal weights).
+    max_weight_share: float = Field(default=0.5, gt=0, le=1)
+    # The largest num-examples a reply may claim, and how much it may grow over the site's last
+    # accepted claim in this run (the training split does not change within a run).
+    max_examples: int = Field(default=1_000_000, ge=1)
+    max_examples_growth: float = Field(default=2.0, ge=1)
 
 
 class CrossSiteSection(_Strict):
@@ -287,6 +361,15 @@ class RunConfig(_Strict):
     @property
     def out_dir(self) -> Path:
         return self.run.out_dir if self.run.out_dir is not None else Path("runs") / self.run.name
+
+    @model_validator(mode="after")
+    def _strategy_params(self) -> "RunConfig":
+        takes = STRATEGY_PARAMS[self.run.strategy]
+        extra = sorted(set(self.run.strategy_params) - takes)
+        if extra:
+            raise ValueError(f"run.strategy_params: {self.run.strategy} does not take {extra}; it takes "
+                             f"{sorted(takes) or 'none'}")
+        return self
 
 
 def run_config_dict(name: str, *, model: "ModelConfig | dict", sites: list = (), out_dir: "Path | str | None" = None,

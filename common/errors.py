@@ -21,6 +21,11 @@ class ModelMismatch(ValueError):
     (names, shapes, image size). A site answers it with the ``model-mismatch`` error code."""
 
 
+class BadRequest(DicomflError):
+    """A coordinator's message asks for something a site will not do: a run name or a number that
+    breaks its pattern or bounds. The site answers ``bad-request``; no value is echoed."""
+
+
 class NoTrainingData(ValueError):
     """A site has no labelled training images. A site answers it with ``no-training-data``."""
 
@@ -48,3 +53,34 @@ TOO_LARGE = "too-large"
 COLOR_REJECTED = "color-rejected"
 BAD_GEOMETRY = "bad-pixel-geometry"
 BAD_PIXELS = "bad-pixel-values"
+
+
+# Reasons for a file whose worker process failed (see :mod:`workers`): it died on a signal or
+# native code raised a BaseException; it ran past ``ingest.file_timeout_s``; it ran out of its
+# address space (``ingest.worker_memory_mb``) or was killed by the OOM killer; ``fn`` raised an
+# ordinary exception (detail: its type name).
+DECODER_CRASH = "decoder-crash"
+TIMEOUT = "timeout"
+WORKER_MEMORY = "worker-memory"
+WORKER_ERROR = "worker-error"
+# The compressed codestream's own header disagrees with the DICOM header, or cannot be parsed
+# strictly (see :mod:`codestream`): rejected before any decoder sees it.
+CODESTREAM_MISMATCH = "codestream-mismatch"
+# A bug or an unforeseen file: rejected with the exception's type name, never its text.
+INTERNAL_ERROR = "internal-error"
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on one line of a terminal or a log: control and format characters
+    (newlines, ESC, BiDi overrides), line/paragraph separators and undecodable bytes (lone
+    surrogates from a non-UTF-8 file name) become ``\\xNN`` / ``\\uNNNN`` escapes."""
+    import unicodedata
+
+    out = []
+    for ch in text:
+        if ch.isprintable() and unicodedata.category(ch) not in ("Cf", "Cs", "Zl", "Zp"):
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+    return "".join(out)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import ConfigError, ModelMismatch, NoTrainingData
+from .errors import BadRequest, ConfigError, ModelMismatch, NoTrainingData
 
 ARRAYS = "arrays"
 METRICS = "metrics"
@@ -29,7 +29,9 @@ SITE = "site"
 MODEL_PREFIX = "model."
 EVAL_PREFIX = "metrics."
 
-SITE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+SITE_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # use fullmatch (``$`` would let a final newline in)
+# A run name as a site accepts it from the coordinator: never a path (no separators, no dot-only names).
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 TRAIN_METRICS = frozenset({
     "num-examples", "train-loss", "steps", "train-seconds", "declined", "epsilon", "delta", "noise-multiplier",
@@ -47,14 +49,16 @@ ERR_INTERNAL = 1001
 ERR_CONFIG = 1002
 ERR_NO_DATA = 1003
 ERR_BAD_MODEL = 1004
+ERR_BAD_REQUEST = 1005
 ERROR_CODES = {ERR_INTERNAL: "internal-error", ERR_CONFIG: "site-config-error", ERR_NO_DATA: "no-training-data",
-               ERR_BAD_MODEL: "model-mismatch"}
-ERROR_REASON_RE = re.compile(r"^dicomfl:[a-z-]+:ref=[0-9a-f]{12}$")
+               ERR_BAD_MODEL: "model-mismatch", ERR_BAD_REQUEST: "bad-request"}
+ERROR_REASON_RE = re.compile(r"dicomfl:(" + "|".join(ERROR_CODES.values()) + r"):ref=[0-9a-f]{12}")  # fullmatch
 
 # The one place errors become codes: by type, most specific first; anything else is internal.
 _CODE_BY_TYPE: tuple[tuple[type[BaseException], int], ...] = (
     (ModelMismatch, ERR_BAD_MODEL),
     (NoTrainingData, ERR_NO_DATA),
+    (BadRequest, ERR_BAD_REQUEST),
     (ConfigError, ERR_CONFIG),
 )
 

@@ -13,9 +13,10 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from dicomfl.common.config import load_run_config
+from dicomfl.common.config import load_coordinator_config, load_run_config
 
 from .federation import Federation
+from .identity import SiteIdentities
 
 app = ServerApp()
 log = logging.getLogger("dicomfl.server")
@@ -52,11 +53,22 @@ def _console(kind: str, data: dict) -> None:
         print(f"[dicomfl] {part}", flush=True)
 
 
+def identities(coordinator_yaml: str) -> SiteIdentities:
+    """Who the nodes are: the registered site keys of an authenticating coordinator, else nobody
+    (sites are then listed by node id, and the report says identities were not authenticated)."""
+    if not coordinator_yaml:
+        return SiteIdentities.insecure()
+    coord = load_coordinator_config(Path(coordinator_yaml))
+    if not coord.coordinator.supernode_auth:
+        return SiteIdentities.insecure()
+    return SiteIdentities.from_pki(coord.coordinator.pki_dir)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     cfg = load_run_config(Path(str(rc["run-yaml"])), check_files=False)
-    fed = Federation(cfg, grid, on_event=_console)
+    fed = Federation(cfg, grid, on_event=_console, identities=identities(str(rc.get("coordinator-yaml", "") or "")))
     model = str(rc.get("evaluate-only", "") or "")
     if model:
         fed.evaluate_only(Path(model))

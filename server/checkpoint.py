@@ -79,6 +79,8 @@ class State:
     strategy_state: dict = field(default_factory=dict)  # name -> arrays (e.g. FedAdam m_t, v_t)
     history: list = field(default_factory=list)
     node_names: dict = field(default_factory=dict)
+    examples: dict = field(default_factory=dict)  # site -> its last accepted num-examples
+    interruptions: list = field(default_factory=list)  # rounds after which the run was resumed
 
 
 class Checkpoints:
@@ -94,7 +96,8 @@ class Checkpoints:
             write_npz(d / f"strategy-{name}.npz", arr)
         write_json(d / "state.json", clean({"round": st.round, "history": st.history, "local_sites": sorted(st.local_weights),
                                             "strategy_state": sorted(st.strategy_state),
-                                            "node_names": {str(k): v for k, v in st.node_names.items()}}))
+                                            "node_names": {str(k): v for k, v in st.node_names.items()},
+                                            "examples": st.examples, "interruptions": st.interruptions}))
         write_json(self.dir / "latest.json", {"round": st.round, "path": d.name})
         return d
 
@@ -112,4 +115,6 @@ class Checkpoints:
             strategy_state={n: read_npz(d / f"strategy-{n}.npz") for n in meta["strategy_state"]},
             history=meta["history"],
             node_names={int(k): v for k, v in meta.get("node_names", {}).items()},
+            examples={str(k): int(v) for k, v in meta.get("examples", {}).items()},
+            interruptions=[int(x) for x in meta.get("interruptions", [])],
         )

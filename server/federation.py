@@ -1,10 +1,16 @@
 """The coordinator's round loop, over any Flower ``Grid`` (a real SuperLink or an in-process one).
 
-Per round: Flower's strategy (FedAvg, FedProx or FedAdam) samples the sites and builds the train
-messages; each site's local-only baseline model rides along in its own message (so the baseline
-is trained alongside the federation with the same budget); replies are checked (names, shapes,
-finite values, norm) before the strategy aggregates what passed; everything is checkpointed. At
-the end (and every ``cross_site.every`` rounds) every site evaluates every model.
+Per round: Flower's strategy (any of :mod:`dicomfl.server.strategies`) samples the sites and
+builds the train messages; each site's local-only baseline model rides along in its own message
+(so the baseline is trained alongside the federation with the same budget). Every reply is
+treated as hostile: a node's second reply counts once (:func:`~.replies.dedupe_replies`), each
+reply is validated before anything reads it (:func:`~.replies.validate_train_reply`: schema,
+whitelisted numbers, exact names/shapes/real float dtypes, finite values, a bounded and plausible
+``num-examples``), the site is named by its authenticated node (:mod:`~.identity`), never by what
+the reply claims, and updates pass the norm rules, optional clipping and the weight-share cap
+(:func:`~.checks.screen_updates`) before the strategy aggregates them. A rejected reply is logged
+with the site's name and the round goes on. Everything is checkpointed. At the end (and every
+``cross_site.every`` rounds) every site evaluates every model.
 
 The loop calls the strategy's ``configure_train``/``aggregate_train`` itself instead of
 ``Strategy.start`` because it must resume from a checkpoint at round k (Flower has no resume),
@@ -23,12 +29,15 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from dicomfl.common import protocol as P
-from dicomfl.common.config import RunConfig
+from dicomfl.common.config import SERVER_OPTIMIZERS, RunConfig
 from dicomfl.common.model import build_model, get_weights
 
 from . import crosssite
 from .checkpoint import Checkpoints, State, clean, read_npz, write_json
-from .checks import distance, norm_outliers, update_problem
+from .checks import screen_updates
+from .identity import SiteIdentities
+from .replies import Rejection, aggregation_message, dedupe_replies, validate_eval_reply, validate_train_reply
+from .strategies import STATEFUL_ATTRIBUTES, make_strategy, min_replies
 
 log = logging.getLogger("dicomfl.server")
 
@@ -44,23 +53,42 @@ class RoundRecord(TypedDict, total=False):
     declined: list[str]  # sites that declined to train (privacy budget)
     missing: list[str]  # sites that did not reply in time
     aggregated: list[str]  # sites whose updates made the new global model
+    duplicates: dict[str, int]  # site -> extra replies it sent this round (each counted once)
+    clipped: dict[str, float]  # site -> the factor its update was scaled by (clip_update_norm)
+    capped: dict[str, float]  # site -> its aggregation weight after the max_weight_share cap
     train_loss: float | None
     seconds: float
 
 Event = Callable[[str, dict], None]
 
 
-def make_strategy(cfg: RunConfig):
-    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
-
+def strategy_for(cfg: RunConfig):
+    """The run's Flower strategy (see :mod:`dicomfl.server.strategies`)."""
     r = cfg.run
-    common = dict(fraction_train=r.fraction_train, fraction_evaluate=0.0, min_train_nodes=r.min_sites,
-                  min_evaluate_nodes=0, min_available_nodes=r.min_sites)
-    if r.strategy == "fedprox":
-        return FedProx(proximal_mu=r.proximal_mu, **common)
-    if r.strategy == "fedadam":
-        return FedAdam(eta=r.server_lr, **common)
-    return FedAvg(**common)
+    explicit_lr = r.strategy in SERVER_OPTIMIZERS or "server_lr" in r.model_fields_set
+    return make_strategy(r.strategy, fraction_train=r.fraction_train, min_sites=r.min_sites,
+                         proximal_mu=r.proximal_mu, server_lr=r.server_lr if explicit_lr else None,
+                         **r.strategy_params)
+
+
+def _strategy_state(strategy, name: str) -> dict[str, dict]:
+    """The strategy's state between rounds (server optimizer moments, momentum) as named arrays."""
+    out = {}
+    for attr in STATEFUL_ATTRIBUTES.get(name, ()):
+        v = getattr(strategy, attr, None)
+        if isinstance(v, dict):
+            out[attr] = v
+        elif isinstance(v, list):
+            out[attr] = {f"{i:06d}": a for i, a in enumerate(v)}
+    return out
+
+
+_LIST_STATE = frozenset({"momentum_vector"})  # kept by Flower as a list of arrays, saved as a dict
+
+
+def _restore_strategy_state(strategy, saved: dict[str, dict]) -> None:
+    for attr, arrays in saved.items():
+        setattr(strategy, attr, [arrays[k] for k in sorted(arrays)] if attr in _LIST_STATE else arrays)
 
 
 class Federation:
@@ -69,44 +97,55 @@ class Federation:
     Parameters
     ----------
     cfg : RunConfig
-        The run (rounds, strategy, model, privacy request, cross-site schedule).
+        The run (rounds, strategy, model, privacy request, cross-site schedule, reply bounds).
     grid : flwr.serverapp.Grid
         A real SuperLink's grid (in the ServerApp) or an in-process one (benchmark, tests).
     out_dir : Path, optional
         Where checkpoints, ``metrics.json`` and the report go (default: the run's ``out_dir``).
     on_event : callable, optional
         ``on_event(kind, data)`` for progress ("round-start", "round-end", "cross-site-end", ...).
+    identities : SiteIdentities, optional
+        Who each node is. Default: the names an in-process grid assigned itself
+        (``grid.trusted_names()``), else unauthenticated (``node-<id>``; the report says so). The
+        ServerApp passes the coordinator's PKI.
 
     ``run(resume=False)`` returns the run's summary (history of :class:`RoundRecord`, final
-    cross-site matrix, sites); ``evaluate_only(model_path)`` runs cross-site validation only.
+    cross-site matrix, sites, identity); ``evaluate_only(model_path)`` runs cross-site validation only.
     """
 
-    def __init__(self, cfg: RunConfig, grid, out_dir: Path | None = None, on_event: Event | None = None) -> None:
+    def __init__(self, cfg: RunConfig, grid, out_dir: Path | None = None, on_event: Event | None = None,
+                 identities: SiteIdentities | None = None) -> None:
         self.cfg = cfg
         self.grid = grid
         self.out_dir = Path(out_dir or cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.on_event = on_event or (lambda kind, data: None)
         self.ckpt = Checkpoints(self.out_dir)
-        self.node_names: dict[int, str] = {}
-        self.strategy = make_strategy(cfg)
+        if identities is None:
+            trusted = getattr(grid, "trusted_names", None)
+            identities = SiteIdentities.trusted(trusted()) if callable(trusted) else SiteIdentities.insecure()
+        self.identities = identities
+        self.strategy = strategy_for(cfg)
 
     # ------------------------------------------------------------------ helpers
     def name(self, node_id: int) -> str:
-        return self.node_names.get(node_id, f"node-{node_id}")
+        """The authenticated name of a node (``node-<id>`` when it has none)."""
+        return self.identities.name_for(node_id)
 
-    def _site_of(self, msg: Message, seen: set[str]) -> str:
-        """The reply's site name; two nodes claiming one name in a round are told apart by node id."""
-        node = msg.metadata.src_node_id
-        if msg.has_content() and P.SITE in msg.content:
-            name = str(msg.content[P.SITE].get("name", ""))
-            if P.SITE_NAME_RE.match(name):
-                if name in seen:
-                    name = f"{name}#{node}"
-                self.node_names[node] = name
-        site = self.name(node)
-        seen.add(site)
-        return site
+    def _exchange(self, messages: list[Message]) -> list[Message]:
+        """Send ``messages`` and collect the replies that arrive within the round timeout, asking
+        for them every ``run.poll_interval_s`` (not Flower's fixed 3 s)."""
+        from .gridpoll import send_and_collect
+
+        return list(send_and_collect(self.grid, messages, timeout=self.cfg.run.round_timeout_s,
+                                     poll_interval=self.cfg.run.poll_interval_s))
+
+    def _replies(self, messages: list[Message]) -> tuple[list[Message], dict[str, int]]:
+        """Exchange, learn who the nodes are, and keep one reply per node (and per site)."""
+        replies = self._exchange(messages)
+        self.identities.refresh(self.grid)
+        kept = dedupe_replies(replies, key=lambda m: self.name(m.metadata.src_node_id))
+        return kept.replies, {str(k): n for k, n in kept.duplicates.items()}
 
     def _emit(self, kind: str, **data) -> None:
         self.on_event(kind, data)
@@ -126,22 +165,24 @@ class Federation:
         state = self.ckpt.latest() if resume else None
         if state is not None:
             start = state.round + 1
-            self.node_names.update(state.node_names)
-            for k, v in state.strategy_state.items():
-                setattr(self.strategy, k, v)
+            _restore_strategy_state(self.strategy, state.strategy_state)
             log.info("resuming run %s after round %d of %d", cfg.run.name, state.round, cfg.run.rounds)
+            state.interruptions.append(state.round)
             self._emit("resume", round=state.round)
         else:
             state = State(round=0, global_weights=initial)
             start = 1
         write_json(self.out_dir / "run_config.json", clean(cfg.model_dump(mode="json")))
+        self.identities.refresh(self.grid)
         for rnd in range(start, cfg.run.rounds + 1):
             self._round(rnd, state, initial)
             if cfg.cross_site.every and rnd % cfg.cross_site.every == 0 and rnd < cfg.run.rounds:
                 self.cross_site(self._models(state), tag=f"round-{rnd:04d}")
         final = self.cross_site(self._models(state), tag="final")
+        sites = {s for h in state.history for key in ("sites", "errors", "rejected") for s in h.get(key, {})}
         summary = {"run": cfg.run.name, "rounds": state.round, "strategy": cfg.run.strategy, "history": state.history,
-                   "cross_site": final, "sites": sorted(set(self.node_names.values()))}
+                   "cross_site": final, "sites": sorted(sites | set(state.local_weights)),
+                   "identity": self.identities.describe(), "resumed_after": list(state.interruptions)}
         write_json(self.out_dir / "metrics.json", clean(summary))
         from .report import write_report
 
@@ -155,124 +196,118 @@ class Federation:
             models[P.local_model_id(site)] = arr
         return models
 
+    def _reject(self, rec: RoundRecord, key: str, site: str, why: str) -> None:
+        rec[key][site] = why
+        if key == "errors":
+            log.warning("round %d: %s replied with an error: %s", rec["round"], site, why)
+        else:
+            log.warning("round %d: rejected the update from %s: %s", rec["round"], site, why)
+
     def _round(self, rnd: int, state: State, initial: dict) -> None:
-        cfg, t0 = self.cfg, time.perf_counter()
-        self._emit("round-start", round=rnd, rounds=cfg.run.rounds)
+        cfg, r, t0 = self.cfg, self.cfg.run, time.perf_counter()
+        self._emit("round-start", round=rnd, rounds=r.rounds)
         config = self._base_config(rnd)
         messages = list(self.strategy.configure_train(rnd, P.to_record(state.global_weights), config, self.grid))
         sampled = [m.metadata.dst_node_id for m in messages]
         for m in messages:  # each message gets its own RecordDict (Flower shares one between them)
             content = RecordDict({P.ARRAYS: m.content[P.ARRAYS], P.CONFIG: m.content[P.CONFIG]})
             if cfg.cross_site.local_baseline:
-                site = self.node_names.get(m.metadata.dst_node_id)
-                content[P.LOCAL_ARRAYS] = P.to_record(state.local_weights.get(site, initial) if site else initial)
+                content[P.LOCAL_ARRAYS] = P.to_record(state.local_weights.get(self.name(m.metadata.dst_node_id), initial))
             m.content = content
-        replies = list(self.grid.send_and_receive(messages, timeout=cfg.run.round_timeout_s))
-        rec = RoundRecord(round=rnd, sites={}, rejected={}, errors={}, declined=[], missing=[], sampled=len(sampled))
-        candidates: dict[str, Message] = {}
-        updates: dict[str, dict[str, np.ndarray]] = {}  # each accepted reply's arrays, converted once
-        replied = set()
-        seen: set[str] = set()
+        replies, duplicates = self._replies(messages)
+        rec = RoundRecord(round=rnd, sites={}, rejected={}, errors={}, declined=[], missing=[], sampled=len(sampled),
+                          duplicates=duplicates)
+        for site, n in duplicates.items():
+            log.warning("round %d: %s sent %d extra repl%s; counted once", rnd, site, n, "y" if n == 1 else "ies")
+        valid = {}
         for msg in replies:
-            replied.add(msg.metadata.src_node_id)
-            site = self._site_of(msg, seen)
-            if msg.has_error():
-                code = int(msg.error.code)
-                reason = str(msg.error.reason or "")
-                shown = reason if P.ERROR_REASON_RE.match(reason) else P.ERROR_CODES.get(code, f"flower-error-{code}")
-                rec["errors"][site] = shown
-                log.warning("round %d: %s replied with an error: %s", rnd, site, shown)
+            site = self.name(msg.metadata.src_node_id)
+            res = validate_train_reply(msg, state.global_weights, max_examples=r.max_examples,
+                                       previous_examples=state.examples.get(site), max_examples_growth=r.max_examples_growth,
+                                       local_reference=initial)
+            if isinstance(res, Rejection):
+                self._reject(rec, "errors" if res.kind == "error" else "rejected", site, res.reason)
                 continue
-            metrics = {k: float(v) for k, v in msg.content[P.METRICS].items()} if P.METRICS in msg.content else {}
-            rec["sites"][site] = metrics
-            if P.LOCAL_ARRAYS in msg.content:
-                local = P.from_record(msg.content[P.LOCAL_ARRAYS])
-                if update_problem(local, initial) is None:
-                    state.local_weights[site] = local
-            if metrics.get("declined", 0.0) >= 1.0 or P.ARRAYS not in msg.content:
+            self.identities.note_claim(res.node_id, res.claimed_name)
+            rec["sites"][site] = res.metrics
+            if res.local_arrays is not None:
+                state.local_weights[site] = res.local_arrays
+            if res.declined:
                 rec["declined"].append(site)
                 log.warning("round %d: %s declined to train (privacy budget)", rnd, site)
                 continue
-            arrays = P.from_record(msg.content[P.ARRAYS])
-            problem = update_problem(arrays, state.global_weights)
-            if problem:
-                rec["rejected"][site] = problem
-                log.warning("round %d: rejected the update from %s: %s", rnd, site, problem)
-                continue
-            candidates[site] = msg
-            updates[site] = arrays
+            valid[site] = res
+            state.examples[site] = res.num_examples
         # Missing: sampled without a reply in time, or known from earlier rounds and gone now.
-        replied_names = {self.name(n) for n in replied}
-        expected = {self.name(n) for n in sampled} | set(self.node_names.values())
-        rec["missing"] = sorted(expected - replied_names)
+        replied = {self.name(m.metadata.src_node_id) for m in replies}
+        expected = {self.name(n) for n in sampled} | {s for h in state.history for s in h.get("sites", {})}
+        rec["missing"] = sorted(expected - replied)
         for site in rec["missing"]:
-            log.warning("round %d: no reply from %s within %.0f s; left out of this round", rnd, site,
-                        cfg.run.round_timeout_s)
-        dists = {s: distance(updates[s], state.global_weights) for s in candidates}
-        for site, why in norm_outliers(dists, cfg.run.max_update_norm_ratio).items():
-            rec["rejected"][site] = why
-            log.warning("round %d: rejected the update from %s: %s", rnd, site, why)
-            candidates.pop(site)
-        accepted = []
-        for site, msg in candidates.items():
-            m = msg.content[P.METRICS]
-            msg.content = RecordDict({P.ARRAYS: msg.content[P.ARRAYS],
-                                      P.METRICS: MetricRecord({"num-examples": float(m["num-examples"]),
-                                                               "train-loss": float(m.get("train-loss", 0.0))})})
-            accepted.append(msg)
-        rec["aggregated"] = sorted(candidates)
-        if len(accepted) >= max(1, min(cfg.run.min_sites, len(sampled))):
+            log.warning("round %d: no reply from %s within %.0f s; left out of this round", rnd, site, r.round_timeout_s)
+        screened = screen_updates({s: v.arrays for s, v in valid.items()}, {s: v.num_examples for s, v in valid.items()},
+                                  state.global_weights, max_update_norm_rel=r.max_update_norm_rel,
+                                  max_update_norm_ratio=r.max_update_norm_ratio, clip_update_norm=r.clip_update_norm,
+                                  max_weight_share=r.max_weight_share)
+        for site, why in screened.rejected.items():
+            self._reject(rec, "rejected", site, why)
+        rec["clipped"] = dict(screened.clipped)
+        rec["capped"] = {s: screened.weights[s] for s in screened.capped}
+        # In a fixed order (by site): Flower samples nodes in random order and replies arrive in any
+        # order, and a float sum depends on its order; sorted, a round's result does not.
+        accepted = [aggregation_message(valid[s], arrays=screened.arrays[s], weight=screened.weights[s])
+                    for s in sorted(screened.arrays)]
+        rec["aggregated"] = sorted(screened.arrays)
+        needed = max(1, min(r.min_sites, len(sampled)), min_replies(r.strategy, int(r.strategy_params.get("num_malicious_nodes", 0))))
+        arrays = None
+        if len(accepted) >= needed:
             arrays, agg = self.strategy.aggregate_train(rnd, accepted)
-            if arrays is not None:
-                state.global_weights = P.from_record(arrays)
             rec["train_loss"] = float(agg["train-loss"]) if agg is not None and "train-loss" in agg else None
+        if arrays is not None:
+            state.global_weights = P.from_record(arrays)
         else:
             rec["aggregated"] = []
-            log.warning("round %d: %d usable updates, fewer than min_sites=%d; the global model is unchanged",
-                        rnd, len(accepted), cfg.run.min_sites)
+            log.warning("round %d: %d usable updates (%s needs %d); the global model is unchanged",
+                        rnd, len(accepted), r.strategy, needed)
         rec["seconds"] = round(time.perf_counter() - t0, 2)
         state.round = rnd
         state.history.append(rec)
-        state.node_names = dict(self.node_names)
-        state.strategy_state = {k: getattr(self.strategy, k) for k in ("m_t", "v_t")
-                                if isinstance(getattr(self.strategy, k, None), dict)}
+        state.node_names = dict(self.identities.nodes)
+        state.strategy_state = _strategy_state(self.strategy, r.strategy)
         self.ckpt.save(state)
         self._emit("round-end", **rec)
 
     # ------------------------------------------------------------ cross-site
     def cross_site(self, models: dict[str, dict], tag: str = "final") -> dict:
-        cfg = self.cfg
         nodes = list(self.grid.get_node_ids())
         content = RecordDict({P.CONFIG: self._base_config(0)})
         for mid, arr in models.items():
             content[P.MODEL_PREFIX + mid] = P.to_record(arr)
         messages = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
         self._emit("cross-site-start", models=len(models), sites=len(nodes), tag=tag)
-        replies = list(self.grid.send_and_receive(messages, timeout=cfg.run.round_timeout_s))
+        replies, duplicates = self._replies(messages)
         matrix: dict[str, dict[str, dict]] = {m: {} for m in models}
         errors = {}
-        seen: set[str] = set()
         for msg in replies:
-            site = self._site_of(msg, seen)
-            if msg.has_error():
-                errors[site] = str(msg.error.reason or msg.error.code)
+            site = self.name(msg.metadata.src_node_id)
+            res = validate_eval_reply(msg, list(models))
+            if isinstance(res, Rejection):
+                errors[site] = res.reason
+                log.warning("cross-site (%s): %s: %s", tag, site, res.reason)
                 continue
-            for key in msg.content.keys():
-                if key.startswith(P.EVAL_PREFIX):
-                    mid = key[len(P.EVAL_PREFIX):]
-                    if mid in matrix:
-                        matrix[mid][site] = {k: float(v) for k, v in msg.content[key].items()}
-        replied = {m.metadata.src_node_id for m in replies}
-        missing = sorted(self.name(n) for n in nodes if n not in replied)
+            for mid, metrics in res.metrics.items():
+                matrix[mid][site] = metrics
+        replied = {self.name(m.metadata.src_node_id) for m in replies}
+        missing = sorted({self.name(n) for n in nodes} - replied)
         payload = crosssite.write(self.out_dir, matrix, tag)
         payload["errors"] = errors
         payload["missing"] = missing
+        payload["duplicates"] = duplicates
         self._emit("cross-site-end", tag=tag, gaps=payload["gaps"]["auroc"], matrix=matrix)
         return clean(payload)
 
     def evaluate_only(self, model_path: Path) -> dict:
-        arrays = read_npz(model_path)
+        weights = read_npz(model_path)
         name = Path(model_path).stem
-        payload = self.cross_site({name: arrays}, tag=f"evaluate-{name}")
+        payload = self.cross_site({name: weights}, tag=f"evaluate-{name}")
         write_json(self.out_dir / f"evaluate-{name}.json", payload)
         return payload

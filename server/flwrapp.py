@@ -32,6 +32,7 @@ clientapp = "{clientapp}"
 
 [tool.flwr.app.config]
 run-yaml = ""
+coordinator-yaml = ""
 resume = false
 evaluate-only = ""
 """

@@ -35,6 +35,8 @@ def submit(run: RunConfig, coord: CoordinatorConfig, *, resume: bool = False, ev
         app = write_app(tmp / "app", clientapp)
         home = flwrcli.write_home(tmp / "home", coord)
         overrides = [f'run-yaml="{Path(run.source).resolve()}"', f"resume={'true' if resume else 'false'}"]
+        if coord.source is not None:  # the ServerApp maps authenticated keys to sites with its PKI
+            overrides.append(f'coordinator-yaml="{Path(coord.source).resolve()}"')
         if evaluate_only is not None:
             overrides.append(f'evaluate-only="{Path(evaluate_only).resolve()}"')
         cmd = [flwrcli.flwr_bin(), "run", str(app), flwrcli.CONNECTION, "--stream"]

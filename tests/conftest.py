@@ -28,6 +28,7 @@ def write_site(tmp: Path, dicom_dir: Path, **sections) -> Path:
     key = tmp / "site.key"
     if not key.exists():
         key.write_bytes(os.urandom(32).hex().encode())
+        key.chmod(0o600)  # a key others may read is refused, as ssh refuses one
     site = {"name": "test-site", "dicom_dir": str(dicom_dir), "label_key": "path",
             "secret_file": str(key), "state_dir": str(tmp / "state")}
     site.update(sections.pop("site", {}))
@@ -59,6 +60,7 @@ def cohort(tmp_path_factory) -> Path:
     # depend on the draw.
     for name in ("site-a", "site-b", "site-c"):
         (out / name / "site.key").write_text(hashlib.sha256(f"dicomfl-test-key/{name}".encode()).hexdigest())
+        (out / name / "site.key").chmod(0o600)
     return out
 
 

@@ -247,7 +247,7 @@ def test_errors_cross_the_boundary_only_as_a_code_and_a_reference(cohort, tmp_pa
     _audit_reply(err[0], {}, {phi})
     assert err[0].error.code == P.ERR_INTERNAL
     ref = err[0].error.reason.rsplit("=", 1)[1]
-    shown = summary["history"][0]["errors"]["node-1000"]
+    shown = summary["history"][0]["errors"]["site-a"]  # named by the grid's own table, not by a reply
     assert shown == err[0].error.reason and phi not in json.dumps(summary)
     site_log = (cohort / "site-a" / "state" / "logs" / "site.log").read_text()
     assert f"ref={ref}" in site_log and phi in site_log  # the full text stays at the site

@@ -93,8 +93,8 @@ def test_budget_persists_across_restart_and_is_enforced(cohort, site_data, tmp_p
     o1 = t1.train(g, RoundPlan(server_round=1, **plan))
     e1 = o1.metrics["epsilon"]
     assert 0 < e1 < 3.0 and o1.metrics["declined"] == 0.0 and o1.weights is not None
-    ledger_file = Ledger.file_for(cfg.site.state_dir, "r1")
-    saved = json.loads(ledger_file.read_text())
+    ledger_file = Ledger.file_for(cfg.site.state_dir)
+    saved = json.loads(ledger_file.read_text())["runs"]["r1"]
     assert saved["epsilon"] == pytest.approx(e1) and saved["rounds_trained"] == [1]
     assert all(isinstance(x, (int, float)) for h in saved["history"] for x in h)  # numbers only
     # The label counts behind the class weights were released once, with noise, and accounted first.
@@ -116,13 +116,13 @@ def test_budget_persists_across_restart_and_is_enforced(cohort, site_data, tmp_p
     assert max(eps) <= 3.0 and o.metrics["epsilon-if-trained"] > 3.0
     assert o.weights is None and o.metrics["declined"] == 1.0
     assert "declined to train" in caplog.text
-    final = json.loads(ledger_file.read_text())
+    final = json.loads(ledger_file.read_text())["runs"]["r1"]
     assert final["rounds_declined"] == [r]
     assert final["class_counts"] == saved["class_counts"]  # released once, reused every round
     assert sum(1 for h in final["history"] if h[1] == 1.0) == 1
     # The epsilon reported equals an independent accountant over the whole history.
     acc = RDPAccountant()
-    acc.history = [tuple(h) for h in json.loads(ledger_file.read_text())["history"]]
+    acc.history = [tuple(h) for h in json.loads(ledger_file.read_text())["runs"]["r1"]["history"]]
     assert acc.get_epsilon(1e-5) == pytest.approx(eps[-1])
 
 
@@ -142,7 +142,7 @@ def test_unweighted_private_training_releases_no_counts(cohort, site_data, tmp_p
     cfg = _dp_site(cohort, tmp_path, target_epsilon=3.0, noise_multiplier=2.0, class_weights="none")
     o = SiteTrainer(cfg, MC, site_data["site-a"][1], logger=LOG).train(
         get_weights(build_model(MC)), RoundPlan(run="r3", server_round=1, num_rounds=3))
-    saved = json.loads(Ledger.file_for(cfg.site.state_dir, "r3").read_text())
+    saved = json.loads(Ledger.file_for(cfg.site.state_dir).read_text())["runs"]["r3"]
     assert not o.declined and saved["class_counts"] is None
     assert all(h[1] < 1.0 for h in saved["history"])  # only DP-SGD steps were accounted
 

@@ -228,6 +228,43 @@ def privacy_plan(
     out.print(t)
 
 
+@privacy_app.command("status")
+def privacy_status(
+    site_yaml: Path = typer.Argument(..., help="The site's config (site.yaml)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Print what the site has spent of its privacy budget, by run and in total.
+
+    The budget belongs to the site's data: every run (the global model's training and the local
+    baseline alike) is charged to one ledger, <state_dir>/privacy/ledger.json, and the total of
+    all of it is held to privacy.target_epsilon.
+    """
+    from dicomfl.client.privacy import site_spend
+    from dicomfl.common.config import load_site_config
+
+    try:
+        site = load_site_config(site_yaml, check_files=False)
+    except DicomflError as exc:
+        _fail(str(exc))
+    p = site.privacy
+    spend = site_spend(site.site.state_dir, p.accountant, p.delta)
+    budget = p.target_epsilon
+    spend.update({"site": site.site.name, "budget": budget})
+    if json_out:
+        out.print_json(json.dumps(spend))
+        return
+    t = Table(title=f"privacy spent: {site.site.name} ({p.accountant}, delta {p.delta:g})")
+    for col in ("run", "epsilon", "rounds trained", "rounds declined", "noise multiplier", "label counts released"):
+        t.add_column(col, justify="left" if col == "run" else "right")
+    for name, r in spend["runs"].items():
+        nm = r["noise_multiplier"]
+        t.add_row(name, f"{r['epsilon']:.4f}", str(r["rounds_trained"]), str(r["rounds_declined"]),
+                  "-" if nm is None else f"{nm:.4g}", "yes" if r["label_counts_released"] else "no")
+    out.print(t)
+    out.print(f"total epsilon {spend['epsilon_total']:.4f} (all runs composed) of a budget of "
+              f"{'none set' if budget is None else f'{budget:g}'}", markup=False, highlight=False)
+
+
 @app.command()
 def model(
     run_yaml: Optional[Path] = typer.Argument(None, help="A run config; its model: section is described (default model if absent)."),

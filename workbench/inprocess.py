@@ -64,6 +64,19 @@ class InProcessGrid:
         self.sent: list[Message] = []
         self.received: list[Message] = []
 
+    def trusted_names(self) -> dict[int, str]:
+        """Node id -> site name, as this grid assigned them (the coordinator started these nodes,
+        so the names are its own, not what the replies claim)."""
+        from dicomfl.common.config import load_site_config
+
+        sims = getattr(getattr(self.app, "__self__", None), "resolver", None)
+        names = {}
+        for node, ctx in self.nodes.items():
+            key = str(ctx.node_config["site-config"])
+            held = getattr(sims, "sites", {}).get(key)
+            names[node] = held.name if held is not None else load_site_config(Path(key), check_files=False).site.name
+        return names
+
     def get_node_ids(self):
         return [n for n in self.nodes if n not in self.down]
 
