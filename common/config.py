@@ -12,11 +12,12 @@ is cheap, for every command.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -27,11 +28,130 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# ---------------------------------------------------------------- DICOM intake (the site SCP)
+
+
+def parse_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP address from a peer address string (a zone index dropped, IPv4-mapped IPv6 unwrapped)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _check_ae_title(value: str) -> str:
+    """An AE title: 1-16 characters of the DICOM default repertoire, no backslash, no control
+    characters; leading and trailing spaces are not significant (PS3.5 6.2, VR AE)."""
+    stripped = value.strip(" ")
+    if not 1 <= len(stripped) <= 16:
+        raise ValueError("an AE title has 1 to 16 characters (spaces around it do not count)")
+    for ch in stripped:
+        if ch == "\\" or not 0x20 <= ord(ch) <= 0x7E:
+            raise ValueError("an AE title holds printable ASCII characters other than backslash")
+    return stripped
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+
+
+class AllowedPeer(_Strict):
+    """One sender allowed to push: its calling AE title and its source address.
+
+    ``host`` is an IP address or a network in CIDR notation (``10.1.2.0/24``); host names are not
+    resolved (a DNS answer must not decide who may push images).
+    """
+
+    ae_title: AETitle
+    host: str
+
+    @field_validator("host")
+    @classmethod
+    def _ip_or_network(cls, v: str) -> str:
+        try:
+            return str(ipaddress.ip_network(v.strip(), strict=False))
+        except ValueError:
+            raise ValueError("host must be an IP address or a CIDR network, not a host name") from None
+
+    def matches(self, ae_title: str, address: str) -> bool:
+        """True when this entry allows ``ae_title`` calling from ``address``."""
+        if ae_title.strip(" ") != self.ae_title:
+            return False
+        ip = parse_ip(address)
+        return ip is not None and ip in ipaddress.ip_network(self.host)
+
+
+class IntakeTLS(_Strict):
+    """DICOM TLS (PS3.15 Annex B): the SCP's certificate and key, and optionally the CA that
+    signs the senders' client certificates (then every sender must present one)."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+
+
+
+class IntakeSection(_Strict):
+    """The ``intake:`` section of a site config: the site's DICOM Storage SCP.
+
+    Attributes
+    ----------
+    port : int
+        TCP port to listen on (0 picks a free port, for tests).
+    host : str
+        Bind address, an IP literal (``127.0.0.1`` by default; ``0.0.0.0`` for all interfaces).
+    ae_title : str
+        The SCP's own AE title.
+    require_called_ae_title : bool
+        Refuse associations whose Called AE Title is not ``ae_title``.
+    allowed : list of AllowedPeer
+        Who may push (calling AE title and source address). Empty means nobody.
+    max_pdu : int
+        Largest PDU the SCP receives, in bytes (what it tells the sender).
+    max_associations : int
+        Associations served at once; more are refused (transient).
+    max_instance_bytes : int
+        Largest instance accepted (encoded data set size). A larger one is refused with status
+        0xA700 and the association goes on; the part received past the cap is dropped as it
+        arrives, so memory holds at most about twice this per association (the received data set
+        and its Part 10 copy).
+    acse_timeout_s, dimse_timeout_s, network_timeout_s : float
+        pynetdicom's association, message and idle-network timeouts.
+    tls : IntakeTLS or None
+        DICOM TLS; plain TCP when absent.
+    """
+
+    port: int = Field(ge=0, le=65535)
+    host: str = "127.0.0.1"
+    ae_title: AETitle = "DICOMFL"
+    require_called_ae_title: bool = True
+    allowed: list[AllowedPeer] = Field(default_factory=list)
+    max_pdu: int = Field(default=262_144, ge=4096, le=0xFFFFFFFF)
+    max_associations: int = Field(default=8, ge=1, le=256)
+    max_instance_bytes: int = Field(default=1024**3, ge=1024)
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    network_timeout_s: float = Field(default=120.0, gt=0)
+    tls: IntakeTLS | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _ip_literal(cls, v: str) -> str:
+        try:
+            return str(ipaddress.ip_address(v.strip()))
+        except ValueError:
+            raise ValueError("host must be an IP address to bind to (e.g. 127.0.0.1 or 0.0.0.0)") from None
+
+
 class SiteSection(_Strict):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     dicom_dir: Path
     labels: Path | None = None
     label_key: LabelKey = "accession_number"
+    # A DICOM Storage SCP in the site daemon (dicomfl.client.intake): a PACS pushes studies here.
+    intake: "IntakeSection | None" = None
     # The labels CSV's columns. By default the key column is named after label_key or after its
     # DICOM keyword (accession_number or AccessionNumber, ...) and the value column is "label";
     # these name them explicitly.
@@ -235,6 +355,10 @@ def load_site_config(path: str | Path, *, check_files: bool = True) -> SiteConfi
     s.labels = _resolve(base, s.labels)
     s.secret_file = _resolve(base, s.secret_file)
     s.state_dir = _resolve(base, s.state_dir)
+    tls = s.intake.tls if s.intake is not None else None
+    if tls is not None:
+        tls.cert_file, tls.key_file, tls.ca_file = (_resolve(base, tls.cert_file), _resolve(base, tls.key_file),
+                                                    _resolve(base, tls.ca_file))
     fed = cfg.federation
     fed.root_certificates = _resolve(base, fed.root_certificates)
     fed.auth_private_key = _resolve(base, fed.auth_private_key)
@@ -247,6 +371,10 @@ def load_site_config(path: str | Path, *, check_files: bool = True) -> SiteConfi
         if not s.secret_file.is_file():
             raise ConfigError(f"{path}: site.secret_file: file not found: {s.secret_file}")
         read_secret(s.secret_file)
+        for key in ("cert_file", "key_file", "ca_file"):
+            f = getattr(tls, key, None) if tls is not None else None
+            if f is not None and not f.is_file():
+                raise ConfigError(f"{path}: site.intake.tls.{key}: file not found: {f}")
     return cfg
 
 

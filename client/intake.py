@@ -1,0 +1,788 @@
+"""DICOM Storage SCP of a site: studies pushed by a PACS or router land in the site's DICOM folder.
+
+Hospital IT moves images by DICOM networking: a PACS (or a DICOM router) pushes studies to an AI
+node's Storage SCP with C-STORE. :class:`IntakeServer` is that SCP, built on pynetdicom:
+
+* it accepts C-ECHO (Verification) and C-STORE for the image storage SOP classes only, in the
+  common uncompressed and compressed transfer syntaxes;
+* only the configured (calling AE title, source address) pairs may associate; everyone else is
+  refused at association time with a log line naming the calling AE title and address;
+* each instance is written, as received and without decoding, atomically to
+  ``<dicom_dir>/intake/<hh>/<sha256(SOPInstanceUID)>.dcm`` (mode 0600, folders 0700), so a
+  re-sent instance lands on the same path;
+* an instance that is not an image, has no SOP Instance UID, does not match its C-STORE request
+  or is larger than ``max_instance_bytes`` is refused with a failure status; the part of an
+  oversized instance past the cap is dropped as it arrives, so memory stays bounded;
+* DICOM TLS (PS3.15 Annex B), with client certificates when a CA is configured;
+* counts and timestamps (never header values) are kept in ``<state_dir>/intake/status.json``.
+
+De-identification is not done here: the files are the site's own and stay on its disk, as received;
+ingestion de-identifies them later, in memory. No header value (patient name, IDs, UIDs) ever
+appears in a path or a log line: paths carry a hash and log lines carry codes and counts.
+
+pynetdicom's own logging can print command sets, PDUs and C-FIND identifiers at INFO/DEBUG level.
+The server turns pynetdicom's standard event logging off and keeps the ``pynetdicom`` logger at
+WARNING or quieter; at those levels pynetdicom logs only fixed messages, codes and protocol
+tracebacks, never data set values. This module reads only two UIDs of each received data set, as
+raw bytes (pixel data is never decoded), and its handlers never raise into pynetdicom, whose
+handler-exception log would print the exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import ipaddress
+import json
+import logging
+import os
+import socket
+import ssl
+import tempfile
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, cast
+
+import pydicom
+from pydicom import uid as _uid
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
+from pynetdicom import (
+    AE,
+    AllStoragePresentationContexts,
+    StoragePresentationContexts,
+    evt,
+)
+from pynetdicom import (
+    _config as _pynetdicom_config,
+)
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicomfl.common.config import AllowedPeer, IntakeSection, IntakeTLS, parse_ip as _parse_ip
+
+__all__ = [
+    "AllowedPeer",
+    "IntakeError",
+    "IntakeSection",
+    "IntakeServer",
+    "IntakeTLS",
+    "IMAGE_STORAGE_SOP_CLASSES",
+    "TRANSFER_SYNTAXES",
+    "check_instance",
+    "intake_path",
+    "iter_intake_files",
+    "read_status",
+    "status_path",
+]
+
+LOGGER = logging.getLogger("dicomfl.client.intake")
+
+# C-STORE statuses (PS3.4 Annex B.2.3 and PS3.7 Annex C).
+STATUS_SUCCESS = 0x0000
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
+STATUS_OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (too large, disk full)
+STATUS_DATASET_MISMATCH = 0xA900  # Error: data set does not match SOP class (or the command)
+STATUS_CANNOT_UNDERSTAND = 0xC000  # Error: cannot understand (unreadable, no SOP Instance UID)
+
+# Reason codes: the only thing a log line says about a refused instance.
+R_TOO_LARGE = "too-large"
+R_NON_IMAGE = "non-image-sop-class"
+R_UNREADABLE = "unreadable"
+R_NO_INSTANCE_UID = "no-sop-instance-uid"
+R_MISMATCH = "command-dataset-mismatch"
+
+# The transfer syntaxes accepted: uncompressed, deflated, and the compressed ones that the site's
+# decoders (python-gdcm, pylibjpeg-openjpeg, pylibjpeg-rle) can read at ingestion.
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    _uid.ExplicitVRLittleEndian,
+    _uid.ImplicitVRLittleEndian,
+    _uid.DeflatedExplicitVRLittleEndian,
+    _uid.ExplicitVRBigEndian,  # retired, still sent by old modalities
+    _uid.JPEGBaseline8Bit,
+    _uid.JPEGExtended12Bit,
+    _uid.JPEGLossless,
+    _uid.JPEGLosslessSV1,
+    _uid.JPEGLSLossless,
+    _uid.JPEGLSNearLossless,
+    _uid.JPEG2000Lossless,
+    _uid.JPEG2000,
+    _uid.HTJ2KLossless,
+    _uid.HTJ2KLosslessRPCL,
+    _uid.HTJ2K,
+    _uid.RLELossless,
+)
+
+
+def _is_image_storage(sop_class_uid: str) -> bool:
+    """True for an image storage SOP class (the rule of the ingestion reader: the name says so)."""
+    return "Image Storage" in _uid.UID(sop_class_uid).name
+
+
+def _image_storage_sop_classes() -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    # StoragePresentationContexts (at most 128, what an SCU may propose) holds a few retired image
+    # classes that old modalities still send; AllStoragePresentationContexts adds the newer ones.
+    for cx in (*StoragePresentationContexts, *AllStoragePresentationContexts):
+        if cx.abstract_syntax and _is_image_storage(cx.abstract_syntax):
+            seen.setdefault(str(cx.abstract_syntax), None)
+    return tuple(seen)
+
+
+IMAGE_STORAGE_SOP_CLASSES: tuple[str, ...] = _image_storage_sop_classes()
+_IMAGE_SET = frozenset(IMAGE_STORAGE_SOP_CLASSES)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+# The schema (IntakeSection, AllowedPeer, IntakeTLS) lives with the other config schemas.
+
+
+class IntakeError(RuntimeError):
+    """The intake server cannot start (bad TLS files, port in use, unusable folders)."""
+
+
+# --------------------------------------------------------------------------- paths and status
+
+
+def intake_path(dicom_dir: Path, sop_instance_uid: str) -> Path:
+    """Where an instance is stored: ``<dicom_dir>/intake/<hh>/<sha256 hex of the UID>.dcm``.
+
+    Parameters
+    ----------
+    dicom_dir : Path
+        The site's DICOM folder.
+    sop_instance_uid : str
+        The instance's SOP Instance UID (trailing NUL/space padding is ignored).
+
+    Returns
+    -------
+    Path
+        The file's path; the same UID always gives the same path.
+    """
+    digest = hashlib.sha256(_clean_uid(sop_instance_uid).encode("ascii", "replace")).hexdigest()
+    return Path(dicom_dir) / "intake" / digest[:2] / f"{digest}.dcm"
+
+
+def status_path(state_dir: Path) -> Path:
+    """``<state_dir>/intake/status.json``."""
+    return Path(state_dir) / "intake" / "status.json"
+
+
+_COUNTERS = (
+    "received",  # C-STORE requests that reached the handler
+    "written",  # instances written (new ones, and re-sent ones whose bytes differ)
+    "duplicates",  # instances already on disk (re-sent)
+    "rejected",  # instances refused with a failure status (too large, not an image, ...)
+    "failed",  # instances that could not be written (disk errors)
+    "associations_accepted",
+    "associations_refused",
+    "echoes",
+)
+_TIMESTAMPS = ("started_at", "updated_at", "last_received_at", "last_written_at", "last_refused_at")
+
+
+def read_status(state_dir: Path) -> dict[str, Any]:
+    """The intake counters and timestamps of a site, for ``dicomfl site status``.
+
+    Parameters
+    ----------
+    state_dir : Path
+        The site's state folder.
+
+    Returns
+    -------
+    dict
+        Every counter of the status file (0 when there is no file yet or a counter is missing)
+        and its ISO-8601 timestamps (None when unknown). Counts are totals across restarts.
+    """
+    out: dict[str, Any] = {k: 0 for k in _COUNTERS} | {k: None for k in _TIMESTAMPS}
+    try:
+        data = json.loads(status_path(state_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return out
+    if not isinstance(data, dict):
+        return out
+    for k in _COUNTERS:
+        v = data.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            out[k] = v
+    for k in _TIMESTAMPS:
+        v = data.get(k)
+        if isinstance(v, str):
+            out[k] = v
+    return out
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _mkdir_private(path: Path) -> None:
+    """Create ``path`` (and parents) with mode 0700 for the folders this module creates."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        os.chmod(d, 0o700)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a hidden temp file in the same folder (mode 0600),
+    fsync it, rename it over ``path`` and fsync the folder."""
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)  # 0600, hidden
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+class _Status:
+    """Thread-safe counters, persisted (atomically, 0600) to the status file."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = status_path(state_dir)
+        self._lock = threading.Lock()
+        prev = read_status(state_dir)
+        self._data: dict[str, Any] = {k: prev[k] for k in _COUNTERS} | {k: prev[k] for k in _TIMESTAMPS}
+        self._dirty = True
+        self._last_save = 0.0
+
+    def bump(self, counter: str, stamp: str | None = None) -> None:
+        with self._lock:
+            self._data[counter] += 1
+            if stamp:
+                self._data[stamp] = _now()
+            self._dirty = True
+
+    def mark(self, stamp: str) -> None:
+        with self._lock:
+            self._data[stamp] = _now()
+            self._dirty = True
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._data)
+
+    def save(self, min_interval_s: float = 0.0) -> None:
+        """Persist the counters when changed (and not saved within ``min_interval_s``)."""
+        with self._lock:
+            if not self._dirty or time.monotonic() - self._last_save < min_interval_s:
+                return
+            self._data["updated_at"] = _now()
+            text = json.dumps(self._data, indent=1, sort_keys=True)
+            self._dirty = False
+            self._last_save = time.monotonic()
+            try:
+                _mkdir_private(self.path.parent)
+                _write_atomic(self.path, text.encode())
+            except OSError as exc:
+                self._dirty = True
+                LOGGER.warning("intake: cannot write the status file (%s)", type(exc).__name__)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _printable(value: object, limit: int = 64) -> str:
+    """A peer-supplied token made safe for one log line (no control characters, bounded)."""
+    text = str(value)[:limit]
+    return "".join(ch if 0x20 <= ord(ch) <= 0x7E else "?" for ch in text)
+
+
+def _clean_uid(value: object) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value or "").strip("\x00 ")
+
+
+_SOP_CLASS_TAG = Tag(0x0008, 0x0016)
+_SOP_INSTANCE_TAG = Tag(0x0008, 0x0018)
+_header_lock = threading.Lock()  # warnings.catch_warnings() is not thread-safe
+
+
+def _header_uids(part10: bytes) -> tuple[str, str]:
+    """The data set's own SOP Class and SOP Instance UIDs, read from the raw elements (no value
+    conversion, so no validation warning can quote a value). Pixel data is never decoded."""
+    with _header_lock, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(
+            io.BytesIO(part10),
+            stop_before_pixels=True,
+            specific_tags=[_SOP_CLASS_TAG, _SOP_INSTANCE_TAG],
+        )
+        out = []
+        for tag in (_SOP_CLASS_TAG, _SOP_INSTANCE_TAG):
+            if tag not in ds:
+                out.append("")
+                continue
+            elem = ds.get_item(tag)
+            value = elem.value if isinstance(elem, RawDataElement) else getattr(elem, "value", "")
+            out.append(_clean_uid(value))
+    return out[0], out[1]
+
+
+def check_instance(
+    part10: bytes, dataset_size: int, sop_class_uid: str, sop_instance_uid: str, max_bytes: int
+) -> tuple[int, str | None, str]:
+    """Decide whether a received instance is stored.
+
+    Parameters
+    ----------
+    part10 : bytes
+        The instance as a Part 10 file (``event.encoded_dataset()``).
+    dataset_size : int
+        Size of the encoded data set (without file meta).
+    sop_class_uid, sop_instance_uid : str
+        The C-STORE request's Affected SOP Class/Instance UIDs.
+    max_bytes : int
+        The size cap.
+
+    Returns
+    -------
+    (int, str or None, str)
+        The C-STORE status, the reason code when refused (None when accepted), and the
+        instance's SOP Instance UID (empty when refused).
+    """
+    if dataset_size > max_bytes:
+        return STATUS_OUT_OF_RESOURCES, R_TOO_LARGE, ""
+    if not _is_image_storage(_clean_uid(sop_class_uid)):
+        return STATUS_SOP_CLASS_NOT_SUPPORTED, R_NON_IMAGE, ""
+    try:
+        ds_class, ds_instance = _header_uids(part10)
+    except Exception:  # noqa: BLE001 - any parser failure refuses the instance, never the server
+        return STATUS_CANNOT_UNDERSTAND, R_UNREADABLE, ""
+    if not ds_instance:
+        return STATUS_CANNOT_UNDERSTAND, R_NO_INSTANCE_UID, ""
+    if not ds_class or not _is_image_storage(ds_class):
+        return STATUS_SOP_CLASS_NOT_SUPPORTED, R_NON_IMAGE, ""
+    if ds_class != _clean_uid(sop_class_uid) or ds_instance != _clean_uid(sop_instance_uid):
+        return STATUS_DATASET_MISMATCH, R_MISMATCH, ""
+    return STATUS_SUCCESS, None, ds_instance
+
+
+class _DeferredHandshakeContext(ssl.SSLContext):
+    """An SSL context whose server sockets do the TLS handshake on first read.
+
+    pynetdicom wraps each accepted socket in its accept loop; with the handshake done there, one
+    client that connects and stays silent would stall every other sender. Deferred, the handshake
+    runs in the association's own thread, under its timeouts.
+    """
+
+    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, **kwargs):  # type: ignore[override]
+        return super().wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False, **kwargs)
+
+
+def _ssl_context(tls: IntakeTLS) -> ssl.SSLContext:
+    ctx = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
+        if tls.ca_file is not None:
+            ctx.load_verify_locations(cafile=str(tls.ca_file))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise IntakeError(f"intake.tls: cannot load the certificate, key or CA ({type(exc).__name__})") from None
+    return ctx
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class IntakeServer:
+    """The site's DICOM Storage SCP (C-ECHO, C-STORE of images), non-blocking.
+
+    Parameters
+    ----------
+    section : IntakeSection
+        The validated ``intake:`` settings.
+    dicom_dir : Path
+        The site's DICOM folder; instances go to ``<dicom_dir>/intake/``.
+    state_dir : Path
+        The site's state folder; counters go to ``<state_dir>/intake/status.json``.
+    logger : logging.Logger, optional
+        Where to log (``dicomfl.client.intake`` by default).
+
+    Examples
+    --------
+    >>> server = IntakeServer(section, dicom_dir, state_dir)  # doctest: +SKIP
+    >>> server.start(); ...; server.stop()                     # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        section: IntakeSection,
+        dicom_dir: Path,
+        state_dir: Path,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.section = section
+        self.dicom_dir = Path(dicom_dir)
+        self.state_dir = Path(state_dir)
+        self.log = logger or LOGGER
+        self._status = _Status(self.state_dir)
+        self._server: Any = None
+        self._ae: AE | None = None
+        # Bytes of the data set being received, per association (the memory guard).
+        self._pending: weakref.WeakKeyDictionary[Any, tuple[int, bool]] = weakref.WeakKeyDictionary()
+        self._cut: weakref.WeakSet[Any] = weakref.WeakSet()  # messages emptied by the guard
+        self._pending_lock = threading.Lock()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) the server listens on (the real port when ``port`` was 0)."""
+        if self._server is None:
+            raise IntakeError("the intake server is not running")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def running(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._server is not None
+
+    def counters(self) -> dict[str, Any]:
+        """The current counters and timestamps (what the status file holds)."""
+        return self._status.snapshot()
+
+    def start(self) -> None:
+        """Start listening in background threads and return at once.
+
+        Raises
+        ------
+        IntakeError
+            When the folders cannot be made, the TLS files cannot be loaded or the port cannot be
+            bound.
+        """
+        if self._server is not None:
+            return
+        s = self.section
+        _quiet_pynetdicom()
+        try:
+            _mkdir_private(self.dicom_dir / "intake")
+            _mkdir_private(status_path(self.state_dir).parent)
+            _sweep_temp_files(self.dicom_dir / "intake")
+        except OSError as exc:
+            raise IntakeError(f"intake: cannot create the intake folders ({type(exc).__name__})") from None
+        ssl_context = _ssl_context(s.tls) if s.tls is not None else None
+
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_pdu_size = s.max_pdu
+        ae.maximum_associations = s.max_associations
+        ae.acse_timeout = s.acse_timeout_s
+        ae.dimse_timeout = s.dimse_timeout_s
+        ae.network_timeout = s.network_timeout_s
+        # Defence in depth: pynetdicom's own calling-AE check, under the (AE, address) check of
+        # _on_requested. With an empty allow-list that hook refuses everyone.
+        ae.require_calling_aet = sorted({p.ae_title for p in s.allowed})
+        ae.require_called_aet = s.require_called_ae_title
+        ae.add_supported_context(Verification, list(TRANSFER_SYNTAXES[:3]))
+        for sop_class in IMAGE_STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_PDU_RECV, self._on_pdu_recv),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+        ]
+        try:
+            server = ae.start_server(
+                (s.host, s.port), block=False, ssl_context=ssl_context, evt_handlers=handlers
+            )
+        except OSError as exc:
+            raise IntakeError(
+                f"intake: cannot listen on {s.host}:{s.port} ({type(exc).__name__}: {exc.strerror or 'error'})"
+            ) from None
+        self._ae, self._server = ae, server
+        self._status.mark("started_at")
+        self._status.save()
+        host, port = self.address
+        self.log.info(
+            "intake: DICOM SCP %s listening on %s:%d (%s, %d allowed sender(s))",
+            s.ae_title, host, port, "TLS" if ssl_context else "plain TCP", len(s.allowed),
+        )
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop accepting, let running associations finish (at most ``timeout_s``), abort the
+        rest, and save the counters."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        deadline = time.monotonic() + timeout_s
+        for assoc in list(server.active_associations):
+            if not assoc.is_established:
+                # Connected but never associated (silent, or a failed TLS handshake): pynetdicom
+                # holds such a thread until its ACSE timeout. Nothing can be stored through it:
+                # close its socket and do not wait.
+                _shutdown_socket(assoc)
+                continue
+            assoc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if assoc.is_alive():
+                assoc.abort()
+        self._ae = None
+        self._status.save()
+        self.log.info("intake: DICOM SCP stopped")
+
+    def __enter__(self) -> IntakeServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------- association events
+
+    @staticmethod
+    def _peer(assoc: Any) -> tuple[str, str]:
+        """(calling AE title, address) of an association's requestor, safe to log."""
+        primitive = getattr(assoc.requestor, "primitive", None)
+        ae_title = getattr(primitive, "calling_ae_title", None) or assoc.requestor.ae_title or ""
+        return _printable(str(ae_title).strip(" ")), _printable(assoc.requestor.address or "")
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Refuse, before any negotiation, a sender not on the allow-list (or a wrong called AE)."""
+        assoc = event.assoc
+        try:
+            primitive = assoc.requestor.primitive
+            if primitive is None:
+                raise ValueError("no A-ASSOCIATE request")
+            calling = str(primitive.calling_ae_title or "")
+            called = str(primitive.called_ae_title or "").strip(" ")
+            address = str(assoc.requestor.address or "")
+            allowed = any(p.matches(calling, address) for p in self.section.allowed)
+            reason = None
+            if not allowed:
+                reason, diagnostic = "calling AE title/address not allowed", 0x03
+            elif self.section.require_called_ae_title and called != self.section.ae_title:
+                reason, diagnostic = "called AE title not ours", 0x07
+        except Exception as exc:  # noqa: BLE001 - refuse on any doubt
+            reason, diagnostic = f"unreadable request ({type(exc).__name__})", 0x01
+        if reason is None:
+            return
+        ae_title, addr = self._peer(assoc)
+        self._status.bump("associations_refused", "last_refused_at")
+        self.log.warning("intake: association refused from AE '%s' at %s: %s", ae_title, addr, reason)
+        # Permanent rejection by the service user (PS3.8 9.3.4); the reactor then skips negotiation.
+        assoc.acse.send_reject(0x01, 0x01, diagnostic)
+        assoc.kill()
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        """pynetdicom's own refusals (too many associations, protocol errors)."""
+        ae_title, addr = self._peer(event.assoc)
+        self._status.bump("associations_refused", "last_refused_at")
+        self.log.warning(
+            "intake: association refused from AE '%s' at %s by the DICOM layer (e.g. too many associations)",
+            ae_title, addr,
+        )
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        ae_title, addr = self._peer(event.assoc)
+        self._status.bump("associations_accepted")
+        self.log.info("intake: association accepted from AE '%s' at %s", ae_title, addr)
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        """Bound every read of the connection: accepted sockets are blocking, so a sender that
+        stops half-way through a PDU (or a TLS handshake) would hold its thread for ever."""
+        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        if sock is not None:
+            sock.settimeout(self.section.network_timeout_s)
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        with self._pending_lock:
+            self._pending.pop(event.assoc, None)
+            self._cut.discard(event.assoc)
+        self._status.save()
+
+    def _on_pdu_recv(self, event: evt.Event) -> None:
+        """Memory guard: once the data set being received passes ``max_instance_bytes``, keep
+        none of the rest of it.
+
+        pynetdicom assembles a C-STORE data set in memory before the C-STORE handler runs. Past
+        the cap, this handler empties each further data-set fragment of the PDU it is handed
+        (keeping the fragment's control byte, so the message still completes), and marks the
+        message: the C-STORE handler then refuses that one instance with 0xA700 and the
+        association carries on with the next. If a pynetdicom release stopped passing the PDU
+        by reference, the C-STORE handler's own size check would still refuse the instance
+        (only the memory bound would be lost).
+        """
+        items = getattr(event.pdu, "presentation_data_value_items", None)
+        if not items:
+            return
+        assoc = event.assoc
+        cap = self.section.max_instance_bytes
+        with self._pending_lock:
+            size, cut = self._pending.get(assoc, (0, False))
+            for item in items:
+                pdv = item.presentation_data_value
+                if not pdv or pdv[0] & 0x01:  # a command fragment
+                    continue
+                if not cut:
+                    size += len(pdv) - 1
+                    cut = size > cap
+                if cut:
+                    item.presentation_data_value = pdv[:1]
+                if pdv[0] & 0x02:  # the data set's last fragment
+                    if cut:
+                        self._cut.add(assoc)
+                    size, cut = 0, False
+            self._pending[assoc] = (size, cut)
+
+    def _was_cut(self, assoc: Any) -> bool:
+        with self._pending_lock:
+            if assoc in self._cut:
+                self._cut.discard(assoc)
+                return True
+            return False
+
+    # ----------------------------------------------------------------- DIMSE services
+
+    def _on_echo(self, event: evt.Event) -> int:
+        self._status.bump("echoes")
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int:
+        """Store one instance as received; never raises (pynetdicom would log the exception)."""
+        self._status.bump("received", "last_received_at")
+        try:
+            request = cast(C_STORE, event.request)
+            if self._was_cut(event.assoc):
+                return self._refuse(event, STATUS_OUT_OF_RESOURCES, R_TOO_LARGE, "dropped while being received")
+            dataset_size = request.DataSet.getbuffer().nbytes if request.DataSet is not None else 0
+            part10 = event.encoded_dataset()
+            status, reason, sop_instance = check_instance(
+                part10,
+                dataset_size,
+                str(request.AffectedSOPClassUID or ""),
+                str(request.AffectedSOPInstanceUID or ""),
+                self.section.max_instance_bytes,
+            )
+            if reason is not None:
+                return self._refuse(event, status, reason)
+            self._store(part10, sop_instance)
+            return STATUS_SUCCESS
+        except OSError as exc:
+            self._status.bump("failed")
+            self.log.error("intake: cannot write an instance (%s, errno %s)", type(exc).__name__, exc.errno)
+            return STATUS_OUT_OF_RESOURCES
+        except Exception as exc:  # noqa: BLE001 - the exception text could quote a value: type only
+            self._status.bump("failed")
+            self.log.error("intake: failed to store an instance (%s)", type(exc).__name__)
+            return STATUS_CANNOT_UNDERSTAND
+        finally:
+            self._status.save(min_interval_s=2.0)
+
+    def _refuse(self, event: evt.Event, status: int, reason: str, note: str = "") -> int:
+        """Count and log a refused instance (reason code only), and return its status."""
+        ae_title, addr = self._peer(event.assoc)
+        self._status.bump("rejected")
+        self.log.warning(
+            "intake: instance from AE '%s' at %s refused: %s%s (status 0x%04X)",
+            ae_title, addr, reason, f", {note}" if note else "", status,
+        )
+        return status
+
+    def _store(self, part10: bytes, sop_instance_uid: str) -> None:
+        path = intake_path(self.dicom_dir, sop_instance_uid)
+        if not path.parent.is_dir():
+            _mkdir_private(path.parent)
+        if path.exists():
+            self._status.bump("duplicates")
+            if _same_bytes(path, part10):
+                return  # re-sent unchanged: nothing to do (idempotent)
+        _write_atomic(path, part10)
+        self._status.bump("written", "last_written_at")
+
+
+def _sweep_temp_files(root: Path, min_age_s: float = 600.0) -> None:
+    """Remove temp files left by a crash mid-write (hidden ``.*.tmp``, older than ``min_age_s``)."""
+    cutoff = time.time() - min_age_s
+    for tmp in root.glob("*/.*.tmp"):
+        try:
+            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+        except OSError:
+            pass
+
+
+def _shutdown_socket(assoc: Any) -> None:
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _same_bytes(path: Path, data: bytes) -> bool:
+    try:
+        if path.stat().st_size != len(data):
+            return False
+        with open(path, "rb") as f:
+            return _chunks_equal(f, data)
+    except OSError:
+        return False
+
+
+def _chunks_equal(f: io.BufferedReader, data: bytes, chunk: int = 1 << 20) -> bool:
+    view = memoryview(data)
+    for start in range(0, len(data), chunk):
+        if f.read(chunk) != view[start : start + chunk]:
+            return False
+    return f.read(1) == b""
+
+
+def _quiet_pynetdicom() -> None:
+    """Keep pynetdicom from logging data: no standard event logging (it prints command sets and
+    PDUs at INFO/DEBUG), no C-FIND/C-GET/C-MOVE identifier dumps, and its logger at WARNING or
+    quieter. These are process-wide settings of pynetdicom."""
+    _pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+    _pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+    _pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
+    lg = logging.getLogger("pynetdicom")
+    if lg.level < logging.WARNING:
+        lg.setLevel(logging.WARNING)
+
+
+def iter_intake_files(dicom_dir: Path) -> Iterator[Path]:
+    """Every stored instance under ``<dicom_dir>/intake`` (temp files excluded), sorted."""
+    root = Path(dicom_dir) / "intake"
+    if not root.is_dir():
+        return iter(())
+    return iter(sorted(p for p in root.glob("*/*.dcm") if not p.name.startswith(".")))
