@@ -266,6 +266,32 @@ def privacy_status(
 
 
 @app.command()
+def export(
+    model_npz: Path = typer.Argument(..., metavar="MODEL", help="Weights (.npz): a run's checkpoints/round-NNNN/global.npz or local-<site>.npz."),
+    formats: Optional[list[str]] = typer.Option(None, "--format", help="torchscript (default) or onnx; repeat for both."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the model files and the model card."),
+    run_dir: Optional[Path] = typer.Option(None, "--run", help="The run's folder (default: the nearest folder above MODEL with run_config.json)."),
+) -> None:
+    """Export a trained model to run without dicomfl (TorchScript, ONNX) with its preprocessing and a
+    model card (model_card.json/.md: features, preprocessing, sites, rounds, epsilon, cross-site AUROC
+    with 95% intervals, intended use, limits). Each file is checked against dicomfl's model."""
+    from dicomfl.common.errors import printable
+
+    if not model_npz.is_file():  # before torch is imported: a typo fails at once
+        _fail(f"{printable(str(model_npz))}: model file not found")
+    from .export import export_model
+
+    try:
+        res = export_model(model_npz, out_dir, formats=formats or ["torchscript"], run_dir=run_dir)
+    except DicomflError as exc:
+        _fail(str(exc))
+    for kind, path in res.files.items():
+        out.print(f"{kind}: {path}", markup=False, highlight=False)
+    for note in res.notes:
+        err.print(f"dicomfl: note: {note}", markup=False, highlight=False)
+
+
+@app.command()
 def model(
     run_yaml: Optional[Path] = typer.Argument(None, help="A run config; its model: section is described (default model if absent)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
