@@ -1,0 +1,273 @@
+"""dicomfl.common.workers: crash-isolated workers, on files that really crash the native decoders.
+
+Each crasher is first shown to kill, hang or over-allocate a bare ``pydicom`` decode in a
+subprocess (so a test cannot pass because a decoder got fixed and the file became harmless);
+then the pool runs it next to good files and must give every good file its result, every
+crasher a ``WorkerFailure`` with the right reason, print nothing, and leave no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from multiprocessing import resource_tracker
+from pathlib import Path
+
+import pytest
+
+from dicomfl.common.codestream import CODESTREAM_MISMATCH
+from dicomfl.common.workers import (
+    DECODER_CRASH,
+    TIMEOUT,
+    WORKER_ERROR,
+    WORKER_MEMORY,
+    IsolatedPool,
+    PoolStartError,
+    WorkerFailure,
+    default_workers,
+    imap_isolated,
+)
+
+from . import crashers as C
+
+GiB = 1 << 30
+
+
+def children() -> set[int]:
+    """Pids of this process's children, zombies included (an unreaped child is a leftover)."""
+    me, out = os.getpid(), set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == me:
+            out.add(int(d.name))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    """Every test must leave exactly the children it found (the stdlib's resource tracker, a
+    singleton that the first spawned process starts, is started up front)."""
+    resource_tracker.ensure_running()
+    before = children()
+    yield
+    assert children() <= before
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("crashers")
+    return {
+        "j2k_rgb": C.j2k_photometric(d, "RGB"),
+        "j2k_ybr_full_422": C.j2k_photometric(d, "YBR_FULL_422"),
+        "jpeg_lossless_bs7": C.jpeg_lossless_bits_stored(d),
+        "rle_offset": C.rle_segment_offset(d),
+        "rle_rows": C.rle_rows(d),
+        "jpeg_sof_p255": C.jpeg_sof_precision(d),
+        "j2k_bomb": C.j2k_bomb(d),
+        "jp2_zero_box": C.jp2_zero_box(d),
+    }
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> dict[Path, object]:
+    """Good files and their results, decoded in this process (they are known to be safe)."""
+    d = tmp_path_factory.mktemp("good")
+    return {p: C.decode(p) for p in C.good_files(d)}
+
+
+#: What a bare decode does to each crasher: a signal name, or the type of what it raises.
+BARE_EXPECTED = {
+    "j2k_rgb": "SIGABRT",
+    "j2k_ybr_full_422": "SIGABRT",
+    "jpeg_lossless_bs7": "SIGABRT",
+    "rle_offset": "PanicException",
+    "rle_rows": "PanicException",
+    "jpeg_sof_p255": "SIGSEGV",
+    "jp2_zero_box": "Alarm",  # still decoding when the child's 3 s alarm went off
+}
+
+
+@pytest.fixture(scope="module")
+def bare(files) -> dict[str, C.Bare]:
+    """Bare decodes of every crasher, each in its own process, all at once (bounded)."""
+    jobs = {name: C.BareJob(files[name], alarm_s=3 if name == "jp2_zero_box" else 0) for name in BARE_EXPECTED}
+    jobs["j2k_bomb"] = C.BareJob(files["j2k_bomb"], as_limit=C.BOMB_AS_LIMIT)
+    jobs["pristine_j2k"] = C.BareJob(C.testfile("MR_small_jp2klossless.dcm"), as_limit=C.BOMB_AS_LIMIT)
+    return C.run_bare(jobs)
+
+
+@pytest.mark.parametrize("name", sorted(BARE_EXPECTED))
+def test_crasher_really_crashes_a_bare_decode(bare, name):
+    outcome = bare[name]
+    assert outcome.returncode is not None, "the subprocess did not finish"
+    got = outcome.signal or outcome.result.get("type")
+    assert got == BARE_EXPECTED[name], f"{name} no longer reproduces with the installed decoders: {outcome}"
+    if got == "PanicException":
+        assert outcome.result["is_exception"] is False  # a BaseException: `except Exception` misses it
+
+
+def test_bomb_really_over_allocates_a_bare_decode(bare):
+    # Under the address-space limit the decode fails, after the decoder has grown the resident
+    # set by hundreds of MB for a 6 kB file; the untouched file decodes under the same limit
+    # with no growth to speak of. (Without the limit: 8.7 GB peak RSS.)
+    bomb, pristine = bare["j2k_bomb"], bare["pristine_j2k"]
+    assert bomb.returncode == 0 and bomb.result["outcome"] == "raised", bomb
+    assert bomb.result["hwm_growth"] > 200 * 2**20, bomb
+    assert pristine.result["outcome"] == "ok", pristine
+    assert pristine.result["hwm_growth"] < 64 * 2**20, pristine
+
+
+def test_pool_survives_every_crasher(files, good, capfd):
+    """One pool runs each crasher decoded bare, the good files, and the check-then-decode
+    pipeline that ingestion runs, on the crashers that the check can see."""
+    crash = ["j2k_rgb", "j2k_ybr_full_422", "jpeg_lossless_bs7", "rle_offset", "rle_rows",
+             "jpeg_sof_p255", "j2k_bomb"]
+    caught = ["j2k_rgb", "j2k_ybr_full_422", "jpeg_sof_p255", "j2k_bomb", "jp2_zero_box"]
+    goods = list(good)
+    jobs = [("decode", goods[0]), *(("decode", files[n]) for n in crash[:4]),
+            *(("decode", g) for g in goods[1:4]), *(("decode", files[n]) for n in crash[4:]),
+            *(("decode", g) for g in goods[4:]), *(("check", files[n]) for n in caught)]
+    start = time.monotonic()
+    with IsolatedPool(C.run_job, workers=2, timeout_s=60, memory_bytes=GiB, initializer=C.warm_up) as pool:
+        outcomes = dict(pool.imap(jobs))
+        spawned = list(pool.spawned_pids)
+    assert sorted(outcomes) == list(range(len(jobs)))
+    got = {jobs[i]: o for i, o in outcomes.items()}
+
+    for path, expected in good.items():
+        assert got["decode", path] == expected, path.name
+    expected_failures = {
+        "j2k_rgb": WorkerFailure(DECODER_CRASH, "SIGABRT"),
+        "j2k_ybr_full_422": WorkerFailure(DECODER_CRASH, "SIGABRT"),
+        "jpeg_lossless_bs7": WorkerFailure(DECODER_CRASH, "SIGABRT"),
+        "rle_offset": WorkerFailure(DECODER_CRASH, "PanicException"),
+        "rle_rows": WorkerFailure(DECODER_CRASH, "PanicException"),
+        "jpeg_sof_p255": WorkerFailure(DECODER_CRASH, "SIGSEGV"),
+    }
+    for name, failure in expected_failures.items():
+        assert got["decode", files[name]] == failure, name
+    # The bomb's allocation is refused by the worker's address-space limit; OpenJPEG reports that
+    # as a decode error (RuntimeError from pydicom), or Python as MemoryError.
+    bomb = got["decode", files["j2k_bomb"]]
+    assert isinstance(bomb, WorkerFailure) and bomb.reason in (WORKER_ERROR, WORKER_MEMORY), bomb
+    # The pipeline rejects these before any decoder sees them.
+    for name in caught:
+        assert got["check", files[name]].reason == CODESTREAM_MISMATCH, name
+
+    # Dead workers were replaced: 2 at the start, one per death (3 SIGABRT, 1 SIGSEGV; the
+    # PanicExceptions, the bomb and the rejections are caught in the worker, which lives on).
+    assert len(spawned) == 2 + 4
+    assert not set(spawned) & children()
+    assert time.monotonic() - start < 90
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""  # GDCM's "terminate called ..." stayed in the workers
+
+
+def test_a_hung_decode_times_out(files, good):
+    # pydicom's own JP2 header walker loops forever on this file, before any native decoder.
+    path = next(iter(good))
+    with IsolatedPool(C.decode, workers=2, timeout_s=3, initializer=C.warm_up) as pool:
+        outcomes = dict(pool.imap([path, files["jp2_zero_box"]]))
+        spawned = list(pool.spawned_pids)
+        assert len(pool.pids) == 1  # the hung worker was killed (and nothing was left to replace it for)
+    assert outcomes == {0: good[path], 1: WorkerFailure(TIMEOUT, "over 3 s")}
+    assert not set(spawned) & children()
+
+
+def test_every_failure_kind_is_a_code_never_exception_text(capfd):
+    specs = [
+        ("ok", 1),
+        ("raise", "ValueError"),
+        ("panic",),
+        ("reject", "too-large", "Rows*Columns"),
+        ("signal", "SIGSEGV"),
+        ("signal", "SIGKILL"),
+        ("exit", 3),
+        ("alloc", 4 * GiB),
+        ("unpicklable",),
+        ("print",),
+        ("ok", 2),
+    ]
+    outcomes = dict(imap_isolated(C.behave, specs, workers=2, timeout_s=60, memory_bytes=256 * 2**20))
+    assert [outcomes[i] for i in range(len(specs))] == [
+        1,
+        WorkerFailure(WORKER_ERROR, "ValueError"),
+        WorkerFailure(DECODER_CRASH, "FakePanic"),
+        WorkerFailure("too-large", "Rows*Columns"),
+        WorkerFailure(DECODER_CRASH, "SIGSEGV"),
+        WorkerFailure(WORKER_MEMORY, "SIGKILL"),
+        WorkerFailure(DECODER_CRASH, "exit 3"),
+        WorkerFailure(WORKER_MEMORY, "MemoryError"),
+        WorkerFailure(WORKER_ERROR, "result not picklable (AttributeError)"),  # a lambda
+        0,
+        2,
+    ]
+    captured = capfd.readouterr()
+    assert C.LEAK not in captured.out + captured.err
+    assert captured.out == "" and captured.err == ""
+
+
+def test_one_worker_still_runs_in_its_own_process():
+    [(index, pid)] = list(imap_isolated(C.behave, [("pid",)], workers=1, timeout_s=60))
+    assert index == 0 and isinstance(pid, int) and pid != os.getpid()
+
+
+def test_results_stream_with_a_bounded_number_in_flight():
+    workers, pulled, seen = 2, [0], 0
+
+    def items():
+        for i in range(24):
+            pulled[0] += 1
+            yield ("ok", i)
+
+    for index, result in imap_isolated(C.behave, items(), workers=workers, timeout_s=60):
+        seen += 1
+        assert result == index
+        # in flight (one per worker) + one waiting to be handed out + replies not yet yielded
+        assert pulled[0] - seen <= 2 * workers + 1
+    assert seen == 24
+
+
+def test_stopping_early_or_raising_leaves_no_process():
+    items = [("ok", 1), ("sleep", 600), ("sleep", 600)]
+    before, start = children(), time.monotonic()
+    it = imap_isolated(C.behave, items, workers=3, timeout_s=900)
+    assert next(it) == (0, 1)
+    it.close()  # what `break` does to a for loop's generator
+    assert children() <= before
+
+    with pytest.raises(KeyError):
+        for _index, _result in imap_isolated(C.behave, items, workers=3, timeout_s=900):
+            raise KeyError("consumer failed")
+    assert time.monotonic() - start < 60
+
+
+def test_pool_context_manager_stops_its_workers():
+    with IsolatedPool(C.behave, workers=2, timeout_s=60) as pool:
+        assert dict(pool.imap([("ok", 1), ("ok", 2), ("ok", 3)])) == {0: 1, 1: 2, 2: 3}
+        assert dict(pool.imap([("ok", 4)])) == {0: 4}  # workers are reused between runs
+        pids = pool.pids
+        assert len(pids) == 2 and len(pool.spawned_pids) == 2
+    assert not set(pids) & children()
+
+
+def test_initializer_failure_is_reported_by_type_only():
+    with pytest.raises(PoolStartError) as info:
+        list(imap_isolated(C.behave, [("ok", 1)], workers=1, timeout_s=60,
+                           initializer=C.failing_initializer))
+    assert "ValueError" in str(info.value) and C.LEAK not in str(info.value)
+
+
+def test_arguments():
+    assert default_workers() >= 1
+    with pytest.raises(ValueError):
+        IsolatedPool(C.behave, workers=0, timeout_s=1)
+    with pytest.raises(ValueError):
+        IsolatedPool(C.behave, workers=1, timeout_s=0)
+    with pytest.raises(ValueError):
+        IsolatedPool(C.behave, workers=1, timeout_s=1, memory_bytes=0)
