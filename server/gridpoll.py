@@ -1,0 +1,41 @@
+"""Send a round's messages and collect the replies at the speed of the work.
+
+Flower's ``HttpGrid.send_and_receive`` asks the SuperLink for replies every 3 s (fixed in flwr
+1.41), so a round that is done in 1 s still takes 3. :func:`send_and_collect` pushes the messages
+with the Grid's public ``push_messages`` and pulls with ``pull_messages`` every ``poll_interval``
+seconds (the run config's ``run.poll_interval_s``, default 0.2), yielding each reply as it comes,
+until every message has its reply or ``timeout`` seconds have passed. A grid without push/pull
+(the in-process grid of the benchmark and the tests) is asked with its own ``send_and_receive``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+from flwr.app import Message
+
+
+def send_and_collect(grid, messages: Iterable[Message], *, timeout: float | None,
+                     poll_interval: float = 0.2) -> Iterator[Message]:
+    """Push ``messages`` and yield their replies as they arrive, for at most ``timeout`` seconds
+    (None: until every message has its reply, as Flower's ``send_and_receive``)."""
+    push = getattr(grid, "push_messages", None)
+    pull = getattr(grid, "pull_messages", None)
+    if not (callable(push) and callable(pull)):
+        yield from grid.send_and_receive(list(messages), timeout=timeout)
+        return
+    pending = {mid for mid in push(list(messages)) if mid}  # Flower marks a message it could not push with None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    interval = max(0.01, float(poll_interval))
+    while pending:
+        replies = list(pull(pending))
+        for reply in replies:
+            pending.discard(reply.metadata.reply_to_message_id)
+            yield reply
+        if not pending:
+            return
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            return
+        time.sleep(interval if deadline is None else min(interval, deadline - now))
