@@ -10,10 +10,13 @@ until every message has its reply or ``timeout`` seconds have passed. A grid wit
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator
 
 from flwr.app import Message
+
+log = logging.getLogger("dicomfl.server")
 
 
 def send_and_collect(grid, messages: Iterable[Message], *, timeout: float | None,
@@ -29,7 +32,11 @@ def send_and_collect(grid, messages: Iterable[Message], *, timeout: float | None
     deadline = None if timeout is None else time.monotonic() + timeout
     interval = max(0.01, float(poll_interval))
     while pending:
-        replies = list(pull(pending))
+        try:
+            replies = list(pull(pending))
+        except Exception as exc:  # noqa: BLE001 - a busy SuperLink (e.g. "database is locked") fails one pull
+            log.warning("pulling replies failed (%s); asking again in %.1f s", type(exc).__name__, interval)
+            replies = []
         for reply in replies:
             pending.discard(reply.metadata.reply_to_message_id)
             yield reply
