@@ -1,105 +1,322 @@
-"""Ingestion throughput on the real corpus, side by side (a benchmark, not a test).
+"""Ingestion at hospital scale: throughput, warm re-ingest, and peak memory against N (a benchmark,
+not a test).
 
-Rows (files/s over the accepted image files of pydicom's test data + pydicom-data + deid-data):
-  plain       pydicom.dcmread + pixel_array                     (the baseline)
-  +deid+feat  the same + dicomfl de-identification + feature vector
-  cold        dicomfl ingestion without cache (adds modality LUT, resize, hashing, bookkeeping)
-  warm        dicomfl ingestion with a warm cache
+On generated uncompressed 12-bit chest-like images (``--rows`` x ``--rows`` source pixels,
+ingested at ``--image-size``; uncompressed so that decoding does not hide our own overhead), in
+one run and on the same files:
 
-Usage: python benchmarks/ingest_bench.py [--repeat N]
+* files/s of plain ``pydicom.dcmread`` + ``pixel_array`` + ``apply_modality_lut`` (one process);
+* dicomfl cold ingestion (empty state dir) with 1 worker and with 2 workers, and the warm
+  re-ingest of the same files;
+* at each N of ``--sizes``: peak RSS of a cold ingestion (the parent, and the largest worker),
+  the warm re-ingest time, and peak RSS and time of one training epoch read from the cache;
+* optionally (``--big N``) one N-file ingestion with its time and peak RSS.
+
+Each measurement runs in its own process (``child`` sub-command), so each peak RSS is its own;
+the parent's peak is ``RUSAGE_SELF``, the workers' is ``RUSAGE_CHILDREN`` (the largest one).
+
+Usage:
+    python benchmarks/ingest_bench.py [--sizes 1000,5000,20000] [--speed-n 5000] [--rows 512]
+        [--image-size 256] [--workdir DIR] [--rss-workers W] [--train-device cpu|cuda]
+        [--big 100000 --big-rows 256 --big-image-size 128] [--json OUT.json]
+
+Disk: N x rows^2 x 2 bytes of sources plus N x image_size^2 x 4 bytes of cache per ingested set
+(20k at 512 -> 256: about 10 GB + 5 GB). Check ``df`` first.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import corpus_files, write_site  # noqa: E402
+# Module-level imports stay light: spawned ingestion workers import this script's module again.
 
-from dicomfl.common.config import load_site_config  # noqa: E402
-from dicomfl.common.deid import Deidentifier  # noqa: E402
-from dicomfl.common.features import extract, patient_age_years  # noqa: E402
-from dicomfl.common.ingest import ingest, process_file  # noqa: E402
-from dicomfl.common.reader import read_dataset  # noqa: E402
+
+def _rss() -> dict:
+    import resource
+
+    return {"self_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "children_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+# ------------------------------------------------------------------------------ child processes
+
+
+def child_plain(args) -> dict:
+    import warnings
+
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    warnings.simplefilter("ignore")
+    files = Path(args.target).read_text().splitlines()
+    t0 = time.perf_counter()
+    for f in files:
+        ds = pydicom.dcmread(f)
+        apply_modality_lut(ds.pixel_array, ds)
+    dt = time.perf_counter() - t0
+    return {"files": len(files), "seconds": dt, "files_per_s": len(files) / dt, **_rss()}
+
+
+def child_ingest(args) -> dict:
+    from dicomfl.common.config import load_site_config
+    from dicomfl.common.ingest import ingest
+
+    cfg = load_site_config(args.target)
+    t0 = time.perf_counter()
+    res = ingest(cfg, use_cache=not args.no_cache, workers=args.workers)
+    dt = time.perf_counter() - t0
+    r = res.report
+    return {"files": r.seen, "accepted": r.accepted, "decoded": r.decoded, "cache_hits": r.cache_hits,
+            "workers": r.workers, "rows_written": r.cache_rows_written, "publish_s": r.publish_s, "seconds": dt,
+            "files_per_s": r.seen / dt,
+            **_rss()}
+
+
+def child_train(args) -> dict:
+    import torch
+
+    from dicomfl.common.config import load_site_config
+    from dicomfl.common.ingest import ingest
+    from dicomfl.common.model import ModelConfig, build_model
+    from dicomfl.common.splits import TRAIN
+    from dicomfl.common.train import TrainSettings, load_split, train_local
+
+    cfg = load_site_config(args.target)
+    res = ingest(cfg)  # warm: from the cache
+    mc = ModelConfig(image_size=cfg.preprocess.image_size, width=args.width, depth=args.depth)
+    train = load_split(res.data, TRAIN, mc.image_size)
+    dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    t0 = time.perf_counter()
+    r = train_local(build_model(mc), train, TrainSettings(epochs=1, batch_size=args.batch), dev=dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    out = {"images": len(train), "steps": r.steps, "seconds": dt, "images_per_s": len(train) / dt,
+           "device": str(dev), "threads": torch.get_num_threads(), **_rss()}
+    if dev.type == "cuda":
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _child_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["plain", "ingest", "train"])
+    ap.add_argument("target")
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args(argv)
+    fn = {"plain": child_plain, "ingest": child_ingest, "train": child_train}[args.what]
+    print("RESULT " + json.dumps(fn(args)), flush=True)
+
+
+def run_child(*args: str) -> dict:
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "child", *args], capture_output=True,
+                       text=True, cwd=ROOT)
+    if r.returncode != 0 or "RESULT " not in r.stdout:
+        raise RuntimeError(f"child {args} failed ({r.returncode}): {r.stderr[-3000:]}")
+    out = json.loads(r.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    out["process_seconds"] = time.perf_counter() - t0
+    return out
+
+
+# ------------------------------------------------------------------------------ cohort
+
+
+def _gen(job: tuple[str, int, int, int, int]) -> None:
+    from tests.crashers import PATIENT_FOLDER, plain_writer
+
+    root, start, stop, rows, per_folder = job
+    write = plain_writer(rows, rows)
+    for i in range(start, stop):
+        p = Path(root) / PATIENT_FOLDER / f"{i // per_folder:04d}" / f"IM{i:07d}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if not p.exists():
+            write(p, i)
+
+
+def generate(root: Path, n: int, rows: int, per_folder: int = 500) -> list[str]:
+    """``n`` files under ``root`` (kept between runs), generated by one process per core."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tests.crashers import PATIENT_FOLDER
+
+    step = 250
+    jobs = [(str(root), a, min(a + step, n), rows, per_folder) for a in range(0, n, step)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as ex:
+        list(ex.map(_gen, jobs))
+    return [f"{PATIENT_FOLDER}/{i // per_folder:04d}/IM{i:07d}" for i in range(n)]
+
+
+def site_for(work: Path, name: str, src: Path, rels: list[str], image_size: int) -> Path:
+    """A site over the first files of ``src`` (hard links: no extra disk), with a labels CSV."""
+    from tests.conftest import write_site
+
+    d = work / name
+    if d.exists():
+        shutil.rmtree(d)
+    dicom = d / "dicom"
+    for rel in rels:
+        (dicom / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.link(src / rel, dicom / rel)
+    labels = d / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{rel},{i % 2}\n" for i, rel in enumerate(rels)))
+    return write_site(d, dicom, site={"labels": str(labels)}, preprocess={"image_size": image_size})
+
+
+def fresh_state(site: Path) -> None:
+    shutil.rmtree(site.parent / "state", ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ main
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeat", type=int, default=3, help="copies of the corpus (more files, steadier numbers)")
+    ap.add_argument("--sizes", default="1000,5000,20000")
+    ap.add_argument("--speed-n", type=int, default=5000, help="files for the throughput rows")
+    ap.add_argument("--rows", type=int, default=512, help="source image rows = columns")
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--rss-workers", type=int, default=None, help="workers of the per-N runs (default: all CPUs)")
+    ap.add_argument("--train-device", default="cpu")
+    ap.add_argument("--train-width", type=int, default=16)
+    ap.add_argument("--train-depth", type=int, default=3)
+    ap.add_argument("--gpu-epoch", action="store_true",
+                    help="also one epoch on CUDA at the largest N (pinned batches, non-blocking copies)")
+    ap.add_argument("--big", type=int, default=0, help="also ingest this many files once (generated)")
+    ap.add_argument("--big-rows", type=int, default=256)
+    ap.add_argument("--big-image-size", type=int, default=128)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the work dir")
     args = ap.parse_args()
-    warnings.simplefilter("ignore")
-    tmp = Path(tempfile.mkdtemp(prefix="dicomfl-bench-"))
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="dicomfl-ingest-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = {"cpus": os.cpu_count(), "rows": args.rows, "image_size": args.image_size}
+    say = lambda *a: print(*a, flush=True)  # noqa: E731
     try:
-        src = tmp / "dicom"
-        src.mkdir()
-        key = b"k" * 32
-        probe = tmp / "probe"
-        probe.mkdir()
-        cfg = load_site_config(write_site(probe, probe))
-        deid = Deidentifier(key, cfg.deid)
-        n = 0
-        for f in corpus_files():
-            data = f.read_bytes()
-            rec, _, _ = process_file(data, f.name, "x", cfg, deid)
-            if rec.status != "accepted":
-                continue
-            for r in range(args.repeat):
-                (src / f"r{r}_{n:05d}").write_bytes(data)
-            n += 1
-        files = sorted(src.iterdir())
-        blobs = [p.read_bytes() for p in files]
+        n_max = max(sizes + [args.speed_n])
+        t0 = time.perf_counter()
+        src = work / "src"
+        rels = generate(src, n_max, args.rows)
+        say(f"generated {n_max} files of {args.rows}x{args.rows} in {time.perf_counter() - t0:.1f} s")
 
-        def plain():
-            for b in blobs:
-                ds = read_dataset(b)  # dcmread(force=True) + transfer syntax for raw datasets
-                ds.pixel_array  # noqa: B018
+        # Throughput, all on the same speed-n files (the page cache is warm for every row).
+        speed = site_for(work, "speed", src, rels[:args.speed_n], args.image_size)
+        listing = work / "speed.txt"
+        listing.write_text("\n".join(str(src / r) for r in rels[:args.speed_n]))
+        plain = run_child("plain", str(listing))
+        rows = {"plain": plain}
+        for w in (1, 2):
+            fresh_state(speed)
+            rows[f"cold_{w}w"] = run_child("ingest", str(speed), "--workers", str(w))
+        rows["warm"] = run_child("ingest", str(speed), "--workers", "2")
+        results["speed"] = rows
+        say(json.dumps({k: round(v["files_per_s"], 1) for k, v in rows.items()}),
+            "publish s:", {k: v.get("publish_s") for k, v in rows.items()})
+        fresh_state(speed)
 
-        def plus_deid():
-            for b in blobs:
-                ds = read_dataset(b)  # dcmread(force=True) + transfer syntax for raw datasets
-                age = patient_age_years(ds)
-                pid = deid.patient_pseudonym(ds, "f")
-                deid.apply(ds, pid)
-                extract(ds, age)
-                ds.pixel_array  # noqa: B018
+        # Peak RSS and time against N.
+        per_n = {}
+        for n in sizes:
+            site = site_for(work, f"n{n}", src, rels[:n], args.image_size)
+            extra = ["--workers", str(args.rss_workers)] if args.rss_workers else []
+            cold = run_child("ingest", str(site), *extra)
+            warm = run_child("ingest", str(site), *extra)
+            train = run_child("train", str(site), "--device", args.train_device, "--width", str(args.train_width),
+                              "--depth", str(args.train_depth))
+            per_n[n] = {"cold": cold, "warm": warm, "train": train}
+            if args.gpu_epoch and n == max(sizes):
+                gpu = run_child("train", str(site), "--device", "cuda", "--width", "32", "--depth", "3")
+                per_n[n]["train_gpu"] = gpu
+                say(f"N={n}: epoch on {gpu['device']} (width 32, depth 3): {gpu['seconds']:.1f} s, "
+                    f"{gpu['images_per_s']:.0f} images/s, host RSS {gpu['self_rss_mb']:.0f} MB, "
+                    f"GPU peak {gpu.get('cuda_peak_mb', 0):.0f} MB")
+            say(f"N={n}: cold {cold['seconds']:.1f} s ({cold['workers']} workers, publish {cold['publish_s']:.1f} s), "
+                f"parent {cold['self_rss_mb']:.0f} MB, "
+                f"worker {cold['children_rss_mb']:.0f} MB; warm {warm['seconds']:.2f} s; epoch {train['seconds']:.1f} s "
+                f"on {train['device']}, {train['self_rss_mb']:.0f} MB")
+            shutil.rmtree(site.parent / "dicom")
+            shutil.rmtree(site.parent / "state")
+        results["per_n"] = per_n
 
-        def timed(fn, reps=2):
-            best = float("inf")
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                best = min(best, time.perf_counter() - t0)
-            return best
+        if args.big:
+            shutil.rmtree(src)
+            t0 = time.perf_counter()
+            big_src = work / "big"
+            big_rels = generate(big_src, args.big, args.big_rows)
+            say(f"generated {args.big} files of {args.big_rows}x{args.big_rows} in {time.perf_counter() - t0:.1f} s")
+            from tests.conftest import write_site
 
-        t_plain = timed(plain)
-        t_deid = timed(plus_deid)
-        site_cfg = load_site_config(write_site(tmp, src))
-        t_cold = timed(lambda: ingest(site_cfg, use_cache=False), reps=1)
-        ingest(site_cfg)  # prime the cache
-        t_warm = timed(lambda: ingest(site_cfg))
-        rows = [
-            ("plain dcmread + pixel_array", t_plain),
-            ("+ de-identification + features", t_deid),
-            ("dicomfl ingest, no cache", t_cold),
-            ("dicomfl ingest, warm cache", t_warm),
-        ]
-        print(f"{len(files)} files ({n} distinct accepted images x {args.repeat}), {os.cpu_count()} CPUs")
-        print(f"| {'path':34s} | {'files/s':>9s} | {'vs plain':>9s} |")
-        print(f"|{'-' * 36}|{'-' * 11}|{'-' * 11}|")
-        for name, t in rows:
-            print(f"| {name:34s} | {len(files) / t:9.1f} | {t_plain / t:8.2f}x |")
-        print(f"de-identification + features overhead over the plain read: {100 * (t_deid / t_plain - 1):.1f}%")
+            big_dir = work / "bigsite"
+            big_dir.mkdir(exist_ok=True)
+            big_site = write_site(big_dir, big_src, preprocess={"image_size": args.big_image_size})
+            cold = run_child("ingest", str(big_site))
+            warm = run_child("ingest", str(big_site))
+            results["big"] = {"n": args.big, "rows": args.big_rows, "image_size": args.big_image_size,
+                              "cold": cold, "warm": warm}
+            say(f"N={args.big}: cold {cold['seconds']:.1f} s, parent {cold['self_rss_mb']:.0f} MB, "
+                f"worker {cold['children_rss_mb']:.0f} MB; warm {warm['seconds']:.2f} s, {warm['self_rss_mb']:.0f} MB")
+        report(results)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def report(res: dict) -> None:
+    s = res["speed"]
+    plain = s["plain"]["files_per_s"]
+    print(f"\n{res['cpus']} CPUs; {res['rows']}x{res['rows']} 12-bit sources -> {res['image_size']} px; "
+          f"{s['plain']['files']} files for the throughput rows")
+    print("| path | files/s | vs plain (per core) |")
+    print("| --- | ---: | ---: |")
+    for key, name, cores in (("plain", "plain dcmread + pixel_array + modality LUT", 1),
+                             ("cold_1w", "dicomfl cold ingest, 1 worker", 1),
+                             ("cold_2w", "dicomfl cold ingest, 2 workers", 2),
+                             ("warm", "dicomfl warm re-ingest", 1)):
+        fps = s[key]["files_per_s"]
+        print(f"| {name} | {fps:.1f} | {plain / (fps / cores):.2f}x time |")
+    print(f"speed-up from 2 workers: {s['cold_2w']['files_per_s'] / s['cold_1w']['files_per_s']:.2f}x")
+    print("\n| N | cold ingest s | parent peak RSS MB | largest worker MB | warm re-ingest s | epoch s (device) | "
+          "epoch peak RSS MB |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for n, r in res["per_n"].items():
+        c, w, t = r["cold"], r["warm"], r["train"]
+        print(f"| {n} | {c['seconds']:.1f} ({c['workers']} w) | {c['self_rss_mb']:.0f} | {c['children_rss_mb']:.0f} | "
+              f"{w['seconds']:.2f} | {t['seconds']:.1f} ({t['device']}) | {t['self_rss_mb']:.0f} |")
+    for n, r in res["per_n"].items():
+        if "train_gpu" in r:
+            g = r["train_gpu"]
+            print(f"\nepoch on {g['device']} at N={n} (width 32, depth 3): {g['seconds']:.1f} s, "
+                  f"{g['images_per_s']:.0f} images/s, host RSS {g['self_rss_mb']:.0f} MB")
+    if "big" in res:
+        b = res["big"]
+        print(f"\nbig: {b['n']} files {b['rows']}px -> {b['image_size']}px: cold {b['cold']['seconds']:.1f} s "
+              f"({b['cold']['files_per_s']:.0f} files/s, {b['cold']['workers']} workers), parent "
+              f"{b['cold']['self_rss_mb']:.0f} MB, worker {b['cold']['children_rss_mb']:.0f} MB; warm "
+              f"{b['warm']['seconds']:.2f} s, parent {b['warm']['self_rss_mb']:.0f} MB")
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        _child_main(sys.argv[2:])
+    else:
+        main()

@@ -90,7 +90,7 @@ class SiteTrainer:
         evaluation need them. Raises ``ModelMismatch`` when the model's image size or classes
         do not fit the site's data."""
         if which not in self._splits:
-            self._splits[which] = load_split(self.data(), which, self.model_cfg.image_size)
+            self._splits[which] = load_split(self.data(), which, self.model_cfg.image_size, self.model_cfg.n_classes)
         return self._splits[which]
 
     def model(self):

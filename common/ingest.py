@@ -1,60 +1,118 @@
-"""Ingestion: a site's DICOM folder + labels CSV -> de-identified, full-depth training data.
+"""Ingestion: a site's DICOM folder + labels CSV -> de-identified, full-depth training data on disk.
 
-    discover (by content) -> read -> label key (in memory) -> patient pseudonym, age
-      -> de-identify -> features -> pixels -> cache -> labels join -> patient-level splits
+    labels (checked first) -> discover (by content) -> for each new file, in a worker process:
+      read (mapped, hashed as it is read) -> check header -> check codestream -> label key
+      -> patient pseudonym, age -> de-identify -> features -> pixels -> scaling statistics
+    -> the parent appends each result to the on-disk cache -> labels join -> patient-level splits
 
-The original header exists only inside :func:`process_file`; what leaves it is a
-:class:`~dicomfl.common.cache.Record` (codes, pseudonyms, HMACs), a float32 image and a float32
-feature vector.
+Each file is processed in a worker process (:mod:`.workers`): a native decoder that aborts,
+segfaults, panics, hangs or asks for gigabytes costs only its file, which is rejected with a
+reason (``decoder-crash``, ``timeout``, ``worker-memory``) and the ingestion goes on. Before
+anything decodes, the header is checked (:func:`~.reader.check_image`) and so is the compressed
+codestream's own header (:func:`~.codestream.check_codestream`): a 6 kB JPEG 2000 file that
+declares 65000 x 65000 pixels is rejected without allocating them. Files over
+``ingest.max_file_bytes`` are rejected without being read.
+
+The original header exists only inside a worker; what leaves it is a :class:`~.cache.Record`
+(codes, pseudonyms, HMACs), one float32 image, its feature vector and its two scaling numbers.
+The parent writes them straight into the site's on-disk cache (:mod:`.cache`) and keeps only
+the small per-file records, so the parent's memory does not grow with the images; training
+reads batches from the cache (:class:`SiteData` holds lazy views, not arrays).
+
+Nothing identifying is written or printed: a rejected file is named in the report and the logs
+by a site-local reference (``file:`` + an HMAC of its relative path under the site key), since
+folder names are often patient names; ``<state_dir>/reports/rejects-map.tsv`` (mode 0600, in a
+0700 folder) maps references back to paths for the site's operator and is never sent anywhere.
+Reject details are reason codes, DICOM keywords and exception type names: never a header value.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import logging
+import mmap
+import os
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+from pydicom.uid import RLELossless
 
 from . import __version__
 from . import errors as E
-from .cache import CacheState, FileEntry, Record, SiteCache
+from .cache import (FIRST_CHUNK_ROWS, CacheState, ChunkStore, FileEntry, LazyRows, Record, SiteCache, StoreRows,
+                    chunk_rows_for)
+from .codestream import J2K_SYNTAXES, JPEG_LS_SYNTAXES, JPEG_SYNTAXES, check_codestream
 from .config import SiteConfig
 from .deid import Deidentifier
 from .deid_profile import table_digest
 from .discover import looks_like_dicom, walk
 from .features import N_FEATURES, SCHEMA_VERSION, extract, modality_of, patient_age_years
 from .labels import Labels, key_value, load_labels
-from .pixels import full_depth_pixels
+from .pixels import full_depth_pixels, robust_stats
 from .reader import check_image, read_dataset
 from .splits import NAMES, assign
+from .workers import PoolStartError, WorkerFailure, default_workers, imap_isolated
 
 log = logging.getLogger("dicomfl.ingest")
 # pydicom logs the same value-quoting messages it warns with: keep its logger silent.
 logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
 
-PIPELINE_VERSION = 2  # 2: Table E.1-1 2024b; TM kept under date shifting
+PIPELINE_VERSION = 3  # 2: Table E.1-1 2024b; TM kept under date shifting. 3: Pillow resize, chunked cache
+
+#: Failures that depend on the machine rather than the file: not cached, retried next time.
+RETRY_REASONS = frozenset({E.TIMEOUT, E.WORKER_MEMORY})
+
+#: Modality defined terms (PS3.3 C.7.3.1.1.1, current and retired). The report counts images by
+#: these; any other value (a free-text Modality can hold anything) is counted as "other".
+MODALITIES = frozenset("""
+AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DG DOC DX ECG EEG EMG EOG EPS ES FID GM HC HD IO IOL
+IVOCT IVUS KER KO LEN LS M3D MG MR NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA PLAN POS PR
+PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM
+SMR SR SRF STAIN TEXTUREMAP TG US VA XA XAPROTOCOL XC
+AS CD CF CP CS DD DF DM DS EC FA FS LP MA MS OPR ST VF
+""".split())
+
+#: Environment of the worker processes: one thread each (N workers, N cores).
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+_HASH_CHUNK = 1 << 20
 
 
 @dataclass
 class SiteData:
-    """What training sees: no header, no identifier."""
+    """What training sees: no header, no identifier, and no whole-site array in memory.
 
-    images: np.ndarray  # (N, S, S) float32
-    features: np.ndarray  # (N, F) float32
+    ``images`` (N, S, S) float32 at full depth, ``features`` (N, F) float32 and ``stats``
+    (N, 2) float32 (each image's median and p99 - p1, for robust scaling) are lazy views of the
+    on-disk cache (:class:`~dicomfl.common.cache.LazyRows`: indexing reads only those rows), or
+    plain arrays when built in memory (``stats`` may then be None: scaling statistics are
+    computed when the images are read).
+    """
+
+    images: Any  # (N, S, S) float32: LazyRows or ndarray
+    features: Any  # (N, F) float32: LazyRows or ndarray
     labels: np.ndarray  # (N,) int64, -1 when unlabelled
     split: np.ndarray  # (N,) int8: 0 train, 1 val, 2 test
     patients: list[str]  # pseudonymous patient ids
+    stats: Any = None  # (N, 2) float32 [median, p99 - p1]: LazyRows, ndarray or None
 
     def subset(self, split: int, labelled_only: bool = True) -> np.ndarray:
         mask = self.split == split
         if labelled_only:
             mask &= self.labels >= 0
         return np.flatnonzero(mask)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
 
 
 @dataclass
@@ -72,9 +130,14 @@ class IngestReport:
     label_rows: int = 0
     label_rows_unmatched: int = 0
     label_problems: list[str] = field(default_factory=list)
+    # {"file": "file:<reference>", "reason": code, "detail": keywords}; references map to paths
+    # only in <state_dir>/reports/rejects-map.tsv (the operator's, never sent anywhere).
     rejects: list[dict[str, str]] = field(default_factory=list)
     cache_hits: int = 0
     decoded: int = 0
+    workers: int = 0
+    cache_rows_written: int = 0
+    publish_s: float = 0.0  # syncing the new rows and publishing the index (included in elapsed_s)
     elapsed_s: float = 0.0
     files_per_s: float = 0.0
     pipeline_version: int = PIPELINE_VERSION
@@ -107,37 +170,187 @@ def fingerprint(cfg: SiteConfig, deid: Deidentifier) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
+def file_ref(deid: Deidentifier, rel: str) -> str:
+    """The site-local reference of a file: ``file:`` + an HMAC of its relative path."""
+    return "file:" + deid.pseudonym("file-ref", rel, 16)
+
+
+def modality_code(ds) -> str:
+    m = modality_of(ds)
+    return m if m in MODALITIES or m == "unknown" else "other"
+
+
+# ------------------------------------------------------------------------------- one file
+
+
 def process_file(data: bytes, rel: str, content_key: str, cfg: SiteConfig, deid: Deidentifier):
-    """One file -> (Record, image | None, features | None). Never raises for bad input.
+    """One file's bytes -> (Record, image | None, features | None), in this process. Never raises
+    for bad input. (:func:`ingest` runs the same steps in worker processes; this is the entry
+    point for tests and tools that already hold the bytes.)"""
+    rec, img, feats = _process(data, rel, content_key, cfg, deid)
+    return rec, img, feats
+
+
+def _check_decodable_syntax(ds) -> None:
+    """A transfer syntax the standard does not define, or an encapsulated one without a
+    codestream check, has no decoder here."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if syntax is None:
+        return
+    if not syntax.is_transfer_syntax:
+        raise E.RejectedFile(E.NO_DECODER, "TransferSyntaxUID")
+    if not syntax.is_encapsulated:
+        return
+    if syntax not in J2K_SYNTAXES | JPEG_SYNTAXES | JPEG_LS_SYNTAXES and syntax != RLELossless:
+        from .pixels import _syntax_name
+
+        raise E.RejectedFile(E.NO_DECODER, _syntax_name(ds))
+
+
+def _process(source, rel: str, content_key: str, cfg: SiteConfig, deid: Deidentifier):
+    """``source``: the file's bytes or a read-only mapping of it.
 
     pydicom's warnings quote element values, so every warning raised while the original header
     is alive is discarded here (never printed, never logged).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _process_file(data, rel, content_key, cfg, deid)
+        try:
+            if not looks_like_dicom(bytes(source[:132])):
+                raise E.RejectedFile(E.NOT_DICOM if len(source) else E.EMPTY_FILE)
+            ds = read_dataset(source)
+            pp = cfg.preprocess
+            check_image(ds, pp.max_pixels)
+            _check_decodable_syntax(ds)
+            check_codestream(ds, pp.max_pixels)
+            k = key_value(ds, rel, cfg.site.label_key)
+            label_key = deid.pseudonym("label-key", k, 32) if k else ""
+            age = patient_age_years(ds) if cfg.deid.retain_patient_characteristics else None
+            patient = deid.patient_pseudonym(ds, fallback=content_key)
+            deid.apply(ds, patient)
+            feats = extract(ds, age)
+            img = full_depth_pixels(ds, pp.image_size, pp.multiframe, pp.color)
+            return Record("accepted", modality=modality_code(ds), label_key=label_key, patient=patient), img, feats
+        except E.RejectedFile as rej:
+            return Record("rejected", reason=rej.reason, detail=rej.detail), None, None
+        except MemoryError:  # over the worker's address-space cap: not cached, retried next time
+            return Record("rejected", reason=E.WORKER_MEMORY, detail="MemoryError"), None, None
+        except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen file: reject, keep going
+            return Record("rejected", reason=E.INTERNAL_ERROR, detail=type(exc).__name__), None, None
 
 
-def _process_file(data: bytes, rel: str, content_key: str, cfg: SiteConfig, deid: Deidentifier):
+# Worker side: one process per core, each with its own copy of this state (set by _init_worker).
+_W: dict[str, Any] = {}
+
+
+def _init_worker(cfg: SiteConfig, key: bytes, known: frozenset[str]) -> None:
+    """Worker initializer: the site's config and key, the content keys the cache already holds
+    (a moved or renamed file is recognised by its content, not decoded again), and every
+    decoder imported before the first file (so its import is not counted in the file's time)."""
+    for name in ("gdcm", "openjpeg", "rle"):
+        with contextlib.suppress(ImportError):
+            __import__(name)
+    import pydicom.pixels  # noqa: F401
+
+    _W.update(cfg=cfg, key=key, known=known, deid=Deidentifier(key, cfg.deid), root=str(cfg.site.dicom_dir))
+
+
+def _work(rel: str) -> tuple:
+    """One file, in a worker: map it, hash it as it is read, check, de-identify, decode.
+
+    Returns ``("known", content)``, ``("rejected", content | None, reason, detail)`` or
+    ``("accepted", content, modality, label_key, patient, image, features, stats)``.
+    """
+    cfg: SiteConfig = _W["cfg"]
     try:
-        if not looks_like_dicom(data[:132]):
-            if not data:
-                raise E.RejectedFile(E.EMPTY_FILE)
-            raise E.RejectedFile(E.NOT_DICOM)
-        ds = read_dataset(data)
-        check_image(ds, cfg.preprocess.max_pixels)
-        k = key_value(ds, rel, cfg.site.label_key)
-        label_key = deid.pseudonym("label-key", k, 32) if k else ""
-        age = patient_age_years(ds) if cfg.deid.retain_patient_characteristics else None
-        patient = deid.patient_pseudonym(ds, fallback=content_key)
-        deid.apply(ds, patient)
-        feats = extract(ds, age)
-        img = full_depth_pixels(ds, cfg.preprocess.image_size, cfg.preprocess.multiframe, cfg.preprocess.color)
-        return Record("accepted", modality=modality_of(ds), label_key=label_key, patient=patient), img, feats
-    except E.RejectedFile as rej:
-        return Record("rejected", reason=rej.reason, detail=rej.detail), None, None
-    except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen file: reject, keep going
-        return Record("rejected", reason="internal-error", detail=type(exc).__name__), None, None
+        fd = os.open(os.path.join(_W["root"], rel), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return ("rejected", None, E.UNREADABLE, type(exc).__name__)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return ("rejected", None, E.EMPTY_FILE, "")
+        if size > cfg.ingest.max_file_bytes:
+            return ("rejected", None, E.TOO_LARGE, "file size over ingest.max_file_bytes")
+        try:
+            mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            return ("rejected", None, E.UNREADABLE, type(exc).__name__)
+    finally:
+        os.close(fd)
+    with mm:
+        if not looks_like_dicom(mm[:132]):  # not hashed: a stat key is enough for what is skipped
+            return ("rejected", None, E.NOT_DICOM, "")
+        h = hmac.new(_W["key"], b"content\x00", hashlib.sha256)
+        with memoryview(mm) as view:
+            for at in range(0, size, _HASH_CHUNK):
+                h.update(view[at:at + _HASH_CHUNK])
+        content = h.hexdigest()[:32]
+        if content in _W["known"]:
+            return ("known", content)
+        rec, img, feats = _process(mm, rel, content, cfg, _W["deid"])
+    if rec.status != "accepted":
+        return ("rejected", content, rec.reason, rec.detail)
+    return ("accepted", content, rec.modality, rec.label_key, rec.patient, img, feats, robust_stats(img))
+
+
+# ------------------------------------------------------------------------------- the site
+
+
+def prepare_state_dir(cfg: SiteConfig) -> Path:
+    """Create ``state_dir`` and its ``cache/``, ``logs/`` and ``reports/`` folders (mode 0700).
+
+    Raises
+    ------
+    ConfigError
+        ``site.state_dir`` is a file, or cannot be created or written (one line, naming the
+        config file and the key).
+    """
+    sd = cfg.site.state_dir
+    try:
+        sd.mkdir(parents=True, exist_ok=True)
+        for sub in ("cache", "logs", "reports"):
+            (sd / sub).mkdir(exist_ok=True)
+            os.chmod(sd / sub, 0o700)
+    except OSError as exc:
+        src = E.printable(str(cfg.source)) if cfg.source is not None else "site config"
+        raise E.ConfigError(f"{src}: site.state_dir: cannot create or use the folder {E.printable(str(sd))} "
+                            f"({type(exc).__name__})") from None
+    return sd
+
+
+def _tsv_field(text: str) -> str:
+    return E.printable(text.replace("\\", "\\\\"))
+
+
+def write_rejects_map(state_dir: Path, rows: list[tuple[str, str, str]]) -> Path:
+    """``<state_dir>/reports/rejects-map.tsv`` (mode 0600): reference, path relative to
+    ``site.dicom_dir`` (backslashes doubled, control characters escaped), reason."""
+    reports = Path(state_dir) / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    os.chmod(reports, 0o700)
+    path = reports / "rejects-map.tsv"
+    tmp = reports / ".rejects-map.tsv.tmp"
+    lines = ["# reference\tpath under site.dicom_dir (\\\\ = backslash, \\xNN = a control character)\treason\n"]
+    lines += [f"{ref}\t{_tsv_field(rel)}\t{reason}\n" for ref, rel, reason in rows]
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with open(fd, "w", encoding="utf-8") as fh:
+        fh.writelines(lines)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+def read_rejects_map(state_dir: Path) -> dict[str, str]:
+    """The operator's map: ``{reference: path as written (escaped)}``."""
+    out = {}
+    path = Path(state_dir) / "reports" / "rejects-map.tsv"
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            ref, rel, _reason = line.split("\t")
+            out[ref] = rel
+    return out
 
 
 def ingest(
@@ -145,99 +358,173 @@ def ingest(
     *,
     use_cache: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
 ) -> IngestResult:
-    """Ingest a site's DICOM folder: discover, de-identify, decode at full depth, cache, label, split.
+    """Ingest a site's DICOM folder: discover, check, de-identify, decode at full depth, cache,
+    label, split.
 
     Parameters
     ----------
     cfg : SiteConfig
-        The site's config (folder, labels, key, state dir, de-identification and preprocessing).
+        The site's config (folder, labels, key, state dir, de-identification, preprocessing,
+        ``ingest`` settings: workers, per-file timeout and memory, largest file).
     use_cache : bool
-        Reuse ``<state_dir>/cache`` for unchanged files and write the new generation back.
+        Reuse ``<state_dir>/cache`` for unchanged files and publish the new rows there. Without
+        it, the rows go to a private scratch store that disappears with the returned data.
     progress : callable, optional
-        ``progress(files_done, files_total)`` after each file.
+        ``progress(files_done, files_total)`` as files finish.
+    workers : int, optional
+        Worker processes (default: ``ingest.workers``, else the CPUs this process may use).
 
     Returns
     -------
     IngestResult
-        ``report`` (counts, reasons, splits; PHI-free) and ``data`` (images, features, labels,
-        splits, pseudonymous patient ids).
+        ``report`` (counts, reasons, splits; PHI-free) and ``data`` (lazy views of the cached
+        images, features and scaling statistics; labels, splits, pseudonymous patient ids).
 
     Raises
     ------
     ConfigError
-        The labels file or the secret key cannot be used (one line naming the file and row).
+        The labels file, the secret key or the state dir cannot be used (one line naming the
+        file and the key or row).
+    DicomflError
+        The worker processes cannot start.
     """
     t0 = time.perf_counter()
     s = cfg.site
-    deid = Deidentifier(cfg.secret_key, cfg.deid)
+    prepare_state_dir(cfg)
+    key = cfg.secret_key
+    deid = Deidentifier(key, cfg.deid)
     fp = fingerprint(cfg, deid)
-    cache = SiteCache(s.state_dir)
-    old = cache.load(fp) if use_cache else None
+    size = cfg.preprocess.image_size
     report = IngestReport(site=s.name, deid_options=cfg.deid.model_dump())
 
-    files = list(walk(s.dicom_dir))
-    new = CacheState(fingerprint=fp)
-    images: list[np.ndarray] = []
-    feats: list[np.ndarray] = []
-    order: list[tuple[str, Record]] = []  # (rel, record) in walk order
-    size = cfg.preprocess.image_size
-
-    for i, f in enumerate(files):
-        path_key = deid.pseudonym("path", f.rel, 32)
-        entry = old.files.get(path_key) if old else None
-        rec: Record | None = None
-        if entry and entry.size == f.size and entry.mtime_ns == f.mtime_ns and entry.content in old.records:
-            content = entry.content
-            rec = old.records[content]
-        else:
-            try:
-                data = f.path.read_bytes()
-            except OSError as exc:
-                data = None
-                rec = Record("rejected", reason=E.UNREADABLE, detail=type(exc).__name__)
-            content = deid.pseudonym("content", data, 32) if data is not None else deid.pseudonym("unreadable", f.rel, 32)
-            if rec is None and old and content in old.records:
-                rec = old.records[content]
-        if rec is not None and rec.status == "accepted" and content not in new.records:
-            # cache hit: copy the stored tensors into the new generation
-            assert old is not None
-            row = len(images)
-            images.append(np.asarray(old.images[rec.row]))
-            feats.append(np.asarray(old.features[rec.row]))
-            rec = Record(**{**rec.__dict__, "row": row})
-            report.cache_hits += 1
-        elif rec is not None and content in new.records:
-            rec = new.records[content]  # duplicate file content under another path
-        elif rec is not None:
-            report.cache_hits += 1
-        else:
-            rec, img, fv = process_file(data, f.rel, content, cfg, deid)
-            report.decoded += 1
-            if rec.status == "accepted":
-                rec.row = len(images)
-                images.append(img)
-                feats.append(fv)
-        new.files[path_key] = FileEntry(f.size, f.mtime_ns, content)
-        new.records[content] = rec
-        order.append((f.rel, rec))
-        if progress:
-            progress(i + 1, len(files))
-
-    new.images = np.stack(images) if images else np.zeros((0, size, size), np.float32)
-    new.features = np.stack(feats) if feats else np.zeros((0, N_FEATURES), np.float32)
-    if use_cache:
-        cache.save(new)
-
+    # The labels file first: a bad one stops before any file is decoded.
     labels = Labels()
     if s.labels is not None:
-        labels = load_labels(s.labels, s.label_key, lambda v: deid.pseudonym("label-key", v, 32))
+        labels = load_labels(s.labels, s.label_key, lambda v: deid.pseudonym("label-key", v, 32),
+                             key_column=s.labels_key_column, value_column=s.labels_value_column,
+                             n_classes=s.n_classes)
+
+    cache = SiteCache(s.state_dir)
+    with cache.locked() if use_cache else contextlib.nullcontext():
+        old = cache.load(fp, size, N_FEATURES) if use_cache else None
+        if old is not None:
+            store = old.store
+        elif use_cache:
+            store = cache.new_store(size, N_FEATURES)
+        else:
+            store = ChunkStore(s.state_dir / "cache" / "scratch", size, N_FEATURES, chunk_rows_for(size), scratch=True)
+
+        rels: list[str] = []
+        path_keys: list[str] = []
+        contents: list[str] = []
+        recs: list[Record | None] = []
+        new_files: dict[str, FileEntry] = {}
+        new_records: dict[str, Record] = {}
+        todo: list[int] = []
+        stat_of: list[tuple[int, int]] = []
+        for i, f in enumerate(walk(s.dicom_dir)):
+            rels.append(f.rel)
+            stat_of.append((f.size, f.mtime_ns))
+            path_key = deid.pseudonym("path", f.rel, 32)
+            path_keys.append(path_key)
+            entry = old.files.get(path_key) if old else None
+            if entry is not None and entry.size == f.size and entry.mtime_ns == f.mtime_ns and entry.content in old.records:
+                contents.append(entry.content)
+                recs.append(new_records.setdefault(entry.content, old.records[entry.content]))
+                new_files[path_key] = entry
+                report.cache_hits += 1
+            elif f.size > cfg.ingest.max_file_bytes:
+                c = _stat_key(deid, f.rel, f.size, f.mtime_ns)
+                contents.append(c)
+                recs.append(new_records.setdefault(c, Record("rejected", reason=E.TOO_LARGE,
+                                                             detail="file size over ingest.max_file_bytes")))
+                new_files[path_key] = FileEntry(f.size, f.mtime_ns, c)
+            else:
+                contents.append("")
+                recs.append(None)
+                todo.append(i)
+        total = len(rels)
+        done = total - len(todo)
+        if progress:
+            progress(done, total)
+
+        n_workers = min(workers or cfg.ingest.workers or default_workers(), max(1, len(todo)))
+        report.workers = n_workers if todo else 0
+        mem = cfg.ingest.worker_memory_mb << 20 if cfg.ingest.worker_memory_mb else None
+        known = frozenset(old.records) if old else frozenset()
+        outcomes = imap_isolated(_work, [rels[i] for i in todo], workers=n_workers,
+                                 timeout_s=cfg.ingest.file_timeout_s, memory_bytes=mem,
+                                 initializer=_init_worker, initargs=(cfg, key, known), env=WORKER_ENV)
+        try:
+            for j, outcome in outcomes:
+                i = todo[j]
+                rel = rels[i]
+                cacheable = True
+                if isinstance(outcome, WorkerFailure):
+                    content = _stat_key(deid, rel, *stat_of[i])
+                    rec = Record("rejected", reason=outcome.reason, detail=outcome.detail)
+                    cacheable = outcome.reason not in RETRY_REASONS
+                    report.decoded += 1
+                elif outcome[0] == "known":
+                    content = outcome[1]
+                    rec = old.records[content]
+                    report.cache_hits += 1
+                elif outcome[0] == "rejected":
+                    _, content, reason, detail = outcome
+                    content = content or _stat_key(deid, rel, *stat_of[i])
+                    rec = Record("rejected", reason=reason, detail=detail)
+                    cacheable = reason not in RETRY_REASONS
+                    report.decoded += 1
+                else:
+                    _, content, modality, label_key, patient, img, feats, stats = outcome
+                    report.decoded += 1
+                    if content in new_records:
+                        rec = new_records[content]  # the same content under another path
+                    else:
+                        rec = Record("accepted", modality=modality, label_key=label_key, patient=patient,
+                                     row=store.append(img, feats, stats))
+                        report.cache_rows_written += 1
+                rec = new_records.setdefault(content, rec) if cacheable else rec
+                contents[i] = content
+                recs[i] = rec
+                if cacheable:
+                    new_files[path_keys[i]] = FileEntry(*stat_of[i], content)
+                done += 1
+                if progress:
+                    progress(done, total)
+        except PoolStartError as exc:
+            raise E.DicomflError(f"ingestion workers cannot start ({exc})") from None
+        finally:
+            outcomes.close()
+        del todo, stat_of, path_keys
+
+        # Drop rows no file uses any more once they are most of the store.
+        live = sorted({r.row for r in new_records.values() if r.status == "accepted"})
+        dead = store.rows - len(live)
+        if dead > len(live) and dead >= FIRST_CHUNK_ROWS:
+            compact, mapping = store.compacted(np.asarray(live, dtype=np.int64))
+            store.close()
+            store = compact
+            new_records = {c: (replace(r, row=mapping[r.row]) if r.status == "accepted" else r)
+                           for c, r in new_records.items()}
+            recs = [new_records.get(c, r) for c, r in zip(contents, recs)]
+        if use_cache:
+            state = CacheState(fingerprint=fp, store=store, files=new_files, records=new_records)
+            unchanged = (old is not None and store is old.store and not store.changed
+                         and new_files == old.files and new_records == old.records)
+            if not unchanged:
+                t_pub = time.perf_counter()
+                cache.save(state)
+                report.publish_s = round(time.perf_counter() - t_pub, 3)
+        del new_files, new_records, old
+
+    # One sample per accepted content (duplicate files under two paths count once), in walk order.
     report.label_rows = labels.rows
     report.label_problems = labels.problems
     for p in labels.problems:
         log.warning("labels: %s", p)
-
-    # One sample per accepted content (duplicate files under two paths count once).
     rows_seen: set[int] = set()
     keep_rows: list[int] = []
     y: list[int] = []
@@ -245,14 +532,17 @@ def ingest(
     matched_keys: set[str] = set()
     reasons: Counter[str] = Counter()
     modalities: Counter[str] = Counter()
-    for rel, rec in order:
+    rejected_paths: list[tuple[str, str, str]] = []
+    for rel, rec in zip(rels, recs):
         report.seen += 1
         if rec.status != "accepted":
+            ref = file_ref(deid, rel)
             report.rejected += 1
             reasons[rec.reason] += 1
-            report.rejects.append({"file": rel, "reason": rec.reason, "detail": rec.detail})
+            report.rejects.append({"file": ref, "reason": rec.reason, "detail": rec.detail})
+            rejected_paths.append((ref, rel, rec.reason))
             if rec.reason != E.NOT_DICOM:
-                log.warning("rejected %s: %s%s", rel, rec.reason, f" ({rec.detail})" if rec.detail else "")
+                log.warning("rejected %s: %s%s", ref, rec.reason, f" ({rec.detail})" if rec.detail else "")
             continue
         report.accepted += 1
         modalities[rec.modality] += 1
@@ -265,22 +555,16 @@ def ingest(
             matched_keys.add(rec.label_key)
         y.append(label)
         patients.append(rec.patient)
+    write_rejects_map(s.state_dir, rejected_paths)
     report.rejected_by_reason = dict(sorted(reasons.items()))
     report.by_modality = dict(sorted(modalities.items()))
     report.label_rows_unmatched = len(set(labels.by_key) - matched_keys)
 
-    idx = np.asarray(keep_rows, dtype=np.int64)
-    split = np.asarray(
-        [assign(p, cfg.splits.val, cfg.splits.test, cfg.splits.seed) for p in patients], dtype=np.int8
-    )
+    rows = np.asarray(keep_rows, dtype=np.int64)
+    split = np.asarray([assign(p, cfg.splits.val, cfg.splits.test, cfg.splits.seed) for p in patients], dtype=np.int8)
     labels_arr = np.asarray(y, dtype=np.int64)
-    data = SiteData(
-        images=np.asarray(new.images[idx]) if len(idx) else new.images[:0],
-        features=np.asarray(new.features[idx]) if len(idx) else new.features[:0],
-        labels=labels_arr,
-        split=split,
-        patients=patients,
-    )
+    data = SiteData(images=StoreRows(store, "images", rows), features=StoreRows(store, "features", rows),
+                    labels=labels_arr, split=split, patients=patients, stats=StoreRows(store, "stats", rows))
     report.labelled = int((labels_arr >= 0).sum())
     report.unlabelled = int((labels_arr < 0).sum())
     for code, name in NAMES.items():
@@ -289,3 +573,13 @@ def ingest(
     report.elapsed_s = round(time.perf_counter() - t0, 3)
     report.files_per_s = round(report.seen / report.elapsed_s, 1) if report.elapsed_s > 0 else 0.0
     return IngestResult(report=report, data=data)
+
+
+def _stat_key(deid: Deidentifier, rel: str, size: int, mtime_ns: int) -> str:
+    """The key of a file's record when its content was not hashed (too large, unreadable, its
+    worker failed): its path, size and mtime; any change to the file retries it."""
+    return "s" + deid.pseudonym("stat", f"{rel}\x00{size}\x00{mtime_ns}", 31)
+
+
+__all__ = ["IngestReport", "IngestResult", "LazyRows", "SiteData", "file_ref", "ingest", "prepare_state_dir",
+           "process_file", "read_rejects_map", "write_rejects_map"]

@@ -1,7 +1,7 @@
 """Read one DICOM file from bytes and check that it is an image we can use.
 
 Rejections carry a stable reason code (see :mod:`errors`) and a detail made only of tag keywords
-and exception type names, never of values. pydicom's warnings, which can quote element values,
+and exception type names, never of values (not even a dimension or a frame count). pydicom's warnings, which can quote element values,
 are captured and counted, never printed.
 """
 
@@ -25,18 +25,23 @@ from . import errors as E
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
-def read_dataset(data: bytes) -> Dataset:
-    """Parse a dataset from file bytes (with or without the Part 10 preamble)."""
-    if not data:
+def read_dataset(data) -> Dataset:
+    """Parse a dataset from file bytes or a read-only file mapping (``mmap``), with or without the
+    Part 10 preamble. A mapping is parsed in place: the file's bytes are never copied whole (only
+    each element's value, as pydicom reads it)."""
+    if not len(data):
         raise E.RejectedFile(E.EMPTY_FILE)
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            ds = pydicom.dcmread(source, force=True)
         except InvalidDicomError:
             raise E.RejectedFile(E.UNREADABLE, "InvalidDicomError") from None
         except (EOFError, OSError) as exc:
             raise E.RejectedFile(E.TRUNCATED, type(exc).__name__) from None
+        except MemoryError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any parser failure is a reject, never a crash
             raise E.RejectedFile(E.UNREADABLE, type(exc).__name__) from None
     if len(ds) == 0:
@@ -92,4 +97,4 @@ def check_image(ds: Dataset, max_pixels: int) -> None:
     if rows <= 0 or cols <= 0 or frames <= 0 or samples <= 0:
         raise E.RejectedFile(E.BAD_GEOMETRY, "Rows/Columns")
     if rows * cols * frames * samples > max_pixels:
-        raise E.RejectedFile(E.TOO_LARGE, f"{rows}x{cols}x{frames}x{samples} over max_pixels")
+        raise E.RejectedFile(E.TOO_LARGE, "Rows*Columns*NumberOfFrames*SamplesPerPixel over max_pixels")

@@ -18,6 +18,11 @@ returns the new weights (plain parameter names) with numbers only. Options:
 * Deterministic on CPU for a given seed; CUDA is used when present. Under DP the Poisson sampler and
   the noise draw from their own generators, seeded from OS entropy unless ``DPSettings.seed`` is set
   (a known seed would let anyone who knows it remove the noise).
+* Data: a :class:`SplitData` is a lazy view of the site's on-disk cache (no whole-site array in
+  memory). :class:`SplitDataset` reads each batch's rows from disk and robust-scales them with
+  the per-image statistics computed at ingest (the same numbers, bit for bit, as
+  :func:`~dicomfl.common.normalize.robust_scale`). With CUDA the loader pins its batches and
+  copies them to the GPU with ``non_blocking=True``.
 """
 
 from __future__ import annotations
@@ -33,20 +38,81 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
+from .cache import LazyRows, take_rows
 from .metrics import evaluate_predictions
 from .errors import ModelMismatch, NoTrainingData
 from .model import get_weights, load_weights
-from .normalize import robust_scale
+from .normalize import CLIP, robust_scale
+
+
+class ScaledImages(LazyRows):
+    """Rows ``idx`` of a site's images, robust-scaled as they are read.
+
+    ``stats`` holds each image's ``[median, p99 - p1]`` (computed at ingest); without it they
+    are computed from the rows read. Either way the result equals
+    :func:`~dicomfl.common.normalize.robust_scale` of those images.
+    """
+
+    def __init__(self, images, stats, idx: np.ndarray) -> None:
+        self.idx = np.asarray(idx, dtype=np.int64)
+        super().__init__(len(self.idx), tuple(images.shape[1:]))
+        self.images, self.stats = images, stats
+
+    def take(self, i: np.ndarray) -> np.ndarray:
+        rows = self.idx[np.asarray(i, dtype=np.int64)]
+        x = take_rows(self.images, rows).astype(np.float32, copy=False)
+        if self.stats is None:
+            return robust_scale(x) if len(x) else x
+        st = take_rows(self.stats, rows)
+        out = (x - st[:, 0, None, None]) / st[:, 1, None, None]
+        np.clip(out, -CLIP, CLIP, out=out)
+        return out
+
+
+class RowSubset(LazyRows):
+    """Rows ``idx`` of an ndarray or another lazy view."""
+
+    def __init__(self, base, idx: np.ndarray) -> None:
+        self.idx = np.asarray(idx, dtype=np.int64)
+        super().__init__(len(self.idx), tuple(base.shape[1:]))
+        self.base = base
+
+    def take(self, i: np.ndarray) -> np.ndarray:
+        return take_rows(self.base, self.idx[np.asarray(i, dtype=np.int64)]).astype(np.float32, copy=False)
+
+
+class ConcatRows(LazyRows):
+    """Several arrays or lazy views, one after the other."""
+
+    def __init__(self, parts: list) -> None:
+        self.parts = list(parts)
+        self.ends = np.cumsum([len(p) for p in self.parts]).astype(np.int64)
+        super().__init__(int(self.ends[-1]) if len(self.ends) else 0, tuple(self.parts[0].shape[1:]))
+
+    def take(self, i: np.ndarray) -> np.ndarray:
+        i = np.asarray(i, dtype=np.int64)
+        out = np.empty((len(i), *self.shape[1:]), np.float32)
+        which = np.searchsorted(self.ends, i, side="right")
+        starts = np.concatenate([[0], self.ends[:-1]])
+        for k in np.unique(which).tolist():
+            sel = which == k
+            out[sel] = take_rows(self.parts[k], i[sel] - starts[k])
+        return out
 
 
 @dataclass
 class SplitData:
-    """Model inputs for one split of one site (normalized images, features, labels)."""
+    """Model inputs for one split of one site (normalized images, features, labels).
 
-    images: np.ndarray  # (N, S, S) float32, robust-scaled
-    features: np.ndarray  # (N, F) float32
+    ``images`` and ``features`` are arrays or lazy views (:class:`~dicomfl.common.cache.LazyRows`)
+    of the site's on-disk cache; indexing either reads only the rows asked for. ``labels`` is
+    an array in memory.
+    """
+
+    images: "np.ndarray | LazyRows"  # (N, S, S) float32, robust-scaled
+    features: "np.ndarray | LazyRows"  # (N, F) float32
     labels: np.ndarray  # (N,) int64
 
     def __len__(self) -> int:
@@ -54,12 +120,16 @@ class SplitData:
 
     @staticmethod
     def concat(parts: "list[SplitData]") -> "SplitData":
-        return SplitData(np.concatenate([p.images for p in parts]), np.concatenate([p.features for p in parts]),
-                      np.concatenate([p.labels for p in parts]))
+        labels = np.concatenate([p.labels for p in parts])
+        if all(isinstance(p.images, np.ndarray) and isinstance(p.features, np.ndarray) for p in parts):
+            return SplitData(np.concatenate([p.images for p in parts]), np.concatenate([p.features for p in parts]),
+                             labels)
+        return SplitData(ConcatRows([p.images for p in parts]), ConcatRows([p.features for p in parts]), labels)
 
 
-def load_split(data, split: int, image_size: int | None = None) -> SplitData:
-    """Labelled samples of one split of a site's data, robust-scaled, ready for the model.
+def load_split(data, split: int, image_size: int | None = None, n_classes: int | None = None) -> SplitData:
+    """Labelled samples of one split of a site's data, ready for the model: a lazy view (nothing
+    is read here); images are robust-scaled as batches are read.
 
     Parameters
     ----------
@@ -69,19 +139,55 @@ def load_split(data, split: int, image_size: int | None = None) -> SplitData:
         ``TRAIN``, ``VAL`` or ``TEST`` (:mod:`dicomfl.common.splits`).
     image_size : int, optional
         The size the model expects; a check, never a second resize.
+    n_classes : int, optional
+        The model's classes; a check that every label is one of them.
 
     Raises
     ------
     ModelMismatch
-        ``image_size`` differs from the size the images were ingested at.
+        ``image_size`` differs from the size the images were ingested at, or a label is not
+        one of the model's ``n_classes`` classes.
     """
     idx = data.subset(split)
-    imgs = data.images[idx]
     if image_size is not None and data.images.shape[-1] != image_size:
         raise ModelMismatch(f"the model asks for {image_size} px images; this site ingests at "
                             f"{data.images.shape[-1]} px (preprocess.image_size)")
-    return SplitData(robust_scale(imgs) if len(imgs) else imgs.astype(np.float32),
-                  data.features[idx].astype(np.float32), data.labels[idx].astype(np.int64))
+    labels = np.asarray(data.labels[idx], dtype=np.int64)
+    if n_classes is not None and len(labels) and int(labels.max()) >= n_classes:
+        raise ModelMismatch(f"the model has {n_classes} classes; this site's labels go beyond them (site.n_classes)")
+    return SplitData(ScaledImages(data.images, getattr(data, "stats", None), idx),
+                     RowSubset(data.features, idx), labels)
+
+
+class SplitDataset(Dataset):
+    """A :class:`SplitData` as a torch map-style dataset: ``(image (1, S, S), features, label)``.
+
+    ``__getitems__`` reads a whole batch of rows at once (one sorted pass over the on-disk
+    rows, one vectorised scaling); torch's fetcher uses it, Opacus's Poisson loader too.
+    """
+
+    def __init__(self, data: SplitData) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        return self.__getitems__([int(i)])[0]
+
+    def __getitems__(self, idx: "list[int]"):
+        if len(idx) == 0:
+            return []
+        rows = np.asarray(idx, dtype=np.int64)
+        x = torch.from_numpy(np.ascontiguousarray(take_rows(self.data.images, rows), dtype=np.float32))
+        f = torch.from_numpy(np.ascontiguousarray(take_rows(self.data.features, rows), dtype=np.float32))
+        y = torch.from_numpy(np.asarray(self.data.labels[rows], dtype=np.int64))
+        return [(x[k, None], f[k], y[k]) for k in range(len(rows))]
+
+
+def _check_labels(labels: np.ndarray, n_classes: int) -> None:
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise ModelMismatch(f"training labels must be 0..{n_classes - 1}")
 
 
 @dataclass
@@ -140,10 +246,12 @@ def class_weights_from_counts(counts) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def _loader(data: SplitData, batch_size: int, shuffle: bool, generator: torch.Generator) -> DataLoader:
-    ds = TensorDataset(torch.from_numpy(data.images[:, None]), torch.from_numpy(data.features),
-                       torch.from_numpy(data.labels))
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=False)
+def _loader(data: SplitData, batch_size: int, shuffle: bool, generator: torch.Generator,
+            dev: torch.device | None = None) -> DataLoader:
+    """Batches read from disk as they are needed; pinned for a fast asynchronous copy to a GPU."""
+    pin = dev is not None and dev.type == "cuda"
+    return DataLoader(SplitDataset(data), batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      drop_last=False, pin_memory=pin)
 
 
 def _dp_generators(seed: int | None, dev: torch.device) -> tuple[torch.Generator, torch.Generator]:
@@ -174,6 +282,7 @@ def train_local(
     work.to(dev).train()
     anchor = [p.detach().clone() for p in work.parameters()]
     n_classes = work.cfg.n_classes if hasattr(work, "cfg") else int(data.labels.max()) + 1
+    _check_labels(data.labels, n_classes)
     weights = None
     if settings.class_weights:
         if settings.class_counts is not None:
@@ -193,7 +302,7 @@ def train_local(
         sample_gen, noise_gen = (_dp_generators(dp.seed, dev) if dp is not None
                                  else (torch.Generator().manual_seed(settings.seed), None))
         # Under DP, Opacus's Poisson loader takes the generator of the loader it wraps.
-        loader = _loader(data, min(settings.batch_size, len(data)), True, sample_gen)
+        loader = _loader(data, min(settings.batch_size, len(data)), True, sample_gen, dev)
         engine = None
         criterion = None
         if dp is not None:
@@ -217,7 +326,9 @@ def train_local(
                 if settings.max_steps is not None and steps >= settings.max_steps:
                     done = True
                     break
-                images, feats, y = images.to(dev), feats.to(dev), y.to(dev)
+                nb = dev.type == "cuda"
+                images, feats, y = (images.to(dev, non_blocking=nb), feats.to(dev, non_blocking=nb),
+                                    y.to(dev, non_blocking=nb))
                 optimizer.zero_grad(set_to_none=True)
                 if len(y) == 0:
                     # Poisson sampling drew no sample: still a (noise-only) step for the accountant.
@@ -273,10 +384,15 @@ def predict(model: nn.Module, data: SplitData, batch_size: int = 256, dev: torch
     """Class probabilities (N, C)."""
     dev = dev or device()
     model = model.to(dev).eval()
+    cuda = dev.type == "cuda"
     outs = []
     for i in range(0, len(data), batch_size):
-        x = torch.from_numpy(data.images[i:i + batch_size, None]).to(dev)
-        f = torch.from_numpy(data.features[i:i + batch_size]).to(dev)
+        rows = np.arange(i, min(i + batch_size, len(data)), dtype=np.int64)
+        x = torch.from_numpy(np.ascontiguousarray(take_rows(data.images, rows), dtype=np.float32))[:, None]
+        f = torch.from_numpy(np.ascontiguousarray(take_rows(data.features, rows), dtype=np.float32))
+        if cuda:
+            x, f = x.pin_memory(), f.pin_memory()
+        x, f = x.to(dev, non_blocking=cuda), f.to(dev, non_blocking=cuda)
         outs.append(torch.softmax(model(x, f), dim=1).cpu().numpy())
     n_classes = model.cfg.n_classes if hasattr(model, "cfg") else 2
     return np.concatenate(outs) if outs else np.zeros((0, n_classes), np.float32)

@@ -16,7 +16,7 @@ from pydicom.data import get_testdata_file
 
 from dicomfl.common.config import load_site_config
 from dicomfl.common.errors import ConfigError
-from dicomfl.common.ingest import ingest
+from dicomfl.common.ingest import ingest, read_rejects_map
 
 from .conftest import write_site
 
@@ -65,7 +65,11 @@ def test_bad_input_is_rejected_per_file_and_work_goes_on(tmp_path):
     assert rep["rejected_by_reason"] == {
         "empty-file": 1, "non-image-sop-class": 1, "not-dicom": 1, "truncated": 1,
     }
-    assert "rejected STUDY1/SERIES1/TRUNC: truncated" in r.stderr
+    # named by a site-local reference; the operator's map (0600) says which path it is
+    refs = {rel: ref for ref, rel in read_rejects_map(tmp_path / "state").items()}
+    assert f"rejected {refs['STUDY1/SERIES1/TRUNC']}: truncated" in r.stderr
+    assert "STUDY1" not in r.stderr + r.stdout + json.dumps(rep)
+    assert {x["file"] for x in rep["rejects"]} == set(refs.values())
     assert rep["labelled"] == 1  # IM0001 had conflicting labels: dropped
     assert any("row 4" in p for p in rep["label_problems"])
     assert (tmp_path / "state" / "logs" / "ingest.log").read_text().count("rejected") >= 3

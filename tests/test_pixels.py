@@ -96,3 +96,50 @@ def test_colour_to_luminance_or_reject():
     with pytest.raises(E.RejectedFile) as exc:
         to_float(ds, arr, "reject")
     assert exc.value.reason == E.COLOR_REJECTED
+
+
+@pytest.mark.parametrize("shape, size", [((512, 512), 256), ((300, 257), 64), ((64, 64), 128), ((37, 100), 32),
+                                         ((2000, 1500), 128)])
+def test_resize_matches_torch_antialiased_bilinear(shape, size):
+    """Pillow's float resampling (used so that ingestion workers need no torch) gives torch's
+    antialiased bilinear resize to float32 rounding."""
+    import torch
+    import torch.nn.functional as F
+
+    img = np.random.default_rng(0).normal(1000, 300, shape).astype(np.float32)
+    ref = F.interpolate(torch.from_numpy(img)[None, None], size=(size, size), mode="bilinear", antialias=True,
+                        align_corners=False)[0, 0].numpy()
+    got = resize(img, size)
+    assert got.dtype == np.float32 and got.shape == (size, size)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+def test_robust_stats_give_robust_scale_bit_for_bit():
+    from dicomfl.common.normalize import CLIP, robust_scale
+    from dicomfl.common.pixels import _percentiles, robust_stats
+
+    rng = np.random.default_rng(3)
+    for n in [*range(1, 40), 99, 100, 101, 4096, 65536]:  # every small size: the interpolation's edge cases
+        for x in (rng.normal(0, 1, n), np.round(rng.normal(0, 3, n)), np.full(n, 3.5)):
+            x = x.astype(np.float32)
+            assert np.array_equal(np.array(_percentiles(x, (1.0, 50.0, 99.0))),
+                                  np.percentile(x.reshape(1, -1), [1, 50, 99], axis=1).ravel()), n
+    imgs = (rng.normal(1000, 300, (40, 37, 41)) * rng.uniform(0.1, 5, (40, 1, 1))).astype(np.float32)
+    imgs[3] = 7.0  # flat: zeros
+    st = np.stack([robust_stats(i) for i in imgs])
+    out = (imgs - st[:, 0, None, None]) / st[:, 1, None, None]
+    np.clip(out, -CLIP, CLIP, out=out)
+    assert np.array_equal(out, robust_scale(imgs)) and np.all(out[3] == 0)
+
+
+@pytest.mark.parametrize("shape, size", [((2048, 2048), 256), ((512, 512), 256), ((64, 64), 128), ((37, 100), 32)])
+def test_a_non_finite_pixel_anywhere_survives_the_resize(shape, size):
+    """full_depth_pixels looks for NaN/inf after the resize: every source pixel must reach it."""
+    rng = np.random.default_rng(5)
+    h, w = shape
+    spots = [(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1), (h // 2, 0), (0, w // 2)]
+    spots += [tuple(rng.integers(0, (h, w))) for _ in range(10)]
+    for k, (i, j) in enumerate(spots):
+        x = rng.normal(0, 1, shape).astype(np.float32)
+        x[i, j] = (np.nan, np.inf, -np.inf)[k % 3]
+        assert not np.isfinite(resize(x, size)).all(), (i, j)

@@ -78,6 +78,7 @@ def _report_table(rep) -> Table:
     t.add_row("label rows with problems", str(len(rep.label_problems)))
     t.add_row("label rows matching no image", str(rep.label_rows_unmatched))
     t.add_row("from cache / decoded", f"{rep.cache_hits} / {rep.decoded}")
+    t.add_row("worker processes", str(rep.workers))
     t.add_row("seconds (files/s)", f"{rep.elapsed_s} ({rep.files_per_s})")
     return t
 
@@ -88,25 +89,49 @@ def ingest(
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the report as JSON to this file."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Decode everything again; do not read or write the cache."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker processes (default: ingest.workers, else the CPUs)."),
 ) -> None:
     """Discover, de-identify and cache a site's DICOM files; print a report.
 
-    Files are found by content (any nesting, any names). Each rejected file is listed with its
-    reason in the site log (<state_dir>/logs/ingest.log) and in the JSON report. The report is
-    also written to <state_dir>/reports/ingest.json.
+    Files are found by content (any nesting, any names), and each is read, checked and decoded
+    in a worker process: a file that crashes or hangs a decoder is rejected and the rest goes on.
+    Rejected files are named by a site-local reference (file:...), never by their path; the
+    operator's map from references to paths is <state_dir>/reports/rejects-map.tsv (mode 0600).
+    Each rejected file is listed with its reason in the site log (<state_dir>/logs/ingest.log)
+    and in the report, written to <state_dir>/reports/ingest.json.
     """
+    import os
+
     from dicomfl.common.config import load_site_config
+    from dicomfl.common.errors import printable
     from dicomfl.common.ingest import ingest as run_ingest
+    from dicomfl.common.ingest import prepare_state_dir
     from dicomfl.common.logs import setup
 
+    def say(line: str) -> None:
+        err.print(printable(line), markup=False, highlight=False, soft_wrap=True)
+
+    def write_private(path: Path, text: str) -> None:
+        # mode 0600: the report names files only by reference, but it is the site's own document
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    if report is not None and report.is_dir():
+        _fail(f"--report: {printable(str(report))} is a folder; give a file name")
     try:
-        cfg = load_site_config(site_yaml)
+        try:
+            cfg = load_site_config(site_yaml)
+        except UnicodeDecodeError as exc:
+            raise DicomflError(f"{site_yaml}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        prepare_state_dir(cfg)
         logpath = setup(cfg.site.state_dir, "ingest", console_level=logging.ERROR)
         with progress_bar("ingest") as bar:
             task = bar.add_task("ingest", total=None)
-            result = run_ingest(cfg, use_cache=not no_cache, progress=lambda i, n: bar.update(task, completed=i, total=n))
+            result = run_ingest(cfg, use_cache=not no_cache, workers=workers,
+                                progress=lambda i, n: bar.update(task, completed=i, total=n))
     except DicomflError as exc:
-        _fail(str(exc))
+        _fail(printable(str(exc)))
     rep = result.report
     if json_out:
         out.print_json(json.dumps(rep.to_json()))
@@ -117,19 +142,26 @@ def ingest(
         if r["reason"] == "not-dicom":
             continue
         if shown < 20:
-            err.print(f"rejected {r['file']}: {r['reason']}" + (f" ({r['detail']})" if r["detail"] else ""), markup=False, highlight=False, soft_wrap=True)
+            say(f"rejected {r['file']}: {r['reason']}" + (f" ({r['detail']})" if r["detail"] else ""))
         shown += 1
     if shown > 20:
-        err.print(f"... and {shown - 20} more rejected files: see {logpath}", markup=False, highlight=False, soft_wrap=True)
+        say(f"... and {shown - 20} more rejected files: see {logpath}")
+    if rep.rejects:
+        say(f"file references -> paths: {cfg.site.state_dir / 'reports' / 'rejects-map.tsv'} (for this site's operator only)")
     for p in rep.label_problems[:20]:
-        err.print(f"labels: {p}", markup=False, highlight=False, soft_wrap=True)
+        say(f"labels: {p}")
     payload = json.dumps(rep.to_json(), indent=2)
     reports_dir = cfg.site.state_dir / "reports"
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    (reports_dir / "ingest.json").write_text(payload)
-    if report is not None:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(payload)
+    try:
+        reports_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(reports_dir, 0o700)
+        write_private(reports_dir / "ingest.json", payload)
+        if report is not None:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            write_private(report, payload)
+    except OSError as exc:
+        _fail(f"cannot write the report {printable(str(report if report is not None else reports_dir))} "
+              f"({type(exc).__name__})")
 
 
 @app.command()
