@@ -256,6 +256,37 @@ def _init_worker(cfg: SiteConfig, key: bytes, known: frozenset[str]) -> None:
     _W.update(cfg=cfg, key=key, known=known, deid=Deidentifier(key, cfg.deid), root=str(cfg.site.dicom_dir))
 
 
+def map_file(path: str, max_bytes: int) -> "mmap.mmap | E.RejectedFile":
+    """A read-only mapping of one file (the caller closes it), or the rejection that says why
+    not: unreadable, empty, or over ``max_bytes`` (then it is not read at all)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return E.RejectedFile(E.UNREADABLE, type(exc).__name__)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return E.RejectedFile(E.EMPTY_FILE, "")
+        if size > max_bytes:
+            return E.RejectedFile(E.TOO_LARGE, "file size over ingest.max_file_bytes")
+        try:
+            return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            return E.RejectedFile(E.UNREADABLE, type(exc).__name__)
+    finally:
+        os.close(fd)
+
+
+def content_key(mm, key: bytes) -> str:
+    """A file's content key: an HMAC of its bytes under the site key, hashed in 1 MiB steps
+    (the file is never copied whole)."""
+    h = hmac.new(key, b"content\x00", hashlib.sha256)
+    with memoryview(mm) as view:
+        for at in range(0, len(view), _HASH_CHUNK):
+            h.update(view[at:at + _HASH_CHUNK])
+    return h.hexdigest()[:32]
+
+
 def _work(rel: str) -> tuple:
     """One file, in a worker: map it, hash it as it is read, check, de-identify, decode.
 
@@ -263,30 +294,13 @@ def _work(rel: str) -> tuple:
     ``("accepted", content, modality, label_key, patient, image, features, stats)``.
     """
     cfg: SiteConfig = _W["cfg"]
-    try:
-        fd = os.open(os.path.join(_W["root"], rel), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        return ("rejected", None, E.UNREADABLE, type(exc).__name__)
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return ("rejected", None, E.EMPTY_FILE, "")
-        if size > cfg.ingest.max_file_bytes:
-            return ("rejected", None, E.TOO_LARGE, "file size over ingest.max_file_bytes")
-        try:
-            mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as exc:
-            return ("rejected", None, E.UNREADABLE, type(exc).__name__)
-    finally:
-        os.close(fd)
+    mm = map_file(os.path.join(_W["root"], rel), cfg.ingest.max_file_bytes)
+    if isinstance(mm, E.RejectedFile):
+        return ("rejected", None, mm.reason, mm.detail)
     with mm:
         if not looks_like_dicom(mm[:132]):  # not hashed: a stat key is enough for what is skipped
             return ("rejected", None, E.NOT_DICOM, "")
-        h = hmac.new(_W["key"], b"content\x00", hashlib.sha256)
-        with memoryview(mm) as view:
-            for at in range(0, size, _HASH_CHUNK):
-                h.update(view[at:at + _HASH_CHUNK])
-        content = h.hexdigest()[:32]
+        content = content_key(mm, _W["key"])
         if content in _W["known"]:
             return ("known", content)
         rec, img, feats = _process(mm, rel, content, cfg, _W["deid"])
@@ -581,5 +595,5 @@ def _stat_key(deid: Deidentifier, rel: str, size: int, mtime_ns: int) -> str:
     return "s" + deid.pseudonym("stat", f"{rel}\x00{size}\x00{mtime_ns}", 31)
 
 
-__all__ = ["IngestReport", "IngestResult", "LazyRows", "SiteData", "file_ref", "ingest", "prepare_state_dir",
+__all__ = ["IngestReport", "IngestResult", "LazyRows", "SiteData", "content_key", "file_ref", "ingest", "map_file", "prepare_state_dir",
            "process_file", "read_rejects_map", "write_rejects_map"]

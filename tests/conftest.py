@@ -75,3 +75,28 @@ def site_data(cohort):
         cfg = load_site_config(cohort / name / "site.yaml")
         out[name] = (cfg, ingest(cfg).data)
     return out
+
+
+#: The model of ``trained_run`` (tiny, so the run takes seconds).
+TRAINED_MODEL = {"mode": "fused", "image_size": 32, "width": 4, "depth": 1, "meta_hidden": 8, "head_hidden": 8}
+
+
+@pytest.fixture(scope="session")
+def trained_run(cohort, tmp_path_factory) -> Path:
+    """A real one-round FedAvg run over the cohort (in-process grid) with local baselines and
+    cross-site validation; its out_dir. Shared by the export and predict tests."""
+    import yaml
+
+    from dicomfl.common.config import load_run_config
+    from dicomfl.server.federation import Federation
+    from dicomfl.workbench.inprocess import InProcessGrid
+
+    tmp = tmp_path_factory.mktemp("trained-run")
+    cfg = {"run": {"name": "export", "rounds": 1, "strategy": "fedavg", "min_sites": 2, "local_epochs": 1,
+                   "out_dir": str(tmp / "run")},
+           "cross_site": {"every": 0, "local_baseline": True}, "model": TRAINED_MODEL,
+           "sites": [str(cohort / s / "site.yaml") for s in ("site-a", "site-b", "site-c")]}
+    (tmp / "run.yaml").write_text(yaml.safe_dump(cfg))
+    rc = load_run_config(tmp / "run.yaml")
+    Federation(rc, InProcessGrid(rc.sites)).run()
+    return rc.out_dir

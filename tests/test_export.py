@@ -18,25 +18,22 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-import yaml
 
-from dicomfl.common.config import ModelConfig, load_run_config
+from dicomfl.common.config import ModelConfig
 from dicomfl.common.errors import DicomflError
 from dicomfl.common.features import N_FEATURES, SCHEMA_VERSION, feature_names
 from dicomfl.common.model import build_model, get_weights, load_weights
 from dicomfl.common.normalize import robust_scale
 from dicomfl.common.pixels import resize
 from dicomfl.server.checkpoint import read_npz, write_npz
-from dicomfl.server.federation import Federation
 from dicomfl.workbench.export import RobustScale, export_model, hanley_mcneil, reference_probabilities
-from dicomfl.workbench.inprocess import InProcessGrid
 
+from .conftest import TRAINED_MODEL as MODEL
 from .phi import identifying_values
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.jit:DeprecationWarning")  # torch 2.13 deprecates TorchScript
 
 SITES = ("site-a", "site-b", "site-c")
-MODEL = {"mode": "fused", "image_size": 32, "width": 4, "depth": 1, "meta_hidden": 8, "head_hidden": 8}
 DICOMFL = [sys.executable, "-m", "dicomfl.workbench.cli"]
 
 
@@ -50,17 +47,8 @@ ONNX = _has("onnx", "onnxscript", "onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def run_dir(cohort, tmp_path_factory) -> Path:
-    """A real one-round FedAvg run with local baselines and cross-site validation (tiny model)."""
-    tmp = tmp_path_factory.mktemp("export-run")
-    cfg = {"run": {"name": "export", "rounds": 1, "strategy": "fedavg", "min_sites": 2, "local_epochs": 1,
-                   "out_dir": str(tmp / "run")},
-           "cross_site": {"every": 0, "local_baseline": True}, "model": MODEL,
-           "sites": [str(cohort / s / "site.yaml") for s in SITES]}
-    (tmp / "run.yaml").write_text(yaml.safe_dump(cfg))
-    rc = load_run_config(tmp / "run.yaml")
-    Federation(rc, InProcessGrid(rc.sites)).run()
-    return rc.out_dir
+def run_dir(trained_run) -> Path:
+    return trained_run
 
 
 @pytest.fixture(scope="module")

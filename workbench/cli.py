@@ -375,6 +375,102 @@ def site_start(site_yaml: Path = typer.Argument(..., help="The site's config (si
     raise typer.Exit(code)
 
 
+@site_app.command("status")
+def site_status(
+    site_yaml: Path = typer.Argument(..., help="The site's config (site.yaml)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of lines."),
+) -> None:
+    """What the site has received over DICOM (intake), its last ingestion, and the privacy budget
+    spent. Counts and timestamps only: no patient, key or path appears."""
+    from dicomfl.client.status import site_status as status_of
+    from dicomfl.common.config import load_site_config
+
+    try:
+        cfg = load_site_config(site_yaml, check_files=False)
+    except DicomflError as exc:
+        _fail(str(exc))
+    st = status_of(cfg)
+    if json_out:
+        out.print_json(json.dumps(st))
+        return
+    say = lambda line: out.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    say(f"site {st['site']}")
+    i = st["intake"]
+    if i is None:
+        say("intake: off (no site.intake in the config)")
+    else:
+        say(f"intake: {i['ae_title']} on port {i['port']}{' (TLS)' if i['tls'] else ''}: received {i['received']}, "
+            f"written {i['written']}, duplicates {i['duplicates']}, rejected {i['rejected']}, failed {i['failed']}; "
+            f"associations accepted {i['associations_accepted']}, refused {i['associations_refused']}; "
+            f"last received {i['last_received_at'] or 'never'}")
+    g = st["ingest"]
+    if g is None:
+        say("ingest: never run (dicomfl ingest SITE_YAML, or the first round, does it)")
+    else:
+        say(f"ingest: {g.get('at')}: {g.get('seen', 0)} files, {g.get('accepted', 0)} accepted, "
+            f"{g.get('rejected', 0)} rejected, {g.get('labelled', 0)} labelled")
+    p = st["privacy"]
+    say(f"privacy: epsilon {p['epsilon_total']:.4f} spent over {p['runs']} run(s) of a budget of "
+        f"{'none set' if p['budget'] is None else format(p['budget'], 'g')}")
+
+
+@app.command()
+def predict(
+    model_npz: Path = typer.Argument(..., metavar="MODEL", help="Weights (.npz) of a run: global, best, local-<site>, personalized."),
+    site_yaml: Path = typer.Argument(..., help="The site's config (site.yaml): key, secret, preprocessing, validation split."),
+    out_csv: Path = typer.Option(..., "--out", help="The predictions file to write (CSV, mode 0600)."),
+    input_dir: Optional[Path] = typer.Option(None, "--input", help="A folder of new studies (default: the site's DICOM folder)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0, help="Decision threshold (default: Youden's J on the site's validation split, as evaluation uses)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker processes (default: ingest.workers, else the CPUs)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run", help="The run's folder (default: the nearest folder above MODEL with run_config.json)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Apply a trained model to the site's images, or to a folder of new studies.
+
+    Each image gets a row keyed by the site's own key (site.label_key: accession number, Study
+    Instance UID, ...): probability, decision at the site's threshold, and the model's identity.
+    The file is the site's own data: written only to --out, mode 0600, never sent anywhere.
+    Rejected files are listed beside it (<out>.rejected.tsv, 0600) and named by reference here.
+    """
+    from dicomfl.common.config import load_site_config
+    from dicomfl.common.errors import printable
+
+    if not model_npz.is_file():  # before torch is imported: a typo fails at once
+        _fail(f"{printable(str(model_npz))}: model file not found")
+    if input_dir is not None and not input_dir.is_dir():
+        _fail(f"--input: {printable(str(input_dir))} is not a folder")
+    if out_csv.is_dir():
+        _fail(f"--out: {printable(str(out_csv))} is a folder; give a file name")
+    from dicomfl.client.predict import predict_files, rejects_path
+    from dicomfl.common.logs import setup
+
+    from .export import load_trained
+
+    try:
+        cfg = load_site_config(site_yaml)
+        setup(cfg.site.state_dir, "predict", console_level=logging.ERROR)
+        trained = load_trained(model_npz, run_dir)
+        with progress_bar("predict") as bar:
+            task = bar.add_task("predict", total=None)
+            rep = predict_files(trained.net, cfg, out_csv, model_id=trained.model_id, model_sha256=trained.sha256,
+                                input_dir=input_dir, threshold=threshold, workers=workers,
+                                progress=lambda i, n: bar.update(task, completed=i, total=n))
+    except DicomflError as exc:
+        _fail(printable(str(exc)))
+    if json_out:
+        out.print_json(json.dumps(rep.to_json()))
+        return
+    for r in rep.rejects[:20]:
+        err.print(f"rejected {r['file']}: {r['reason']}" + (f" ({r['detail']})" if r["detail"] else ""),
+                  markup=False, highlight=False, soft_wrap=True)
+    thr = "argmax" if rep.threshold is None else f"{rep.threshold:.4f} ({rep.threshold_source})"
+    out.print(f"{rep.predicted} images predicted with {rep.model} (sha256 {rep.model_sha256[:12]}), threshold {thr}; "
+              f"{rep.rejected} files rejected; {rep.images_per_s} images/s\n"
+              f"predictions: {printable(str(out_csv))}" + (f"\nrejected files: {printable(str(rejects_path(out_csv)))}"
+                                                          if rep.rejects else ""),
+              markup=False, highlight=False, soft_wrap=True)
+
+
 @coordinator_app.command("start")
 def coordinator_start(coord_yaml: Path = typer.Argument(..., help="The coordinator config (coordinator.yaml).")) -> None:
     """Run the SuperLink until SIGTERM (TLS, SuperNode authentication, state in <state_dir>/superlink.db);

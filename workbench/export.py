@@ -439,6 +439,46 @@ def _onnx_embed_card(path: Path, card_json: str) -> None:
 
 
 # ------------------------------------------------------------------------------ the export
+@dataclass
+class Trained:
+    """A run's trained model, ready to apply: its network (eval mode), weights, identity and run."""
+
+    net: nn.Module
+    weights: dict
+    model_id: str
+    round: int | None
+    sha256: str
+    info: RunInfo
+
+
+def load_trained(model_path: Path, run_dir: Path | None = None) -> Trained:
+    """Build the model a run's weights file belongs to (its run folder says which model).
+
+    Raises
+    ------
+    DicomflError
+        No such file, not an ``.npz`` of arrays, no run folder, or weights that do not fit the
+        run's model (one line naming the file).
+    """
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise DicomflError(f"{printable(str(model_path))}: model file not found")
+    try:
+        weights = read_npz(model_path)
+    except Exception as exc:  # noqa: BLE001 - not an .npz of arrays: one line, the type only
+        raise DicomflError(f"{printable(str(model_path))}: not a weights file (.npz of arrays; "
+                           f"{type(exc).__name__})") from None
+    info = load_run(Path(run_dir) if run_dir is not None else find_run_dir(model_path))
+    net = build_model(info.model)
+    try:
+        load_weights(net, weights)
+    except ModelMismatch as exc:
+        raise DicomflError(f"{printable(str(model_path))}: {exc} (run {printable(str(info.dir))}, "
+                           f"feature schema v{SCHEMA_VERSION})") from None
+    model_id, rnd = identify(model_path, weights, info)
+    return Trained(net=net.eval(), weights=weights, model_id=model_id, round=rnd, sha256=_sha256(model_path), info=info)
+
+
 def export_model(model_path: Path, out_dir: Path, formats=("torchscript",), run_dir: Path | None = None) -> ExportResult:
     """Export the weights at ``model_path`` (a run's ``.npz``) into ``out_dir``; see the module doc.
 
@@ -453,23 +493,10 @@ def export_model(model_path: Path, out_dir: Path, formats=("torchscript",), run_
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise DicomflError(f"--format: unknown format {printable(bad[0])!r} (expected {' or '.join(FORMATS)})")
-    if not model_path.is_file():
-        raise DicomflError(f"{printable(str(model_path))}: model file not found")
     if "onnx" in formats and (why := _onnx_available()):
         raise DicomflError(f"--format onnx: {why}")
-    try:
-        weights = read_npz(model_path)
-    except Exception as exc:  # noqa: BLE001 - not an .npz of arrays: one line, the type only
-        raise DicomflError(f"{printable(str(model_path))}: not a weights file (.npz of arrays; "
-                           f"{type(exc).__name__})") from None
-    info = load_run(Path(run_dir) if run_dir is not None else find_run_dir(model_path))
-    cfg = info.model
-    net = build_model(cfg)
-    try:
-        load_weights(net, weights)
-    except ModelMismatch as exc:
-        raise DicomflError(f"{printable(str(model_path))}: {exc} (run {printable(str(info.dir))}, "
-                           f"feature schema v{SCHEMA_VERSION})") from None
+    trained = load_trained(model_path, run_dir)
+    info, cfg, net, weights = trained.info, trained.info.model, trained.net, trained.weights
     net.eval()
     size = cfg.image_size or 0
     probe_size = size or 64
@@ -505,7 +532,7 @@ def export_model(model_path: Path, out_dir: Path, formats=("torchscript",), run_
         if diff is not None and not diff <= VERIFY_TOLERANCE:
             raise DicomflError(f"export check failed: the {kind} model differs from dicomfl's by {diff:.3g}")
 
-    model_id, rnd = identify(model_path, weights, info)
+    model_id, rnd = trained.model_id, trained.round
     card = build_card(info, model_path, weights, model_id, rnd, net, formats, verified)
     card_json = json.dumps(card, indent=2, allow_nan=False)
     if scripted is not None:

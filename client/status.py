@@ -1,0 +1,58 @@
+"""``dicomfl site status``: what a site has received, ingested and spent, from its state folder.
+
+Read-only and PHI-free: counts, timestamps and reason codes from the files the site's own
+processes write (``intake/status.json``, ``reports/ingest.json``, ``privacy/ledger.json``); no
+header value, key or path of an image appears in them.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from dicomfl.common.config import SiteConfig
+
+from .intake import read_status as intake_status
+from .privacy import site_spend
+
+_INGEST_KEYS = ("seen", "accepted", "rejected", "labelled", "unlabelled", "cache_hits", "decoded", "workers",
+                "elapsed_s", "files_per_s", "rejected_by_reason", "splits")
+
+
+def _mtime(path: Path) -> str | None:
+    try:
+        return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
+    except OSError:
+        return None
+
+
+def last_ingest(state_dir: Path) -> dict[str, Any] | None:
+    """The last ingestion's counts (``reports/ingest.json``) and when it was written, or None."""
+    path = Path(state_dir) / "reports" / "ingest.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    out = {k: data[k] for k in _INGEST_KEYS if k in data}
+    out["at"] = _mtime(path)
+    return out
+
+
+def site_status(cfg: SiteConfig) -> dict[str, Any]:
+    """The site's status: intake counters (when ``site.intake`` is configured), the last
+    ingestion and the privacy budget spent."""
+    state = cfg.site.state_dir
+    intake = cfg.site.intake
+    p = cfg.privacy
+    spend = site_spend(state, p.accountant, p.delta)
+    return {
+        "site": cfg.site.name,
+        "intake": None if intake is None else {"ae_title": intake.ae_title, "port": intake.port,
+                                              "tls": intake.tls is not None, **intake_status(state)},
+        "ingest": last_ingest(state),
+        "privacy": {"epsilon_total": spend["epsilon_total"], "budget": p.target_epsilon, "runs": len(spend["runs"])},
+    }

@@ -1,0 +1,167 @@
+"""``dicomfl predict``: a trained model applied to a site's images and to a folder of new studies,
+through the real CLI, checked against the run's own cross-site validation and against the
+exported TorchScript model run in a process that never imports dicomfl."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from dicomfl.common.config import load_site_config
+from dicomfl.common.deid import Deidentifier
+from dicomfl.common.ingest import process_file
+
+from .phi import identifying_values
+
+pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.jit:DeprecationWarning")
+
+DICOMFL = [sys.executable, "-m", "dicomfl.workbench.cli"]
+SITE = "site-b"
+
+
+def _predict(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*DICOMFL, "predict", *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _labels(cohort: Path) -> dict[str, int]:
+    with open(cohort / SITE / "labels.csv", newline="") as fh:
+        return {r["accession_number"]: int(r["label"]) for r in csv.DictReader(fh)}
+
+
+@pytest.fixture(scope="module")
+def site_predictions(trained_run, cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("predict") / "site-b.csv"
+    r = _predict(trained_run / "checkpoints" / "round-0001" / "global.npz", cohort / SITE / "site.yaml",
+                 "--out", out, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, json.loads(r.stdout), r
+
+
+def test_predictions_reproduce_the_cross_site_auroc_at_the_site(site_predictions, trained_run, cohort):
+    out, summary, _ = site_predictions
+    rows = _rows(out)
+    assert summary["predicted"] == len(rows) > 0 and summary["model"] == "global"
+    assert summary["threshold_source"].startswith("site validation split")
+    labels = _labels(cohort)
+    # one row per distinct image (a file copied under two paths counts once in evaluation too)
+    test = {(r["key"], r["probability"]): r for r in rows if r["site_split"] == "test" and r["key"] in labels}
+    y = np.array([labels[k] for k, _ in test])
+    p = np.array([float(v["probability"]) for v in test.values()])
+    cell = json.loads((trained_run / "metrics.json").read_text())["cross_site"]["matrix"]["global"][SITE]
+    assert len(np.unique(y)) == 2
+    assert roc_auc_score(y, p) == pytest.approx(cell["auroc"], abs=1e-6)
+    # the decision is the probability at the site's threshold; the model is named in every row
+    thr = summary["threshold"]
+    assert all(int(r["decision"]) == int(float(r["probability"]) >= thr) for r in rows)
+    assert {r["model"] for r in rows} == {"global"} and {r["model_sha256"] for r in rows} == {summary["model_sha256"]}
+
+
+def test_the_predictions_file_is_the_operators_alone(site_predictions):
+    out, _, r = site_predictions
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    keys = {row["key"] for row in _rows(out)}
+    # the key is in the file the operator asked for, and nowhere in what was printed
+    assert keys and not any(k in r.stdout or k in r.stderr for k in keys)
+
+
+CONSUMER = textwrap.dedent("""
+    import sys, numpy as np, torch
+    d = np.load("inputs.npz")
+    model, pre = torch.jit.load("model/model.pt"), torch.jit.load("model/preprocess.pt")
+    with torch.no_grad():
+        p = model(pre(torch.from_numpy(d["raw"])), torch.from_numpy(d["features"])).numpy()
+    np.save("probs.npy", p)
+    assert not [m for m in sys.modules if m.split(".")[0] == "dicomfl"]
+""")
+
+
+def test_the_exported_model_gives_the_same_probabilities_as_predict(site_predictions, trained_run, cohort, tmp_path):
+    out, _, _ = site_predictions
+    export = subprocess.run([*DICOMFL, "export", str(trained_run / "checkpoints" / "round-0001" / "global.npz"),
+                             "--out", str(tmp_path / "model")], capture_output=True, text=True, timeout=600)
+    assert export.returncode == 0, export.stderr[-3000:]
+    cfg = load_site_config(cohort / SITE / "site.yaml")
+    deid = Deidentifier(cfg.secret_key, cfg.deid)
+    rows = {r["file"]: r for r in _rows(out)}
+    files = sorted(rows)[:8]
+    raw, feats = [], []
+    for rel in files:
+        rec, img, f = process_file((cfg.site.dicom_dir / rel).read_bytes(), rel, "k", cfg, deid)
+        assert rec.status == "accepted"
+        raw.append(img)
+        feats.append(f)
+    np.savez(tmp_path / "inputs.npz", raw=np.stack(raw).astype(np.float32), features=np.stack(feats).astype(np.float32))
+    r = subprocess.run([sys.executable, "-I", "-c", CONSUMER], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    exported = np.load(tmp_path / "probs.npy")[:, 1]
+    ours = np.array([float(rows[f]["probability"]) for f in files])
+    np.testing.assert_allclose(exported, ours, atol=1e-5)
+
+
+def test_new_studies_from_a_hostile_folder(site_predictions, trained_run, cohort, tmp_path):
+    """A folder of new studies under a patient-like name, with a corrupt file, a truncated one and
+    a non-DICOM file: the good images are predicted, the bad ones rejected with a reason, and
+    nothing identifying is printed or logged."""
+    src = load_site_config(cohort / SITE / "site.yaml").site.dicom_dir
+    good = [src / f for f in sorted({r["file"] for r in _rows(site_predictions[0])})[:6]]  # images the site accepts
+    inbox = tmp_path / "inbox" / "DOE^JOHN" / "19620703"
+    inbox.mkdir(parents=True)
+    planted: set[str] = {"DOE^JOHN", "19620703"}
+    for i, p in enumerate(good):
+        shutil.copy(p, inbox / f"new{i}.dcm")
+        planted |= identifying_values(pydicom.dcmread(p, force=True))
+    data = good[0].read_bytes()
+    (inbox / "truncated.dcm").write_bytes(data[: len(data) // 3])
+    corrupt = bytearray(data)
+    corrupt[len(corrupt) // 2:] = b"\xff" * (len(corrupt) - len(corrupt) // 2)
+    (inbox / "corrupt.dcm").write_bytes(bytes(corrupt))
+    (inbox / "notes.txt").write_text("not an image\n")
+    out = tmp_path / "out" / "new.csv"
+    r = _predict(trained_run / "checkpoints" / "round-0001" / "local-site-b.npz", cohort / SITE / "site.yaml",
+                 "--input", tmp_path / "inbox", "--out", out, "--threshold", "0.5", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    rows = _rows(out)
+    assert summary["model"] == "local:site-b" and summary["threshold_source"] == "given"
+    assert summary["seen"] == 9 and summary["rejected"] >= 2 and summary["rejected"] + summary["predicted"] == 9
+    assert {row["file"] for row in rows} >= {f"DOE^JOHN/19620703/new{i}.dcm" for i in range(len(good))}
+    assert all(rej["file"].startswith("file:") and rej["reason"] for rej in summary["rejects"])
+    rej_file = out.with_name(out.name + ".rejected.tsv")
+    assert stat.S_IMODE(rej_file.stat().st_mode) == 0o600 and "truncated.dcm" in rej_file.read_text()
+    # printed summary and the site's logs: references and reason codes only
+    logs = "".join(p.read_text(errors="replace") for p in (cohort / SITE / "state" / "logs").glob("*.log"))
+    for text in (r.stdout, r.stderr, logs):
+        leaked = sorted(v for v in planted if v in text)
+        assert not leaked, leaked
+
+
+@pytest.mark.parametrize("args, says", [
+    (["missing.npz"], "model file not found"),
+    (["{run}/checkpoints/round-0001/global.npz", "--input", "{tmp}/nowhere"], "is not a folder"),
+    (["{run}/checkpoints/round-0001/global.npz", "--out", "{tmp}"], "is a folder"),
+    (["{tmp}/garbage.npz"], "not a weights file"),
+])
+def test_bad_arguments_fail_in_one_line(args, says, trained_run, cohort, tmp_path):
+    (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    args = [a.format(run=trained_run, tmp=tmp_path) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "p.csv")]
+    r = _predict(args[0], cohort / SITE / "site.yaml", *args[1:])
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
