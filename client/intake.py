@@ -786,3 +786,43 @@ def iter_intake_files(dicom_dir: Path) -> Iterator[Path]:
     if not root.is_dir():
         return iter(())
     return iter(sorted(p for p in root.glob("*/*.dcm") if not p.name.startswith(".")))
+
+
+def serve(site_yaml: Path) -> int:
+    """Run the site's Storage SCP until SIGTERM or SIGINT (the site daemon runs this as its own
+    supervised child: ``python -m dicomfl.client.intake SITE_YAML``). Returns the exit code:
+    0 after a signal, 2 when the config or the port cannot be used (one line on stderr)."""
+    import signal
+    import sys
+
+    from dicomfl.common.config import load_site_config
+    from dicomfl.common.errors import DicomflError
+    from dicomfl.common.logs import setup
+
+    try:
+        cfg = load_site_config(site_yaml, check_files=False)
+        if cfg.site.intake is None:
+            raise IntakeError(f"{site_yaml}: site.intake: not configured")
+        setup(cfg.site.state_dir, "intake", console_level=logging.ERROR)
+        server = IntakeServer(cfg.site.intake, cfg.site.dicom_dir, cfg.site.state_dir)
+        server.start()
+    except (DicomflError, IntakeError) as exc:
+        print(f"dicomfl intake: error: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(5.0):
+        if not server.running:
+            return 1
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        print("usage: python -m dicomfl.client.intake SITE_YAML", file=sys.stderr)
+        raise SystemExit(2)
+    raise SystemExit(serve(Path(sys.argv[1])))
