@@ -16,6 +16,7 @@ from dicomfl.common.errors import NoTrainingData
 from dicomfl.common.ingest import SiteData, ingest
 from dicomfl.common.model import ModelConfig, build_model, load_weights
 from dicomfl.common.splits import TEST, TRAIN, VAL
+from dicomfl.common.augment import AugmentSettings
 from dicomfl.common.train import SplitData, TrainSettings, evaluate, load_split, train_local
 
 from .privacy import Ledger, PrivacySession, effective_budget, ledger_lock
@@ -124,6 +125,7 @@ class SiteTrainer:
             epochs=plan.local_epochs, max_steps=plan.local_steps, batch_size=t.batch_size, lr=t.lr,
             weight_decay=t.weight_decay, proximal_mu=plan.proximal_mu,
             seed=round_seed(t.seed + plan.seed, self.name, plan.server_round),
+            augment=AugmentSettings.of(t.augment),
         )
         dp_on, target, delta = effective_budget(self.cfg.privacy, plan if plan.dp else None)
         if not dp_on:

@@ -235,6 +235,20 @@ class PrivacySection(_Strict):
     share_local_model: bool = False
 
 
+class AugmentSection(_Strict):
+    """Acquisition-shift augmentation of training batches (dicomfl.common.augment): the ranges of
+    each random draw; 0 turns a step off. No flips (left and right are anatomy)."""
+
+    p: float = Field(default=0.8, ge=0, le=1)  # probability that an image is augmented at all
+    gamma: float = Field(default=0.3, ge=0, le=1)  # log-gamma of the intensity curve, +-
+    contrast: float = Field(default=0.15, ge=0, le=0.5)
+    brightness: float = Field(default=0.1, ge=0, le=1)  # in robust-scaled units
+    blur: float = Field(default=0.8, ge=0, le=3)  # largest Gaussian sigma, pixels
+    rotate_deg: float = Field(default=5.0, ge=0, le=15)
+    scale: float = Field(default=0.05, ge=0, le=0.2)
+    noise: float = Field(default=0.05, ge=0, le=0.5)  # largest noise standard deviation, scaled units
+
+
 class TrainSection(_Strict):
     """How the site trains. How long (epochs or steps per round) is the run's to say (``run.local_epochs``)."""
 
@@ -242,6 +256,8 @@ class TrainSection(_Strict):
     lr: float = Field(default=1.0e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     seed: int = 0
+    # Augment training batches as hospitals differ (null: off). ``augment: {}`` takes the defaults.
+    augment: AugmentSection | None = None
 
 
     @model_validator(mode="before")

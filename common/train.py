@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .augment import AugmentSettings, augment_batch
 from .cache import LazyRows, take_rows
 from .metrics import evaluate_predictions
 from .errors import ModelMismatch, NoTrainingData
@@ -218,6 +219,8 @@ class TrainSettings:
     # Counts to derive the class weights from instead of the labels (under DP: the site's noisy,
     # accounted release of its label counts; see client/privacy.py).
     class_counts: "list[float] | None" = None
+    # Acquisition-shift augmentation of training batches (dicomfl.common.augment); None: off.
+    augment: "AugmentSettings | None" = None
 
 
 @dataclass
@@ -321,6 +324,7 @@ def train_local(
                 _, optimizer, loader = made
         total_loss, seen, steps = 0.0, 0, 0
         done = False
+        aug_gen = torch.Generator().manual_seed(settings.seed + 0x9E3779B9) if settings.augment else None
         for _ in range(settings.epochs):
             for images, feats, y in loader:
                 if settings.max_steps is not None and steps >= settings.max_steps:
@@ -329,6 +333,8 @@ def train_local(
                 nb = dev.type == "cuda"
                 images, feats, y = (images.to(dev, non_blocking=nb), feats.to(dev, non_blocking=nb),
                                     y.to(dev, non_blocking=nb))
+                if aug_gen is not None and len(y):
+                    images = augment_batch(images, aug_gen, settings.augment)
                 optimizer.zero_grad(set_to_none=True)
                 if len(y) == 0:
                     # Poisson sampling drew no sample: still a (noise-only) step for the accountant.

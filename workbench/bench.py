@@ -224,6 +224,7 @@ class Bench:
         from dicomfl.client.trainer import SiteTrainer
         from dicomfl.common.model import build_model, get_weights
         from dicomfl.common.splits import TRAIN
+        from dicomfl.common.augment import AugmentSettings
         from dicomfl.common.train import SplitData, TrainSettings, train_local
 
         trainers = {n: SiteTrainer(load_site_config(self.site_cfgs[n]), self.cfg.model) for n in self.names}
@@ -231,7 +232,8 @@ class Bench:
         first = load_site_config(self.site_cfgs[self.names[0]])
         epochs = self.cfg.rounds * self.cfg.local_epochs
         dp = None
-        settings = TrainSettings(epochs=epochs, batch_size=first.train.batch_size, lr=first.train.lr, seed=job.seed)
+        settings = TrainSettings(epochs=epochs, batch_size=first.train.batch_size, lr=first.train.lr, seed=job.seed,
+                                 augment=AugmentSettings.of(first.train.augment))
         if job.epsilon is not None:
             # The same mechanism a site runs (PrivacySession): a noisy label-count release for the
             # class weights, accounted, then DP-SGD with the noise that fits the rest of the budget.
