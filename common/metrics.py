@@ -16,6 +16,8 @@ import math
 import numpy as np
 from sklearn import metrics as skm
 
+from .stats import bootstrap_auroc
+
 N_BINS = 10
 
 
@@ -63,11 +65,13 @@ def binary_metrics(y_true: np.ndarray, p_pos: np.ndarray, threshold: float = 0.5
     n = len(y)
     out: dict[str, float] = {"n": float(n), "threshold": float(threshold), "prevalence": float(y.mean()) if n else float("nan")}
     if n == 0:
-        for k in ("auroc", "auprc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "brier", "ece"):
+        for k in ("auroc", "auroc_lo", "auroc_hi", "auprc", "accuracy", "balanced_accuracy", "sensitivity",
+                  "specificity", "brier", "ece"):
             out[k] = float("nan")
         return out
     two = len(np.unique(y)) == 2
     out["auroc"] = _safe(skm.roc_auc_score, y, p) if two else float("nan")
+    out["auroc_lo"], out["auroc_hi"] = bootstrap_auroc(y, p) if two else (float("nan"), float("nan"))
     out["auprc"] = _safe(skm.average_precision_score, y, p) if two else float("nan")
     pred = (p >= threshold).astype(int)
     out["accuracy"] = float(skm.accuracy_score(y, pred))

@@ -40,8 +40,8 @@ TRAIN_METRICS = frozenset({
     "val-auroc", "val-loss", "val-balanced_accuracy", "val-num-examples",
 })
 EVAL_METRICS = frozenset({
-    "num-examples", "n", "threshold", "prevalence", "auroc", "auprc", "accuracy", "balanced_accuracy",
-    "sensitivity", "specificity", "brier", "ece", "loss",
+    "num-examples", "n", "threshold", "prevalence", "auroc", "auroc_lo", "auroc_hi", "auprc", "accuracy",
+    "balanced_accuracy", "sensitivity", "specificity", "brier", "ece", "loss",
 })
 
 # Error codes a ClientApp may send (Flower Error.code); nothing else about an error leaves the site.

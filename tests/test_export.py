@@ -196,7 +196,9 @@ def test_card_holds_the_runs_numbers(exported, run_dir):
             if src["auroc"] is not None and 0 < cell["n_pos"] < cell["n"]:
                 lo, hi = cell["ci95"]
                 assert 0 <= lo <= src["auroc"] <= hi <= 1
-                assert cell["ci95"] == hanley_mcneil(src["auroc"], cell["n_pos"], cell["n"] - cell["n_pos"])["ci95"]
+                # the site's own bootstrap interval, as it sent it; Hanley-McNeil's only without one
+                assert cell["ci95"] == [src["auroc_lo"], src["auroc_hi"]] and cell["ci_method"] == "bootstrap"
+                assert cell["se"] == hanley_mcneil(src["auroc"], cell["n_pos"], cell["n"] - cell["n_pos"])["se"]
     this = card["evaluation"]["this_model"]["auroc_by_site"]
     assert {s: c["auroc"] for s, c in this.items()} == {s: v["auroc"] for s, v in cs["matrix"]["global"].items()}
     # ... and the same numbers as the run's report.md, as it prints them, in the card's markdown too
@@ -204,7 +206,7 @@ def test_card_holds_the_runs_numbers(exported, run_dir):
     card_md = _report_rows((exported.out_dir / "model_card.md").read_text().replace("## Evaluation", "## Cross-site validation"))
     assert set(report) == set(cs["models"]) == set(card_md)
     for m, cells in report.items():
-        assert [c.split(" ")[0] for c in card_md[m]] == cells
+        assert [c.split(" ")[0] for c in card_md[m]] == [c.split(" ")[0] for c in cells]
     md = (exported.out_dir / "model_card.md").read_text()
     assert "fedavg" in md and "1 of 1 rounds" in md and all(s in md for s in SITES)
 

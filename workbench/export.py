@@ -202,14 +202,20 @@ def _counts(metrics: dict) -> tuple[int, int] | None:
 
 
 def auroc_cell(metrics: dict) -> dict:
-    """One cell of the cross-site matrix: AUROC, counts and its Hanley-McNeil interval."""
-    cell = {"auroc": metrics.get("auroc"), "n": None, "n_pos": None, "n_neg": None, "se": None, "ci95": None}
+    """One cell of the cross-site matrix: AUROC, counts and its 95% interval: the site's own
+    stratified bootstrap (``auroc_lo``/``auroc_hi``, computed on its test predictions) when the
+    site sent it, else Hanley-McNeil's from the counts."""
+    cell = {"auroc": metrics.get("auroc"), "n": None, "n_pos": None, "n_neg": None, "se": None, "ci95": None,
+            "ci_method": None}
     c = _counts(metrics)
     if c is not None:
         cell.update(n=c[0] + c[1], n_pos=c[0], n_neg=c[1])
         hm = hanley_mcneil(cell["auroc"], *c)
         if hm is not None:
-            cell.update(hm)
+            cell.update(hm, ci_method="hanley-mcneil")
+    lo, hi = metrics.get("auroc_lo"), metrics.get("auroc_hi")
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and math.isfinite(lo) and math.isfinite(hi):
+        cell.update(ci95=[float(lo), float(hi)], ci_method="bootstrap")
     return cell
 
 
