@@ -25,7 +25,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from dicomfl.common.config import SiteConfig
 from dicomfl.common.deid import Deidentifier
 from dicomfl.common.discover import looks_like_dicom, walk
 from dicomfl.common.errors import ModelMismatch, printable
-from dicomfl.common.ingest import WORKER_ENV, content_key, file_ref, map_file, process_file
+from dicomfl.common.ingest import WORKER_ENV, content_key, file_ref, map_file, process_file, tsv_field
 from dicomfl.common.labels import key_value
 from dicomfl.common.normalize import CLIP
 from dicomfl.common.pixels import robust_stats
@@ -46,9 +46,9 @@ from dicomfl.common.workers import PoolStartError, WorkerFailure, default_worker
 
 log = logging.getLogger("dicomfl.predict")
 
-#: Columns of the predictions file (binary models; a multi-class model has p_0..p_{C-1} instead
-#: of probability, and its decision is the most probable class).
-COLUMNS = ("key", "file", "site_split", "probability", "decision", "threshold", "model", "model_sha256")
+#: The longest key kept (an Accession Number is at most 16 characters, a UID 64); a longer value
+#: is not a key this site issued, and its row gets an empty key.
+MAX_KEY = 128
 
 BATCH = 64
 
@@ -119,6 +119,8 @@ def _work(rel: str) -> tuple:
         if not looks_like_dicom(mm[:132]):
             return ("rejected", E.NOT_DICOM, "")
         key = _header_key(mm, rel, cfg.site.label_key)
+        if key is not None and len(key) > MAX_KEY:
+            key = None
         rec, img, feats = process_file(mm, rel, content_key(mm, _P["key"]), cfg, _P["deid"])
     if rec.status != "accepted":
         return ("rejected", rec.reason, rec.detail)
@@ -130,9 +132,10 @@ def _work(rel: str) -> tuple:
 # ------------------------------------------------------------------------------- parent side
 
 
-def site_threshold(net, cfg: SiteConfig, image_size: int, n_classes: int) -> tuple[float | None, str]:
-    """The decision threshold cross-site evaluation uses at this site: Youden's J on the site's
-    validation split (the site's data is ingested first; a warm cache makes that quick)."""
+def site_threshold(net, cfg: SiteConfig, image_size: int, n_classes: int, dev=None) -> tuple[float | None, str]:
+    """The decision threshold as cross-site evaluation chooses it at this site: Youden's J on the
+    site's validation split (the site's data is ingested first; a warm cache makes that quick).
+    Used when the run's own evaluation of this model at this site is not at hand."""
     from dicomfl.common.ingest import ingest
     from dicomfl.common.metrics import choose_threshold
     from dicomfl.common.train import load_split, predict
@@ -143,25 +146,66 @@ def site_threshold(net, cfg: SiteConfig, image_size: int, n_classes: int) -> tup
     val = load_split(data, VAL, image_size, n_classes)
     if len(val) == 0 or len(np.unique(val.labels)) < 2:
         return 0.5, "default 0.5 (the site's validation split has not both classes)"
-    probs = predict(net, val)
+    probs = predict(net, val, dev=dev)
     return choose_threshold(val.labels, probs[:, 1]), f"site validation split (n={len(val)})"
 
 
 def _csv_cell(value: str) -> str:
-    """A cell a spreadsheet will not run (a leading = + - @ is a formula) and a terminal will
-    not obey (control characters escaped)."""
+    """A cell a spreadsheet will not run (a leading = + - @ is a formula: it gets a leading ')
+    and a terminal will not obey (control characters escaped)."""
     s = printable(value)
     return "'" + s if s[:1] in ("=", "+", "-", "@") else s
 
 
-def _open_private(path: Path):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    os.fchmod(fd, 0o600)
-    return open(fd, "w", encoding="utf-8", newline="")
+def _num(v: float) -> str:
+    """A probability as written: 9 significant digits, which round-trips a float32 exactly."""
+    return f"{float(v):.9g}"
 
 
 def rejects_path(out: Path) -> Path:
     return out.with_name(out.name + ".rejected.tsv")
+
+
+def check_output(out: Path, cfg: SiteConfig, protect: tuple[Path, ...] = ()) -> Path:
+    """``out`` as a place for the predictions: not a symlink or a folder, not inside the site's
+    DICOM or state folder, not one of the site's own files (config, key) or ``protect``."""
+    out = Path(out)
+    for p in (out, rejects_path(out)):
+        if p.is_symlink():
+            raise E.DicomflError(f"--out: {printable(str(p))} is a symbolic link; give a plain file name")
+        if p.is_dir():
+            raise E.DicomflError(f"--out: {printable(str(p))} is a folder; give a file name")
+    real = out.resolve()
+    for folder, what in ((cfg.site.dicom_dir, "site.dicom_dir"), (cfg.site.state_dir, "site.state_dir")):
+        if real.is_relative_to(Path(folder).resolve()):
+            raise E.DicomflError(f"--out: {printable(str(out))} is inside {what}; write predictions elsewhere")
+    own = [Path(cfg.source)] if cfg.source else []
+    own += [Path(cfg.site.secret_file)] if getattr(cfg.site, "secret_file", None) else []
+    for p in (*own, *protect):
+        if p.exists() and real == p.resolve():
+            raise E.DicomflError(f"--out: {printable(str(out))} is one of the site's or the model's own files")
+    return out
+
+
+class _AtomicPrivateFile:
+    """A new file, mode 0600, written beside its final name and renamed into place on success
+    (so no reader sees half a file, and an existing path is replaced, never written through)."""
+
+    def __init__(self, path: Path) -> None:
+        import tempfile
+
+        self.path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self.tmp = Path(tmp)
+        self.fh = open(fd, "w", encoding="utf-8", newline="")
+
+    def commit(self) -> None:
+        self.fh.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.fh.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def predict_files(
@@ -173,20 +217,27 @@ def predict_files(
     model_sha256: str,
     input_dir: Path | None = None,
     threshold: float | None = None,
+    threshold_source: str = "given",
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> PredictReport:
     """Apply ``net`` (a built model with its weights) to the site's images, or to ``input_dir``,
-    and write the predictions to ``out`` (mode 0600).
+    and write the predictions to ``out`` (mode 0600, replaced atomically).
+
+    ``threshold`` (binary models): the decision threshold, described by ``threshold_source``;
+    None: chosen on the site's validation split (:func:`site_threshold`).
 
     Raises
     ------
     ModelMismatch
         The model's image size differs from the site's ``preprocess.image_size``.
     DicomflError
-        The output cannot be written, or the worker processes cannot start.
+        A threshold for a multi-class model, an output that cannot or must not be written, or
+        worker processes that cannot start.
     """
     import torch
+
+    from dicomfl.common.train import device
 
     t0 = time.perf_counter()
     mcfg = net.cfg
@@ -195,13 +246,28 @@ def predict_files(
         raise ModelMismatch(f"the model asks for {mcfg.image_size} px images; this site ingests at {size} px "
                             "(preprocess.image_size)")
     n_classes = mcfg.n_classes
-    if n_classes == 2 and threshold is not None:
-        source = "given"
-    else:
-        threshold, source = site_threshold(net, cfg, size, n_classes)
-    root = Path(input_dir) if input_dir is not None else cfg.site.dicom_dir
-    report = PredictReport(model=model_id, model_sha256=model_sha256, input="folder" if input_dir else "site",
-                           threshold=threshold, threshold_source=source)
+    if n_classes != 2 and threshold is not None:
+        raise E.DicomflError(f"--threshold: the model has {n_classes} classes; its decision is the most probable class")
+    out = check_output(out, cfg)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fh = _AtomicPrivateFile(out)
+    except OSError as exc:
+        raise E.DicomflError(f"cannot write {printable(str(out))} ({type(exc).__name__})") from None
+    dev = device()
+    net = net.to(dev).eval()
+    try:
+        if n_classes == 2 and threshold is None:
+            threshold, threshold_source = site_threshold(net, cfg, size, n_classes, dev)
+        elif n_classes != 2:
+            threshold_source = "argmax"
+        root = Path(input_dir) if input_dir is not None else cfg.site.dicom_dir
+        report = PredictReport(model=model_id, model_sha256=model_sha256, input="folder" if input_dir else "site",
+                               threshold=threshold, threshold_source=threshold_source)
+        rej_fh = _AtomicPrivateFile(rejects_path(out))
+    except BaseException:
+        fh.discard()
+        raise
     key = cfg.secret_key
     deid = Deidentifier(key, cfg.deid)
     rels = [f.rel for f in walk(root)]
@@ -212,33 +278,26 @@ def predict_files(
     header = (["key", "file", "site_split"] +
               (["probability", "decision", "threshold"] if n_classes == 2 else [f"p_{c}" for c in range(n_classes)] + ["decision"]) +
               ["model", "model_sha256"])
-    out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fh = _open_private(out)
-        rej_fh = _open_private(rejects_path(out))
-    except OSError as exc:
-        raise E.DicomflError(f"cannot write {printable(str(out))} ({type(exc).__name__})") from None
-    net = net.eval()
-    torch.set_grad_enabled(False)
     reasons: dict[str, int] = {}
-    with fh, rej_fh:
-        writer = csv.writer(fh)
+    ok = False
+    try:
+        writer = csv.writer(fh.fh)
         writer.writerow(header)
-        rej_fh.write("# reference\tfile\treason\n")
+        rej_fh.fh.write("# reference\tfile\treason\n")
         pending: list[tuple[str, str, str, np.ndarray, np.ndarray]] = []
 
         def flush() -> None:
             if not pending:
                 return
-            x = torch.from_numpy(np.stack([p[3] for p in pending]))[:, None]
-            f = torch.from_numpy(np.stack([p[4] for p in pending]))
-            probs = torch.softmax(net(x, f), dim=1).numpy()
+            x = torch.from_numpy(np.stack([p[3] for p in pending]))[:, None].to(dev)
+            f = torch.from_numpy(np.stack([p[4] for p in pending])).to(dev)
+            with torch.inference_mode():
+                probs = torch.softmax(net(x, f), dim=1).cpu().numpy()
             for (k, rel, split, _, _), p in zip(pending, probs):
                 if n_classes == 2:
-                    cells = [f"{p[1]:.6f}", int(p[1] >= threshold), f"{threshold:.6f}"]
+                    cells = [_num(p[1]), int(float(_num(p[1])) >= threshold), repr(float(threshold))]
                 else:
-                    cells = [f"{v:.6f}" for v in p] + [int(np.argmax(p))]
+                    cells = [_num(v) for v in p] + [int(np.argmax(p))]
                 writer.writerow([_csv_cell(k), _csv_cell(rel), split, *cells, model_id, model_sha256])
             report.predicted += len(pending)
             pending.clear()
@@ -255,10 +314,10 @@ def predict_files(
                                       else outcome[1:3])
                     reasons[reason] = reasons.get(reason, 0) + 1
                     report.rejected += 1
+                    ref = file_ref(deid, rel)
+                    report.rejects.append({"file": ref, "reason": reason, "detail": detail})
+                    rej_fh.fh.write(f"{ref}\t{tsv_field(rel)}\t{reason}\n")
                     if reason != E.NOT_DICOM:
-                        ref = file_ref(deid, rel)
-                        report.rejects.append({"file": ref, "reason": reason, "detail": detail})
-                        rej_fh.write(f"{ref}\t{printable(rel)}\t{reason}\n")
                         log.warning("rejected %s: %s%s", ref, reason, f" ({detail})" if detail else "")
                 else:
                     _, k, patient, x, f = outcome
@@ -274,16 +333,14 @@ def predict_files(
             raise E.DicomflError(f"prediction workers cannot start ({exc})") from None
         finally:
             outcomes.close()
-            torch.set_grad_enabled(True)
+        ok = True
+    finally:
+        for f_ in (fh, rej_fh):
+            f_.commit() if ok else f_.discard()
     report.rejected_by_reason = dict(sorted(reasons.items()))
     report.elapsed_s = round(time.perf_counter() - t0, 3)
     report.images_per_s = round(report.predicted / report.elapsed_s, 1) if report.elapsed_s > 0 else 0.0
     return report
 
 
-def read_predictions(path: Path) -> Iterator[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        yield from csv.DictReader(fh)
-
-
-__all__ = ["COLUMNS", "PredictReport", "predict_files", "read_predictions", "rejects_path", "site_threshold"]
+__all__ = ["PredictReport", "check_output", "predict_files", "rejects_path", "site_threshold"]

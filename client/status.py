@@ -28,6 +28,17 @@ def _mtime(path: Path) -> str | None:
         return None
 
 
+def _plain(v: Any) -> bool:
+    """A number, or a flat mapping of names to numbers (what the report holds; anything else in a
+    hand-edited or damaged file is left out, never printed)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, (int, float)):
+        return True
+    return isinstance(v, dict) and all(isinstance(k, str) and k.replace("-", "").replace("_", "").isalnum()
+                                       and isinstance(x, (int, float)) and not isinstance(x, bool) for k, x in v.items())
+
+
 def last_ingest(state_dir: Path) -> dict[str, Any] | None:
     """The last ingestion's counts (``reports/ingest.json``) and when it was written, or None."""
     path = Path(state_dir) / "reports" / "ingest.json"
@@ -37,7 +48,7 @@ def last_ingest(state_dir: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(data, dict):
         return None
-    out = {k: data[k] for k in _INGEST_KEYS if k in data}
+    out = {k: data[k] for k in _INGEST_KEYS if _plain(data.get(k))}
     out["at"] = _mtime(path)
     return out
 
@@ -48,11 +59,16 @@ def site_status(cfg: SiteConfig) -> dict[str, Any]:
     state = cfg.site.state_dir
     intake = cfg.site.intake
     p = cfg.privacy
-    spend = site_spend(state, p.accountant, p.delta)
+    try:
+        spend = site_spend(state, p.accountant, p.delta)
+        privacy = {"epsilon_total": float(spend["epsilon_total"]), "budget": p.target_epsilon, "runs": len(spend["runs"])}
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError):
+        privacy = {"epsilon_total": None, "budget": p.target_epsilon, "runs": None,
+                   "error": "privacy/ledger.json cannot be read"}
     return {
         "site": cfg.site.name,
         "intake": None if intake is None else {"ae_title": intake.ae_title, "port": intake.port,
                                               "tls": intake.tls is not None, **intake_status(state)},
         "ingest": last_ingest(state),
-        "privacy": {"epsilon_total": spend["epsilon_total"], "budget": p.target_epsilon, "runs": len(spend["runs"])},
+        "privacy": privacy,
     }

@@ -334,7 +334,7 @@ def prepare_state_dir(cfg: SiteConfig) -> Path:
     return sd
 
 
-def _tsv_field(text: str) -> str:
+def tsv_field(text: str) -> str:
     return E.printable(text.replace("\\", "\\\\"))
 
 
@@ -347,7 +347,7 @@ def write_rejects_map(state_dir: Path, rows: list[tuple[str, str, str]]) -> Path
     path = reports / "rejects-map.tsv"
     tmp = reports / ".rejects-map.tsv.tmp"
     lines = ["# reference\tpath under site.dicom_dir (\\\\ = backslash, \\xNN = a control character)\treason\n"]
-    lines += [f"{ref}\t{_tsv_field(rel)}\t{reason}\n" for ref, rel, reason in rows]
+    lines += [f"{ref}\t{tsv_field(rel)}\t{reason}\n" for ref, rel, reason in rows]
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with open(fd, "w", encoding="utf-8") as fh:
         fh.writelines(lines)

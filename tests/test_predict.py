@@ -57,7 +57,7 @@ def test_predictions_reproduce_the_cross_site_auroc_at_the_site(site_predictions
     out, summary, _ = site_predictions
     rows = _rows(out)
     assert summary["predicted"] == len(rows) > 0 and summary["model"] == "global"
-    assert summary["threshold_source"].startswith("site validation split")
+    assert summary["threshold_source"].startswith("the run's cross-site validation of global at site-b")
     labels = _labels(cohort)
     # one row per distinct image (a file copied under two paths counts once in evaluation too)
     test = {(r["key"], r["probability"]): r for r in rows if r["site_split"] == "test" and r["key"] in labels}
@@ -66,10 +66,24 @@ def test_predictions_reproduce_the_cross_site_auroc_at_the_site(site_predictions
     cell = json.loads((trained_run / "metrics.json").read_text())["cross_site"]["matrix"]["global"][SITE]
     assert len(np.unique(y)) == 2
     assert roc_auc_score(y, p) == pytest.approx(cell["auroc"], abs=1e-6)
-    # the decision is the probability at the site's threshold; the model is named in every row
+    # the decision is the probability at the threshold evaluation used; the model is named in every row
     thr = summary["threshold"]
+    assert thr == cell["threshold"]
     assert all(int(r["decision"]) == int(float(r["probability"]) >= thr) for r in rows)
     assert {r["model"] for r in rows} == {"global"} and {r["model_sha256"] for r in rows} == {summary["model_sha256"]}
+
+
+def test_without_the_run_the_site_chooses_the_same_threshold(trained_run, cohort):
+    """The fallback (no evaluation of this model at this site in the run folder): Youden's J on
+    the site's validation split, computed at the site, is the threshold evaluation chose."""
+    from dicomfl.client.predict import site_threshold
+    from dicomfl.workbench.export import load_trained
+
+    trained = load_trained(trained_run / "checkpoints" / "round-0001" / "global.npz")
+    cfg = load_site_config(cohort / SITE / "site.yaml")
+    thr, source = site_threshold(trained.net, cfg, cfg.preprocess.image_size, 2)
+    cell = json.loads((trained_run / "metrics.json").read_text())["cross_site"]["matrix"]["global"][SITE]
+    assert source.startswith("site validation split") and thr == pytest.approx(cell["threshold"], abs=1e-6)
 
 
 def test_the_predictions_file_is_the_operators_alone(site_predictions):
@@ -134,11 +148,11 @@ def test_new_studies_from_a_hostile_folder(site_predictions, trained_run, cohort
     (inbox / "notes.txt").write_text("not an image\n")
     out = tmp_path / "out" / "new.csv"
     r = _predict(trained_run / "checkpoints" / "round-0001" / "local-site-b.npz", cohort / SITE / "site.yaml",
-                 "--input", tmp_path / "inbox", "--out", out, "--threshold", "0.5", "--json")
+                 "--input", tmp_path / "inbox", "--out", out, "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)
     rows = _rows(out)
-    assert summary["model"] == "local:site-b" and summary["threshold_source"] == "given"
+    assert summary["model"] == "local:site-b" and summary["threshold_source"].startswith("the run's cross-site")
     assert summary["seen"] == 9 and summary["rejected"] >= 2 and summary["rejected"] + summary["predicted"] == 9
     assert {row["file"] for row in rows} >= {f"DOE^JOHN/19620703/new{i}.dcm" for i in range(len(good))}
     assert all(rej["file"].startswith("file:") and rej["reason"] for rej in summary["rejects"])
@@ -156,12 +170,43 @@ def test_new_studies_from_a_hostile_folder(site_predictions, trained_run, cohort
     (["{run}/checkpoints/round-0001/global.npz", "--input", "{tmp}/nowhere"], "is not a folder"),
     (["{run}/checkpoints/round-0001/global.npz", "--out", "{tmp}"], "is a folder"),
     (["{tmp}/garbage.npz"], "not a weights file"),
+    (["{run}/checkpoints/round-0001/global.npz", "--out", "{tmp}/link.csv"], "symbolic link"),
+    (["{run}/checkpoints/round-0001/global.npz", "--out", "{cohort}/site-b/state/p.csv"], "inside site.state_dir"),
+    (["{run}/checkpoints/round-0001/global.npz", "--out", "{cohort}/site-b/site.key"], "own files"),
 ])
 def test_bad_arguments_fail_in_one_line(args, says, trained_run, cohort, tmp_path):
     (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 not really a zip")
-    args = [a.format(run=trained_run, tmp=tmp_path) for a in args]
+    (tmp_path / "victim.txt").write_text("precious")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "victim.txt")
+    key_before = (cohort / SITE / "site.key").read_bytes()
+    args = [a.format(run=trained_run, tmp=tmp_path, cohort=cohort) for a in args]
     if "--out" not in args:
         args += ["--out", str(tmp_path / "p.csv")]
     r = _predict(args[0], cohort / SITE / "site.yaml", *args[1:])
     assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "victim.txt").read_text() == "precious" and (cohort / SITE / "site.key").read_bytes() == key_before
+
+
+def test_site_status_reads_what_the_site_wrote_and_survives_damaged_files(cohort, tmp_path):
+    """dicomfl site status: counts from the site's own files; a damaged ledger or report is named,
+    not a traceback, and no text from those files reaches the terminal."""
+    import yaml
+
+    site = tmp_path / "site"
+    shutil.copytree(cohort / SITE, site, ignore=shutil.ignore_patterns("state"))
+    cfg = yaml.safe_load((site / "site.yaml").read_text())
+    cfg["site"]["intake"] = {"port": 11112, "ae_title": "DICOMFL", "allowed": [{"ae_title": "PACS", "host": "127.0.0.1"}]}
+    (site / "site.yaml").write_text(yaml.safe_dump(cfg))
+    state = site / "state"
+    (state / "reports").mkdir(parents=True)
+    (state / "privacy").mkdir()
+    (state / "intake").mkdir()
+    (state / "intake" / "status.json").write_text(json.dumps({"received": 7, "written": 6, "duplicates": 1}))
+    (state / "reports" / "ingest.json").write_text(json.dumps({"seen": 12, "accepted": "\x1b[31mDOE^JOHN", "rejected": 2}))
+    (state / "privacy" / "ledger.json").write_text("{not json")
+    r = subprocess.run([*DICOMFL, "site", "status", str(site / "site.yaml")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "received 7, written 6, duplicates 1" in r.stdout and "12 files" in r.stdout
+    assert "ledger.json cannot be read" in r.stdout
+    assert "DOE^JOHN" not in r.stdout and "\x1b" not in r.stdout and "Traceback" not in r.stderr

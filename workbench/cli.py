@@ -410,17 +410,20 @@ def site_status(
         say(f"ingest: {g.get('at')}: {g.get('seen', 0)} files, {g.get('accepted', 0)} accepted, "
             f"{g.get('rejected', 0)} rejected, {g.get('labelled', 0)} labelled")
     p = st["privacy"]
-    say(f"privacy: epsilon {p['epsilon_total']:.4f} spent over {p['runs']} run(s) of a budget of "
-        f"{'none set' if p['budget'] is None else format(p['budget'], 'g')}")
+    budget = "none set" if p["budget"] is None else format(p["budget"], "g")
+    if p.get("error"):
+        say(f"privacy: {p['error']} (budget {budget})")
+    else:
+        say(f"privacy: epsilon {p['epsilon_total']:.4f} spent over {p['runs']} run(s) of a budget of {budget}")
 
 
 @app.command()
 def predict(
-    model_npz: Path = typer.Argument(..., metavar="MODEL", help="Weights (.npz) of a run: global, best, local-<site>, personalized."),
+    model_npz: Path = typer.Argument(..., metavar="MODEL", help="Weights (.npz) of a run: checkpoints/round-NNNN/global.npz or local-<site>.npz."),
     site_yaml: Path = typer.Argument(..., help="The site's config (site.yaml): key, secret, preprocessing, validation split."),
     out_csv: Path = typer.Option(..., "--out", help="The predictions file to write (CSV, mode 0600)."),
     input_dir: Optional[Path] = typer.Option(None, "--input", help="A folder of new studies (default: the site's DICOM folder)."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0, help="Decision threshold (default: Youden's J on the site's validation split, as evaluation uses)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0, help="Decision threshold (default: the one the run's cross-site validation used for this model at this site, else Youden's J on the site's validation split)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker processes (default: ingest.workers, else the CPUs)."),
     run_dir: Optional[Path] = typer.Option(None, "--run", help="The run's folder (default: the nearest folder above MODEL with run_config.json)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -439,22 +442,27 @@ def predict(
         _fail(f"{printable(str(model_npz))}: model file not found")
     if input_dir is not None and not input_dir.is_dir():
         _fail(f"--input: {printable(str(input_dir))} is not a folder")
-    if out_csv.is_dir():
-        _fail(f"--out: {printable(str(out_csv))} is a folder; give a file name")
-    from dicomfl.client.predict import predict_files, rejects_path
+    from dicomfl.client.predict import check_output, predict_files, rejects_path
     from dicomfl.common.logs import setup
-
-    from .export import load_trained
 
     try:
         cfg = load_site_config(site_yaml)
+        check_output(out_csv, cfg, (model_npz,))
+    except DicomflError as exc:
+        _fail(printable(str(exc)))
+    from .export import evaluated_threshold, load_trained
+
+    try:
         setup(cfg.site.state_dir, "predict", console_level=logging.ERROR)
         trained = load_trained(model_npz, run_dir)
+        source = "given"
+        if threshold is None and trained.net.cfg.n_classes == 2:
+            threshold, source = evaluated_threshold(trained, model_npz, cfg.site.name)
         with progress_bar("predict") as bar:
             task = bar.add_task("predict", total=None)
             rep = predict_files(trained.net, cfg, out_csv, model_id=trained.model_id, model_sha256=trained.sha256,
-                                input_dir=input_dir, threshold=threshold, workers=workers,
-                                progress=lambda i, n: bar.update(task, completed=i, total=n))
+                                input_dir=input_dir, threshold=threshold, threshold_source=source or "given",
+                                workers=workers, progress=lambda i, n: bar.update(task, completed=i, total=n))
     except DicomflError as exc:
         _fail(printable(str(exc)))
     if json_out:

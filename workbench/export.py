@@ -329,6 +329,18 @@ def _evaluation_of(model_id: str, rnd: int | None, info: RunInfo, model_path: Pa
     return None, None
 
 
+def evaluated_threshold(trained: "Trained", model_path: Path, site: str) -> tuple[float | None, str | None]:
+    """The decision threshold the run's cross-site validation used for this model at ``site``
+    (chosen there on the site's validation split), and where it was read; (None, None) if the run
+    did not evaluate this model at that site."""
+    source, row = _evaluation_of(trained.model_id, trained.round, trained.info, model_path)
+    cell = (row or {}).get(site) if isinstance(row, dict) else None
+    t = cell.get("threshold") if isinstance(cell, dict) else None
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and 0.0 <= t <= 1.0:
+        return float(t), f"the run's cross-site validation of {trained.model_id} at {site} ({source})"
+    return None, None
+
+
 def training_summary(info: RunInfo, model_id: str, rnd: int | None) -> dict:
     """Sites, their training-image counts and DP epsilon, rounds and strategy, as the report has them."""
     upto = [h for h in info.history if rnd is None or h.get("round", 0) <= rnd]
