@@ -107,6 +107,18 @@ def multiclass_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float
     return out
 
 
+def auroc(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """AUROC of class probabilities (N, C): binary, or one-vs-rest macro; NaN when undefined."""
+    y = np.asarray(y_true).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    c = probs.shape[1] if probs.ndim == 2 else 2
+    if len(y) == 0 or len(np.unique(y)) < (2 if c == 2 else c):
+        return float("nan")
+    if c == 2:
+        return _safe(skm.roc_auc_score, y, probs[:, 1] if probs.ndim == 2 else probs)
+    return _safe(skm.roc_auc_score, y, probs, multi_class="ovr", average="macro", labels=list(range(c)))
+
+
 def evaluate_predictions(
     y_test: np.ndarray, probs_test: np.ndarray, y_val: np.ndarray | None = None, probs_val: np.ndarray | None = None
 ) -> dict[str, float]:

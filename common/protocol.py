@@ -42,6 +42,7 @@ TRAIN_METRICS = frozenset({
 EVAL_METRICS = frozenset({
     "num-examples", "n", "threshold", "prevalence", "auroc", "auroc_lo", "auroc_hi", "auprc", "accuracy",
     "balanced_accuracy", "sensitivity", "specificity", "brier", "ece", "loss",
+    "val-auroc",  # the same model on the site's validation split (model selection, never the test split)
 })
 
 # Error codes a ClientApp may send (Flower Error.code); nothing else about an error leaves the site.

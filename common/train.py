@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .augment import AugmentSettings, augment_batch
 from .cache import LazyRows, take_rows
-from .metrics import evaluate_predictions
+from .metrics import auroc, evaluate_predictions
 from .errors import ModelMismatch, NoTrainingData
 from .model import get_weights, load_weights
 from .normalize import CLIP, robust_scale
@@ -409,6 +409,8 @@ def evaluate(model: nn.Module, test: SplitData, val: SplitData | None = None) ->
     probs = predict(model, test)
     pv = predict(model, val) if val is not None and len(val) else None
     out = evaluate_predictions(test.labels, probs, val.labels if pv is not None else None, pv)
+    if pv is not None:  # the model's score on validation data, for choosing between models
+        out["val-auroc"] = auroc(val.labels, pv)
     if len(test):
         p = np.clip(probs[np.arange(len(test)), test.labels], 1e-7, 1.0)
         out["loss"] = float(-np.log(p).mean())

@@ -33,10 +33,11 @@ from dicomfl.common.config import SERVER_OPTIMIZERS, RunConfig
 from dicomfl.common.model import build_model, get_weights
 
 from . import crosssite
-from .checkpoint import Checkpoints, State, clean, read_npz, write_json
+from .checkpoint import Checkpoints, State, clean, read_npz, write_json, write_npz
 from .checks import screen_updates
 from .identity import SiteIdentities
 from .replies import Rejection, aggregation_message, dedupe_replies, validate_eval_reply, validate_train_reply
+from .selection import BEST_MODEL, best_earlier, select
 from .strategies import STATEFUL_ATTRIBUTES, make_strategy, min_replies
 
 log = logging.getLogger("dicomfl.server")
@@ -178,10 +179,19 @@ class Federation:
             self._round(rnd, state, initial)
             if cfg.cross_site.every and rnd % cfg.cross_site.every == 0 and rnd < cfg.run.rounds:
                 self.cross_site(self._models(state), tag=f"round-{rnd:04d}")
-        final = self.cross_site(self._models(state), tag="final")
+        models = self._models(state)
+        earlier = best_earlier(state.history, state.round)
+        earlier_path = self.ckpt.dir / f"round-{earlier[0]:04d}" / "global.npz" if earlier else None
+        if earlier_path is not None and earlier_path.is_file():
+            models = {P.GLOBAL_MODEL: models.pop(P.GLOBAL_MODEL), BEST_MODEL: read_npz(earlier_path), **models}
+        else:
+            earlier = None
+        final = self.cross_site(models, tag="final")
+        selected = select(final, state.round, earlier)
+        write_npz(self.ckpt.dir / "best.npz", models[BEST_MODEL] if selected["chosen"] == "best" else state.global_weights)
         sites = {s for h in state.history for key in ("sites", "errors", "rejected") for s in h.get(key, {})}
         summary = {"run": cfg.run.name, "rounds": state.round, "strategy": cfg.run.strategy, "history": state.history,
-                   "cross_site": final, "sites": sorted(sites | set(state.local_weights)),
+                   "cross_site": final, "selected": selected, "sites": sorted(sites | set(state.local_weights)),
                    "identity": self.identities.describe(), "resumed_after": list(state.interruptions)}
         write_json(self.out_dir / "metrics.json", clean(summary))
         from .report import write_report

@@ -21,7 +21,7 @@ from dicomfl.common.config import load_run_config
 from dicomfl.common.discover import walk
 from dicomfl.common.model import ModelConfig, build_model, get_weights
 from dicomfl.server.checks import norm_outliers, update_problem
-from dicomfl.server.checkpoint import Checkpoints
+from dicomfl.server.checkpoint import Checkpoints, read_npz
 from dicomfl.server.federation import Federation
 from dicomfl.workbench.inprocess import InProcessGrid
 
@@ -59,7 +59,15 @@ def test_rounds_change_the_model_and_cross_site_matrix_is_complete(cohort, tmp_p
     final = Checkpoints(out).latest().global_weights
     assert _dist(final, initial) > 0
     cs = json.loads((out / "cross_site_final.json").read_text())
-    assert cs["models"] == ["global"] + [f"local:{s}" for s in SITES]
+    # round 1's global model, scored by the sites' validation in round 2, is evaluated as "best"
+    assert cs["models"] == ["global", "best"] + [f"local:{s}" for s in SITES]
+    sel = summary["selected"]
+    assert sel["candidates"]["best"]["round"] == 1 and sel["candidates"]["final"]["round"] == 2
+    scores = {k: c["val_auroc"] for k, c in sel["candidates"].items()}
+    assert scores["final"] == pytest.approx(np.mean([cs["matrix"]["global"][s]["val-auroc"] for s in SITES]))
+    assert sel["chosen"] == ("best" if scores["best"] > scores["final"] else "final")
+    chosen = read_npz(out / "checkpoints" / ("round-0001" if sel["chosen"] == "best" else "round-0002") / "global.npz")
+    assert all(np.array_equal(chosen[k], v) for k, v in read_npz(out / "checkpoints" / "best.npz").items())
     for m in cs["models"]:
         assert sorted(cs["matrix"][m]) == list(SITES)
         assert all(v["auroc"] is None or 0 <= v["auroc"] <= 1 for v in cs["matrix"][m].values())
@@ -282,7 +290,7 @@ def test_cross_site_every_k_rounds_and_evaluate_only(cohort, tmp_path):
     fed = Federation(cfg, grid)
     fed.run()
     assert (cfg.out_dir / "cross_site_round-0001.json").is_file() and (cfg.out_dir / "cross_site_final.json").is_file()
-    assert json.loads((cfg.out_dir / "cross_site_final.json").read_text())["models"] == ["global"]
+    assert json.loads((cfg.out_dir / "cross_site_final.json").read_text())["models"] == ["global", "best"]
     model = cfg.out_dir / "checkpoints" / "round-0002" / "global.npz"
     trained = len(grid.sent)
     payload = Federation(cfg, grid).evaluate_only(model)
