@@ -294,6 +294,10 @@ def identify(model_path: Path, weights: dict, info: RunInfo) -> tuple[str, int |
     """(model id, round) of a weights file: from its place in ``checkpoints/round-NNNN/``, else
     by content against the newest checkpoint's models; ("unknown", None) when neither says."""
     p = Path(model_path).resolve()
+    sel = (info.metrics or {}).get("selected")
+    if p.parent.name == "checkpoints" and p.stem == "best" and isinstance(sel, dict) and isinstance(sel.get("round"), int):
+        # the global model chosen by the sites' validation (server/selection.py)
+        return ("best" if sel.get("chosen") == "best" else P.GLOBAL_MODEL), sel["round"]
     m = re.fullmatch(r"round-(\d+)", p.parent.name)
     stem = p.stem
     from_name = P.GLOBAL_MODEL if stem == "global" else P.local_model_id(stem[6:]) if stem.startswith("local-") else None
@@ -315,6 +319,8 @@ def _evaluation_of(model_id: str, rnd: int | None, info: RunInfo, model_path: Pa
     validation that evaluated exactly this model, or (None, None)."""
     rounds_done = info.metrics.get("rounds") if info.metrics else None
     found: list[tuple[str, dict, str]] = []
+    if model_id == "best" and info.metrics is not None and info.metrics.get("cross_site"):
+        found.append(("metrics.json: cross-site validation at the end of the run", info.metrics["cross_site"], model_id))
     if rnd is not None and info.metrics is not None and rnd == rounds_done and info.metrics.get("cross_site"):
         found.append(("metrics.json: cross-site validation at the end of the run", info.metrics["cross_site"], model_id))
     if rnd is not None and (p := info.dir / f"cross_site_round-{rnd:04d}.json").is_file():
