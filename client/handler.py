@@ -89,7 +89,7 @@ _INT, _NUM = "int", "number"
 PLAN_BOUNDS: dict[str, tuple[str, float, float]] = {
     "server-round": (_INT, 1, 1_000_000), "num-rounds": (_INT, 1, 1_000_000), "local-epochs": (_INT, 1, 10_000),
     "local-steps": (_INT, 0, 10_000_000), "seed": (_INT, -(2**62), 2**62), "proximal-mu": (_NUM, 0.0, 1e6),
-    "target-epsilon": (_NUM, 0.0, 1e6), "delta": (_NUM, 1e-300, 0.999),
+    "target-epsilon": (_NUM, 0.0, 1e6), "delta": (_NUM, 1e-300, 0.999), "lr-scale": (_NUM, 1e-3, 1.0),
 }
 
 
@@ -123,7 +123,8 @@ def round_plan(cfg: ConfigRecord) -> RoundPlan:
     return RoundPlan(run=run_name(cfg.get("run", "run")), server_round=_bounded(cfg, "server-round", 1),
                      num_rounds=_bounded(cfg, "num-rounds", 1), local_epochs=_bounded(cfg, "local-epochs", 1),
                      local_steps=steps or None, proximal_mu=_bounded(cfg, "proximal-mu", 0.0), dp=dp,
-                     target_epsilon=target or None, delta=_bounded(cfg, "delta", 1e-5), seed=_bounded(cfg, "seed", 0))
+                     target_epsilon=target or None, delta=_bounded(cfg, "delta", 1e-5), seed=_bounded(cfg, "seed", 0),
+                     lr_scale=_bounded(cfg, "lr-scale", 1.0))
 
 
 class SiteHandler:

@@ -37,6 +37,7 @@ class RoundPlan:
     target_epsilon: float | None = None
     delta: float = 1e-5
     seed: int = 0
+    lr_scale: float = 1.0  # this round's factor on train.lr (the run's schedule), at most 1
 
 
 @dataclass
@@ -122,7 +123,7 @@ class SiteTrainer:
             raise NoTrainingData("no labelled training images")
         t = self.cfg.train
         settings = TrainSettings(
-            epochs=plan.local_epochs, max_steps=plan.local_steps, batch_size=t.batch_size, lr=t.lr,
+            epochs=plan.local_epochs, max_steps=plan.local_steps, batch_size=t.batch_size, lr=t.lr * plan.lr_scale,
             weight_decay=t.weight_decay, proximal_mu=plan.proximal_mu,
             seed=round_seed(t.seed + plan.seed, self.name, plan.server_round),
             augment=AugmentSettings.of(t.augment),

@@ -456,6 +456,11 @@ class RunSection(_Strict):
     poll_interval_s: float = Field(default=3.0, ge=0.01, le=10)
     local_epochs: int = Field(default=1, ge=1)
     local_steps: int | None = Field(default=None, ge=1)  # if set: S optimizer steps per round instead of epochs
+    # The sites' learning rate over the rounds: constant, or a cosine from train.lr down to
+    # lr_min_factor x train.lr at the last round. The coordinator sends each round's factor
+    # (lr-scale, at most 1: it can lower a site's learning rate, never raise it).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_min_factor: float = Field(default=0.1, ge=1e-3, le=1.0)
     out_dir: Path | None = None  # default: runs/<name>, relative to the working directory
     seed: int = 0
     # Server learning rate: eta of FedAdam/FedYogi/FedAdagrad (default 0.01 for them); FedAvgM's

@@ -20,6 +20,7 @@ send per-site baseline models, and filter bad updates before aggregation.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,15 @@ class RoundRecord(TypedDict, total=False):
     seconds: float
 
 Event = Callable[[str, dict], None]
+
+
+def lr_scale(schedule: str, server_round: int, rounds: int, min_factor: float) -> float:
+    """The factor on the sites' learning rate in ``server_round`` (1 for ``constant``; a cosine
+    from 1 at round 1 to ``min_factor`` at the last round). Cross-site evaluation (round 0) gets 1."""
+    if schedule == "constant" or rounds <= 1 or server_round < 1:
+        return 1.0
+    t = (min(server_round, rounds) - 1) / (rounds - 1)
+    return float(min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
 def strategy_for(cfg: RunConfig):
@@ -157,6 +167,7 @@ class Federation:
             "run": r.name, "server-round": server_round, "num-rounds": r.rounds, "local-epochs": r.local_epochs,
             "local-steps": r.local_steps or 0, "dp": p.dp, "target-epsilon": p.target_epsilon or 0.0,
             "delta": p.delta, "seed": r.seed, "model": self.cfg.model.model_dump_json(),
+            "lr-scale": lr_scale(r.lr_schedule, server_round, r.rounds, r.lr_min_factor),
         })
 
     # ------------------------------------------------------------------ training

@@ -47,7 +47,8 @@ def _dist(a, b):
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
 def test_rounds_change_the_model_and_cross_site_matrix_is_complete(cohort, tmp_path, strategy):
-    cfg = load_run_config(write_run(tmp_path, cohort, strategy, strategy=strategy, proximal_mu=0.1))
+    schedule = {"lr_schedule": "cosine", "lr_min_factor": 0.2} if strategy == "fedprox" else {}
+    cfg = load_run_config(write_run(tmp_path, cohort, strategy, strategy=strategy, proximal_mu=0.1, **schedule))
     grid = InProcessGrid(cfg.sites)
     summary = Federation(cfg, grid).run()
     out = cfg.out_dir
@@ -79,6 +80,10 @@ def test_rounds_change_the_model_and_cross_site_matrix_is_complete(cohort, tmp_p
     sent_mu = {float(m.content[P.CONFIG].get("proximal-mu", 0.0)) for m in grid.sent if P.CONFIG in m.content
                and m.metadata.message_type == "train"}
     assert sent_mu == ({0.1} if strategy == "fedprox" else {0.0})
+    # ... and the learning-rate schedule as each round's factor (cosine from 1 to 0.2 over 2 rounds)
+    sent_lr = sorted({(int(m.content[P.CONFIG]["server-round"]), float(m.content[P.CONFIG]["lr-scale"]))
+                      for m in grid.sent if m.metadata.message_type == "train"})
+    assert sent_lr == ([(1, 1.0), (2, pytest.approx(0.2))] if strategy == "fedprox" else [(1, 1.0), (2, 1.0)])
 
 
 @pytest.fixture
