@@ -29,6 +29,7 @@ Reject details are reason codes, DICOM keywords and exception type names: never 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import logging
@@ -276,6 +277,8 @@ def _work(rel: str) -> tuple:
         try:
             mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:  # the mapping is over the worker's cap
+                return ("rejected", None, E.WORKER_MEMORY, "mmap")
             return ("rejected", None, E.UNREADABLE, type(exc).__name__)
     finally:
         os.close(fd)
