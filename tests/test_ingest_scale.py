@@ -260,8 +260,10 @@ site = Path(sys.argv[1])
 from dicomfl.common.config import load_site_config
 from dicomfl.common.ingest import ingest
 def peaks():
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+    # This process's own high-water mark: VmHWM starts afresh at exec, while RUSAGE_SELF keeps
+    # the peak of the pytest process this one was forked from.
+    hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) * 1024
+    return hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 cfg = load_site_config(site)
 res = ingest(cfg)  # cold: the state dir is empty
 assert "torch" not in sys.modules
