@@ -17,7 +17,6 @@ import logging
 import math
 import secrets
 import time
-import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -168,7 +167,10 @@ class SiteHandler:
     def _error(self, msg: Message, exc: BaseException, site_log: logging.Logger) -> Message:
         ref = secrets.token_hex(6)
         code = P.error_code(exc)
-        site_log.error("%s failed (ref=%s): %s\n%s", msg.metadata.message_type, ref, exc, traceback.format_exc())
+        # The traceback goes in as exc_info: the log's formatter keeps it readable on its own lines,
+        # while the message itself (which may quote a path) is escaped to one line.
+        site_log.error("%s failed (ref=%s): %s", msg.metadata.message_type, ref, exc,
+                       exc_info=(type(exc), exc, exc.__traceback__))
         return Message(Error(code=code, reason=P.error_reason(code, ref)), reply_to=msg)
 
     def _site(self, msg: Message, context: Context) -> tuple[SiteTrainer, ConfigRecord]:

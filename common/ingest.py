@@ -29,6 +29,7 @@ Reject details are reason codes, DICOM keywords and exception type names: never 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import logging
@@ -272,6 +273,8 @@ def map_file(path: str, max_bytes: int) -> "mmap.mmap | E.RejectedFile":
         try:
             return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:  # the mapping is over the worker's cap
+                return E.RejectedFile(E.WORKER_MEMORY, "mmap")
             return E.RejectedFile(E.UNREADABLE, type(exc).__name__)
     finally:
         os.close(fd)

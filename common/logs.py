@@ -1,7 +1,10 @@
 """Logging set-up: the site's own log file under its state dir, and short lines on the console.
 
-Log records are made by dicomfl code from codes, relative paths and counts; pydicom's warnings
-(which can quote header values) are never routed here.
+Log records are made by dicomfl code from codes, site-local references and counts; pydicom's
+warnings (which can quote header values) are never routed here. Every message is written as one
+line with control characters escaped (:func:`~dicomfl.common.errors.printable`): a file or folder
+name holding a newline or a terminal escape sequence cannot forge log lines or reach a terminal
+that displays the log.
 """
 
 from __future__ import annotations
@@ -9,6 +12,17 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+
+from .errors import printable
+
+
+class OneLineFormatter(logging.Formatter):
+    """A formatter that escapes newlines and control characters in the message (not in a
+    traceback appended after it, which stays readable)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
 
 
 def setup(state_dir: Path | None, name: str, console_level: int = logging.WARNING) -> Path | None:
@@ -19,7 +33,7 @@ def setup(state_dir: Path | None, name: str, console_level: int = logging.WARNIN
         h.close()
     console = logging.StreamHandler()
     console.setLevel(console_level)
-    console.setFormatter(logging.Formatter("dicomfl: %(message)s"))
+    console.setFormatter(OneLineFormatter("dicomfl: %(message)s"))
     root.addHandler(console)
     root.propagate = False
     if state_dir is None:
@@ -30,7 +44,7 @@ def setup(state_dir: Path | None, name: str, console_level: int = logging.WARNIN
     path = logdir / f"{name}.log"
     fh = logging.FileHandler(path)
     fh.setLevel(logging.INFO)
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    fh.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(fh)
     return path
 
@@ -47,6 +61,6 @@ def site_logger(state_dir: Path, site: str) -> logging.Logger:
         logdir.mkdir(parents=True, exist_ok=True)
         os.chmod(logdir, 0o700)
         fh = logging.FileHandler(path)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         lg.addHandler(fh)
     return lg

@@ -385,10 +385,21 @@ def _private_step(optimizer, model: nn.Module, anchor: list[torch.Tensor], mu: f
         optimizer.original_optimizer.step()
 
 
+#: Pixels per evaluation batch (batch size x image area): 32 images at 256 px, 128 at 128 px.
+#: A batch's activations, not N, set evaluation's peak memory (at 256 px a batch of 256 would
+#: put 2 GB in the first feature map of a width-32 model).
+EVAL_BATCH_PIXELS = 1 << 21
+
+
 @torch.no_grad()
-def predict(model: nn.Module, data: SplitData, batch_size: int = 256, dev: torch.device | None = None) -> np.ndarray:
-    """Class probabilities (N, C)."""
+def predict(model: nn.Module, data: SplitData, batch_size: int | None = None,
+            dev: torch.device | None = None) -> np.ndarray:
+    """Class probabilities (N, C), in batches of ``batch_size`` images (default: as many as
+    fit :data:`EVAL_BATCH_PIXELS`, between 8 and 256)."""
     dev = dev or device()
+    if batch_size is None:
+        area = int(np.prod(data.images.shape[1:])) if len(data.images.shape) > 1 else 1
+        batch_size = max(8, min(256, EVAL_BATCH_PIXELS // max(area, 1)))
     model = model.to(dev).eval()
     cuda = dev.type == "cuda"
     outs = []

@@ -144,6 +144,20 @@ def jp2_zero_box(dst: Path) -> Path:
     return out
 
 
+def all_crashers(dst: Path) -> dict[str, Path]:
+    """Every crasher above, written to ``dst``: name -> file."""
+    return {
+        "j2k_rgb": j2k_photometric(dst, "RGB"),
+        "j2k_ybr_full_422": j2k_photometric(dst, "YBR_FULL_422"),
+        "jpeg_lossless_bs7": jpeg_lossless_bits_stored(dst),
+        "rle_offset": rle_segment_offset(dst),
+        "rle_rows": rle_rows(dst),
+        "jpeg_sof_p255": jpeg_sof_precision(dst),
+        "j2k_bomb": j2k_bomb(dst),
+        "jp2_zero_box": jp2_zero_box(dst),
+    }
+
+
 def good_files(dst: Path) -> list[Path]:
     """Copies of the :data:`GOOD` files in ``dst``."""
     out = []

@@ -62,16 +62,7 @@ def _blobs(state: Path) -> list[bytes]:
 @pytest.fixture(scope="module")
 def crash_files(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("src")
-    return {
-        "j2k_rgb": C.j2k_photometric(d, "RGB"),
-        "j2k_ybr_full_422": C.j2k_photometric(d, "YBR_FULL_422"),
-        "jpeg_lossless_bs7": C.jpeg_lossless_bits_stored(d),
-        "rle_offset": C.rle_segment_offset(d),
-        "rle_rows": C.rle_rows(d),
-        "jpeg_sof_p255": C.jpeg_sof_precision(d),
-        "j2k_bomb": C.j2k_bomb(d),
-        "jp2_zero_box": C.jp2_zero_box(d),
-    }
+    return C.all_crashers(d)
 
 
 #: How ingestion rejects each crasher: the codestream check stops those with a header tell before
@@ -196,6 +187,35 @@ def test_control_characters_in_names_are_escaped(tmp_path):
     assert "\x1b" not in r.stdout + r.stderr and "DOE" not in r.stdout + r.stderr
     tsv = (tmp_path / "state" / "reports" / "rejects-map.tsv").read_text()
     assert "\x1b" not in tsv and "\\x1b" in tsv and tsv.count("\n") == 2  # header + one reject, one line each
+    log = (tmp_path / "state" / "logs" / "ingest.log").read_text()
+    assert "rejected file:" in log and "\x1b" not in log and "DOE" not in log
+
+
+def test_log_messages_are_one_line_with_control_characters_escaped(tmp_path):
+    """A message quoting a name with a newline or a terminal escape cannot forge a log line; a
+    traceback logged with it stays readable."""
+    import logging
+
+    from dicomfl.common.logs import setup, site_logger
+
+    path = setup(tmp_path, "t")
+    site = site_logger(tmp_path, "escape-test")
+    try:
+        for lg in (logging.getLogger("dicomfl.test"), site):
+            lg.warning("file %s", "DOE\n2026-01-01 INFO forged\x1b[2J")
+            try:
+                raise ValueError("boom")
+            except ValueError:
+                lg.error("failed", exc_info=True)
+    finally:
+        setup(None, "t")
+        for h in list(site.handlers):
+            site.removeHandler(h)
+            h.close()
+    for text in (path.read_text(), (tmp_path / "logs" / "site.log").read_text()):
+        assert "\x1b" not in text and "DOE\\x0a2026-01-01 INFO forged\\x1b[2J" in text
+        assert not any(line.startswith("2026-01-01 INFO forged") for line in text.splitlines())
+        assert "Traceback (most recent call last):\n" in text and "ValueError: boom" in text
 
 
 # ------------------------------------------------------------------------------------ the bomb
@@ -236,29 +256,34 @@ def test_jpeg2000_bomb_is_rejected_without_a_large_allocation(tmp_path, crash_fi
 _MEASURE = r"""
 import json, resource, sys
 from pathlib import Path
-phase, site = sys.argv[1], Path(sys.argv[2])
+site = Path(sys.argv[1])
 from dicomfl.common.config import load_site_config
 from dicomfl.common.ingest import ingest
+def peaks():
+    # This process's own high-water mark: VmHWM starts afresh at exec, while RUSAGE_SELF keeps
+    # the peak of the pytest process this one was forked from.
+    hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) * 1024
+    return hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 cfg = load_site_config(site)
-res = ingest(cfg)
+res = ingest(cfg)  # cold: the state dir is empty
+assert "torch" not in sys.modules
 out = {"accepted": res.report.accepted, "decoded": res.report.decoded}
-if phase == "train":
-    from dicomfl.common.model import ModelConfig, build_model
-    from dicomfl.common.splits import TRAIN
-    from dicomfl.common.train import TrainSettings, evaluate, load_split, train_local
-    mc = ModelConfig(image_size=cfg.preprocess.image_size, width=4, depth=1, meta_hidden=8, head_hidden=8)
-    tr = load_split(res.data, TRAIN, mc.image_size)
-    r = train_local(build_model(mc), tr, TrainSettings(epochs=1, batch_size=32))
-    m = evaluate(build_model(mc), load_split(res.data, 2, mc.image_size), load_split(res.data, 1, mc.image_size))
-    out.update(steps=r.steps, n_train=len(tr))
-out["self"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-out["children"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+out["ingest"], out["worker"] = peaks()
+from dicomfl.common.model import ModelConfig, build_model
+from dicomfl.common.splits import TEST, TRAIN, VAL
+from dicomfl.common.train import TrainSettings, evaluate, load_split, train_local
+mc = ModelConfig(image_size=cfg.preprocess.image_size, width=4, depth=1, meta_hidden=8, head_hidden=8)
+tr = load_split(res.data, TRAIN, mc.image_size)
+r = train_local(build_model(mc), tr, TrainSettings(epochs=1, batch_size=32))
+evaluate(build_model(mc), load_split(res.data, TEST, mc.image_size), load_split(res.data, VAL, mc.image_size))
+out.update(steps=r.steps, n_train=len(tr))
+out["train"] = peaks()[0]
 print("RESULT " + json.dumps(out))
 """
 
 
-def _measure(phase: str, site: Path) -> dict:
-    r = subprocess.run([sys.executable, "-c", _MEASURE, phase, str(site)], capture_output=True, text=True,
+def _measure(site: Path) -> dict:
+    r = subprocess.run([sys.executable, "-c", _MEASURE, str(site)], capture_output=True, text=True,
                        timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.split("RESULT ", 1)[1])
@@ -279,24 +304,21 @@ def cohorts(tmp_path_factory) -> dict[int, Path]:
 
 
 def test_peak_memory_is_flat_in_the_number_of_images(cohorts):
-    """Ingestion (the parent, and its largest worker) and one training epoch plus an evaluation,
-    at N and 4N images of 256 px (256 KB each: 4N images are 100 MB, so holding them, as the old
-    pipeline did several times over, would show): peak RSS at 4N stays within 1.3x of N."""
-    small, big = cohorts[100], cohorts[400]
-    ingest_small, ingest_big = _measure("ingest", small), _measure("ingest", big)
-    assert ingest_small["accepted"] == 100 and ingest_big["accepted"] == 400
-    assert ingest_big["decoded"] == 400
-    train_small, train_big = _measure("train", small), _measure("train", big)  # warm: read from the cache
-    assert train_small["decoded"] == 0 and train_big["decoded"] == 0 and train_big["steps"] > 3 * train_small["steps"] - 3
-    ratios = {
-        "ingest parent": ingest_big["self"] / ingest_small["self"],
-        "ingest worker": ingest_big["children"] / ingest_small["children"],
-        "train": train_big["self"] / train_small["self"],
-    }
-    print({k: round(v, 3) for k, v in ratios.items()},
-          {k: (ingest_small[k] >> 20, ingest_big[k] >> 20) for k in ("self", "children")},
-          (train_small["self"] >> 20, train_big["self"] >> 20))
-    assert all(v < 1.3 for v in ratios.values()), ratios
+    """A cold ingestion (the parent, and its largest worker), then one training epoch and an
+    evaluation read from the cache, at N and 4N images of 256 px (256 KB each as float32): the
+    3N extra images are 75 MB, so holding them once, as the old pipeline did several times over,
+    would show. Peak RSS at 4N stays within 1.3x of N; ingestion's (parent and worker) also grows
+    by less than a third of the extra images' bytes. (Training's peak is set by its batches: the
+    evaluation batch is still filling up at N, so its growth is held to the ratio only.)"""
+    small, big = _measure(cohorts[100]), _measure(cohorts[400])
+    assert small["accepted"] == small["decoded"] == 100 and big["accepted"] == big["decoded"] == 400
+    assert big["steps"] > 3 * small["steps"] - 3
+    extra = 300 * 256 * 256 * 4
+    print({k: (small[k] >> 20, big[k] >> 20) for k in ("ingest", "worker", "train")}, "MiB at N, 4N")
+    for k in ("ingest", "worker", "train"):
+        assert big[k] / small[k] < 1.3, (k, small[k], big[k])
+    for k in ("ingest", "worker"):
+        assert big[k] - small[k] < extra / 3, (k, small[k], big[k])
 
 
 # ------------------------------------------------------------------------------ cache and loader
@@ -347,13 +369,18 @@ def test_retry_failures_are_not_cached(tmp_path):
     export = tmp_path / "export"
     C.plain_cohort(export, 2, 64, 64)
     C.plain_writer(4096, 4096)(export / "big.dcm", 7)  # 32 MB: its decode needs far more than 64 MB
+    with open(export / "sparse.dcm", "wb") as fh:  # 200 MB (sparse): even its mapping is over the cap
+        fh.write(b"\0" * 128 + b"DICM")
+        fh.truncate(200 << 20)
     cfg = load_site_config(write_site(tmp_path, export, preprocess={"image_size": 16},
                                       ingest={"workers": 1, "worker_memory_mb": 64}))
     first = ingest(cfg)
-    assert first.report.rejected_by_reason == {E.WORKER_MEMORY: 1} and first.report.accepted == 2
+    assert first.report.rejected_by_reason == {E.WORKER_MEMORY: 2} and first.report.accepted == 2
     cfg.ingest.worker_memory_mb = 2048
+    cfg.ingest.max_file_bytes = 100 << 20  # the zeros of sparse.dcm would take pydicom minutes to parse
     second = ingest(cfg)
     assert second.report.decoded == 1 and second.report.accepted == 3
+    assert second.report.rejected_by_reason == {E.TOO_LARGE: 1}
 
 
 def test_files_over_the_cap_are_not_read(tmp_path):

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 
 from dicomfl.common.config import load_site_config
-from dicomfl.common.ingest import ingest
+from dicomfl.common.ingest import ingest, read_rejects_map
 from dicomfl.workbench.synth import synth
 
 from .phi import identifying_values
@@ -85,7 +85,10 @@ def test_ingest_round_trip_and_no_fake_phi_anywhere(cohort):
         rep = res.report
         assert rep.accepted == 60 and rep.labelled == 60 and rep.rejected == 5
         assert rep.rejected_by_reason == {v: 1 for v in BAD.values()}
-        assert {r["file"].split("/")[-1]: r["reason"] for r in rep.rejects} == BAD
+        # Rejected files are named by reference; only the operator's map (0600) holds their paths.
+        paths = read_rejects_map(cfg.site.state_dir)
+        assert all(r["file"].startswith("file:") and "/" not in r["file"] for r in rep.rejects)
+        assert {paths[r["file"]].split("/")[-1]: r["reason"] for r in rep.rejects} == BAD
         assert set(np.unique(res.data.labels)) == {0, 1}
         # patients never straddle splits
         by_patient = {}

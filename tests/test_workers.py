@@ -61,16 +61,7 @@ def no_leftover_processes():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("crashers")
-    return {
-        "j2k_rgb": C.j2k_photometric(d, "RGB"),
-        "j2k_ybr_full_422": C.j2k_photometric(d, "YBR_FULL_422"),
-        "jpeg_lossless_bs7": C.jpeg_lossless_bits_stored(d),
-        "rle_offset": C.rle_segment_offset(d),
-        "rle_rows": C.rle_rows(d),
-        "jpeg_sof_p255": C.jpeg_sof_precision(d),
-        "j2k_bomb": C.j2k_bomb(d),
-        "jp2_zero_box": C.jp2_zero_box(d),
-    }
+    return C.all_crashers(d)
 
 
 @pytest.fixture(scope="module")

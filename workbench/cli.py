@@ -120,10 +120,7 @@ def ingest(
     if report is not None and report.is_dir():
         _fail(f"--report: {printable(str(report))} is a folder; give a file name")
     try:
-        try:
-            cfg = load_site_config(site_yaml)
-        except UnicodeDecodeError as exc:
-            raise DicomflError(f"{site_yaml}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        cfg = load_site_config(site_yaml)
         prepare_state_dir(cfg)
         logpath = setup(cfg.site.state_dir, "ingest", console_level=logging.ERROR)
         with progress_bar("ingest") as bar:
