@@ -1,11 +1,15 @@
-"""Real deployments on loopback: a SuperLink and site daemons (SuperNodes with the dicomfl
-ClientApp) as separate processes, TLS and SuperNode authentication on, real gRPC. Every process is
-started by the fixture and stopped by pid (process group), with bounded waits.
+"""Real deployments on loopback: a SuperLink and site daemons (each a SuperNode and the site's warm
+worker, with the dicomfl ClientApp forwarding to it) as separate processes, TLS and SuperNode
+authentication on, real gRPC. Every process is started by the fixture and stopped by pid (process
+group), with bounded waits; the workers and the SuperLink killed on purpose are children of those
+daemons, found by the pids the daemons write.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import signal
 import time
 from pathlib import Path
@@ -14,6 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
+from dicomfl.server import runner
 from dicomfl.server.checkpoint import Checkpoints, read_npz
 from dicomfl.workbench.launcher import LocalFederation
 
@@ -22,22 +27,25 @@ from .test_federation import MODEL, SITES
 
 pytestmark = pytest.mark.slow
 
+CLIENTAPP_LINE = re.compile(r"worker \(pid (\d+)\): (\w+) message from ClientApp pid (-?\d+) "
+                            r"\(torch imported in the ClientApp: (\w+)\)")
+
 
 def write_run(tmp: Path, name: str, **run) -> Path:
     cfg = {"run": {"name": name, "rounds": 2, "strategy": "fedavg", "min_sites": 2, "local_epochs": 1,
-                   "round_timeout_s": 120, "out_dir": str(tmp / name), **run},
+                   "round_timeout_s": 120, "poll_interval_s": 0.2, "out_dir": str(tmp / name), **run},
            "cross_site": {"every": 0, "local_baseline": True}, "model": MODEL}
     p = tmp / f"{name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
 
 
-def wait_for(pred, timeout: float, what: str) -> None:
+def wait_for(pred, timeout: float, what: str, step: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
             return
-        time.sleep(0.5)
+        time.sleep(step)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
@@ -47,11 +55,13 @@ def fed(cohort, tmp_path_factory):
     f = LocalFederation(work, [cohort / s / "site.yaml" for s in SITES], extra_sites=["rogue"])
     try:
         f.start(timeout=180)
+        for s in SITES:
+            f.wait_worker(s, 120)
         yield f
     finally:
         pids = [p.pid for p in f.procs.values()]
         f.close()
-        # Stopped cleanly: nothing any daemon started (SuperLink, SuperNodes, SuperExec, apps) is left.
+        # Stopped cleanly: nothing any daemon started (SuperLink, SuperNodes, SuperExec, workers, apps) is left.
         from dicomfl.common.supervise import session_pids
 
         deadline = time.monotonic() + 20
@@ -65,29 +75,73 @@ def _metrics(run_yaml: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_fedavg_then_fedprox_over_tls_with_authenticated_sites(fed, tmp_path):
+class SiteLog:
+    """A site's ``site.log`` from now on: the worker's lines about each message it got."""
+
+    def __init__(self, fed: LocalFederation, site: str) -> None:
+        self.path = fed.state_dir(site) / "logs" / "site.log"
+        self.start = self.path.stat().st_size if self.path.exists() else 0
+
+    def text(self) -> str:
+        with open(self.path, "rb") as fh:
+            fh.seek(self.start)
+            return fh.read().decode("utf-8", "replace")
+
+    def messages(self) -> list[tuple[int, str, int, str]]:
+        """(worker pid, message type, ClientApp pid, torch imported there) per message, in order."""
+        return [(int(a), b, int(c), d) for a, b, c, d in CLIENTAPP_LINE.findall(self.text())]
+
+
+def test_rounds_through_the_warm_worker_equal_the_in_process_path(fed, tmp_path):
+    """FedProx, 3 rounds, through real gRPC: one worker per site serves every message (same pid
+    throughout), each message's ClientApp process is a fresh forwarder without torch, and the
+    result is the in-process path's on the same seed."""
+    workers = {s: fed.worker_pid(s) for s in SITES}
+    logs = {s: SiteLog(fed, s) for s in SITES}
+    run_yaml = write_run(tmp_path, "fedprox", strategy="fedprox", proximal_mu=0.1, rounds=3)
     lines: list[str] = []
-    for strategy in ("fedavg", "fedprox"):
-        run_yaml = write_run(tmp_path, strategy, strategy=strategy, proximal_mu=0.1)
-        assert fed.run(run_yaml, echo=lines.append, timeout=600) == 0, "\n".join(lines[-20:])
-        m = _metrics(run_yaml)
-        assert m["rounds"] == 2 and m["sites"] == list(SITES)
-        for h in m["history"]:
-            assert sorted(h["aggregated"]) == list(SITES) and not h["missing"]
-            assert all(s["train-loss"] is not None for s in h["sites"].values())
-        cs = m["cross_site"]
-        assert cs["models"] == ["global"] + [f"local:{s}" for s in SITES]
-        assert all(sorted(cs["matrix"][mdl]) == list(SITES) for mdl in cs["models"])
-        out = Path(yaml.safe_load(run_yaml.read_text())["run"]["out_dir"])
-        g1 = read_npz(out / "checkpoints" / "round-0001" / "global.npz")
-        g2 = read_npz(out / "checkpoints" / "round-0002" / "global.npz")
-        assert any(not np.array_equal(g1[k], g2[k]) for k in g1)
-        assert (out / "report.md").is_file() and (out / "cross_site_final.png").is_file()
-    assert any(line.startswith("round 2:") for line in lines)  # progress streamed to the terminal
-    # Each site's log is its own and the SuperNode's runtime dependency installation stayed off.
+    assert fed.run(run_yaml, echo=lines.append, timeout=600) == 0, "\n".join(lines[-20:])
+    m = _metrics(run_yaml)
+    assert m["rounds"] == 3 and m["sites"] == list(SITES)
+    for h in m["history"]:
+        assert sorted(h["aggregated"]) == list(SITES) and not h["missing"] and not h["errors"]
+    cs = m["cross_site"]
+    assert cs["models"] == ["global"] + [f"local:{s}" for s in SITES]
+    assert all(sorted(cs["matrix"][mdl]) == list(SITES) for mdl in cs["models"])
+    out = tmp_path / "fedprox"
+    assert (out / "report.md").is_file() and (out / "cross_site_final.png").is_file()
+    assert any(line.startswith("round 3:") for line in lines)  # progress streamed to the terminal
     for s in SITES:
+        got = logs[s].messages()
+        assert [t for _, t, _, _ in got] == ["train"] * 3 + ["evaluate"], got
+        assert {w for w, _, _, _ in got} == {workers[s]} and fed.worker_pid(s) == workers[s]  # one warm worker
+        assert {torch for _, _, _, torch in got} == {"False"}  # the per-message ClientApp never imported torch
+        assert len({app for _, _, app, _ in got}) == len(got) and workers[s] not in {app for _, _, app, _ in got}
         assert "allow-runtime-dependency-installation" not in " ".join(
             (fed.workdir / "logs" / f"site-{s}.log").read_text().split())
+    # The same run in process (the benchmark's path), one torch thread as each deployed site has.
+    import torch
+
+    from dicomfl.common.config import load_run_config
+    from dicomfl.server.federation import Federation
+    from dicomfl.workbench.inprocess import InProcessGrid
+
+    cfg = load_run_config(run_yaml, check_files=False)
+    cfg.run.out_dir = tmp_path / "fedprox-inprocess"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = Federation(cfg, InProcessGrid([fed.sites[s] for s in SITES])).run()
+    finally:
+        torch.set_num_threads(threads)
+    a = Checkpoints(out).latest().global_weights
+    b = Checkpoints(cfg.run.out_dir).latest().global_weights
+    rel = math.sqrt(sum(float(np.sum((a[k] - b[k]) ** 2)) for k in a)) / math.sqrt(sum(float(np.sum(b[k] ** 2)) for k in b))
+    assert rel < 1e-5, rel
+    for s in SITES:
+        assert cs["matrix"]["global"][s]["auroc"] == pytest.approx(local["cross_site"]["matrix"]["global"][s]["auroc"], abs=1e-6)
+    g1 = read_npz(out / "checkpoints" / "round-0001" / "global.npz")
+    assert any(not np.array_equal(g1[k], a[k]) for k in a)
 
 
 def test_evaluate_only_an_existing_model(fed, tmp_path):
@@ -119,66 +173,105 @@ def test_a_supernode_without_a_registered_key_cannot_join(fed):
         fed.stop("site:rogue")
 
 
-def test_a_site_killed_during_a_run_is_left_out_and_named(fed, tmp_path):
-    run_yaml = write_run(tmp_path, "killed", rounds=2, round_timeout_s=45)
-    out = tmp_path / "killed"
-    proc = fed.run_async(run_yaml, log=tmp_path / "killed.log")
+def test_a_worker_killed_mid_round_is_named_restarted_and_rejoins(fed, tmp_path):
+    """site-c's worker is SIGKILLed while it handles its round-2 train message: the forwarder
+    answers with an error code (the site is named in that round, not waited for), the daemon starts
+    a new worker, and site-c is aggregated again in the next round."""
+    site_log = SiteLog(fed, "site-c")
+    old = fed.worker_pid("site-c")
+    run_yaml = write_run(tmp_path, "workerkill", rounds=3, local_epochs=3, round_timeout_s=60)
+    proc = fed.run_async(run_yaml, log=tmp_path / "workerkill.log")
     try:
-        wait_for(lambda: (out / "checkpoints" / "round-0001" / "state.json").exists(), 300, "round 1")
-        fed.kill_site("site-c")
-        assert proc.wait(timeout=400) == 0, (tmp_path / "killed.log").read_text()[-2000:]
+        # The moment the worker logs the round-2 train message, it is in the middle of handling it.
+        wait_for(lambda: sum(t == "train" for _, t, _, _ in site_log.messages()) >= 2, 300, "round 2 at site-c", step=0.02)
+        fed.kill_worker("site-c")
+        new = fed.wait_worker("site-c", 60, other_than=old)
+        assert proc.wait(timeout=300) == 0, (tmp_path / "workerkill.log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
-    m = _metrics(run_yaml)
-    assert m["rounds"] == 2
-    h2 = m["history"][1]
-    assert "site-c" in h2["missing"] and sorted(h2["aggregated"]) == ["site-a", "site-b"]
-    assert "site-c" in (out / "report.md").read_text().split("Sites missing from at least one round:")[1]
-    fed.start_site("site-c")
-    fed.wait_online(len(SITES), 180)
+    h = _metrics(run_yaml)["history"]
+    assert sorted(h[0]["aggregated"]) == list(SITES)
+    assert "site-c" not in h[1]["aggregated"] and sorted(h[1]["aggregated"]) == ["site-a", "site-b"]
+    assert "internal-error" in h[1]["errors"]["site-c"] or "site-c" in h[1]["missing"], h[1]
+    assert sorted(h[2]["aggregated"]) == list(SITES)  # rejoined
+    ref = h[1]["errors"]["site-c"].rsplit("=", 1)[1] if "site-c" in h[1]["errors"] else None
+    if ref is not None:
+        assert f"ref={ref}" in site_log.text()  # what happened is in the site's own log
+    assert new != old and {w for w, t, _, _ in site_log.messages()[-2:]} == {new}  # round 3 + evaluate: the new worker
 
 
-def test_coordinator_restart_sites_reconnect_and_run_resumes(fed, tmp_path):
+def test_superlink_killed_mid_run_the_coordinator_resumes_it_by_itself(fed, tmp_path):
     run_yaml = write_run(tmp_path, "restart", rounds=3)
     out = tmp_path / "restart"
     proc = fed.run_async(run_yaml, log=tmp_path / "restart.log")
     try:
         wait_for(lambda: (out / "checkpoints" / "round-0001" / "state.json").exists(), 300, "round 1")
-        fed.stop_coordinator(hard=True)  # SuperLink and ServerApp gone mid-run
-        proc.wait(timeout=120)
+        killed = fed.kill_superlink()  # the SuperLink and its ServerApp gone mid-run; the service stays
+        done = runner.checkpoint_round(out)
+        # Nobody types anything: the service restarts the SuperLink, the untouched site daemons
+        # reconnect (TLS + authentication), the run resumes from its checkpoint and finishes, and
+        # `dicomfl run` follows it to the end.
+        assert proc.wait(timeout=400) == 0, (tmp_path / "restart.log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
-    done = Checkpoints(out).latest().round
-    assert done < 3
-    fed.start_coordinator()
-    # The site daemons were not touched: they reconnect by themselves (TLS + authentication).
-    fed.wait_online(len(SITES), 180)
-    lines: list[str] = []
-    assert fed.run(run_yaml, resume=True, echo=lines.append, timeout=600) == 0, "\n".join(lines[-20:])
+    assert fed.superlink_pid() not in (None, killed)
     m = _metrics(run_yaml)
-    assert [h["round"] for h in m["history"]] == [1, 2, 3]
-    assert any(line.startswith("resuming after round") for line in lines)
+    assert m["rounds"] == 3 and [h["round"] for h in m["history"]] == [1, 2, 3]
+    assert m.get("resumed_after") == [done]
+    cfg = yaml.safe_load(fed.coordinator_yaml.read_text())
+    records = [json.loads(p.read_text()) for p in (Path(cfg["coordinator"]["state_dir"]) / "runs").glob("*.json")]
+    rec = next(r for r in records if r["out_dir"] == str(out.resolve()))
+    assert rec["status"] == "finished" and [r["after_round"] for r in rec["resumes"]] == [done]
+    text = (tmp_path / "restart.log").read_text()
+    assert "resumes the run" in text and f"resuming after round {done}" in text
+    fed.wait_online(len(SITES), 120)
 
 
-def test_a_site_sending_nan_weights_is_rejected(fed, tmp_path):
-    fed.stop("site:site-b")
-    # site-b runs a test-side ClientApp (tests/faultapps.py) that sends NaN weights.
-    fed.start_site("site-b", env_extra={"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-                                        FAULT_ENV: "nan-weights"})
+def test_a_site_killed_during_a_run_is_left_out_and_named(fed, tmp_path):
+    run_yaml = write_run(tmp_path, "killed", rounds=2, round_timeout_s=30)  # short: site-c will not answer
+    out = tmp_path / "killed"
+    proc = fed.run_async(run_yaml, log=tmp_path / "killed.log")
     try:
-        time.sleep(2)
+        wait_for(lambda: (out / "checkpoints" / "round-0001" / "state.json").exists(), 300, "round 1")
+        fed.kill_site("site-c")
+        assert proc.wait(timeout=300) == 0, (tmp_path / "killed.log").read_text()[-2000:]
+        m = _metrics(run_yaml)
+        assert m["rounds"] == 2
+        h2 = m["history"][1]
+        assert "site-c" in h2["missing"] and sorted(h2["aggregated"]) == ["site-a", "site-b"]
+        assert "site-c" in (out / "report.md").read_text().split("Sites missing from at least one round:")[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if "site:site-c" not in fed.procs:
+            fed.start_site("site-c")
         fed.wait_online(len(SITES), 180)
+
+
+def test_a_site_sending_nan_weights_is_rejected(fed, tmp_path, monkeypatch):
+    fed.stop("site:site-b")
+    # site-b runs a test-side ClientApp (tests/faultapps.py: a Flower mod around dicomfl's
+    # forwarding ClientApp) that sends NaN weights. `flwr run` checks that it can find the named
+    # ClientApp's module, so the submitting side needs this repository on its path too.
+    root = str(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", root)
+    fed.start_site("site-b", env_extra={"PYTHONPATH": root, FAULT_ENV: "nan-weights"})
+    try:
+        fed.wait_online(len(SITES), 180)
+        fed.wait_worker("site-b", 120)
+        site_log = SiteLog(fed, "site-b")
         run_yaml = write_run(tmp_path, "nan", rounds=1)
         lines: list[str] = []
         assert fed.run(run_yaml, echo=lines.append, timeout=600, clientapp=FAULTY_CLIENTAPP) == 0, "\n".join(lines[-20:])
         m = _metrics(run_yaml)
         h = m["history"][0]
-        assert "NaN" in h["rejected"]["site-b"] and sorted(h["aggregated"]) == ["site-a", "site-c"]
+        assert "site-b" in h["rejected"] and sorted(h["aggregated"]) == ["site-a", "site-c"]
         g = Checkpoints(tmp_path / "nan").latest().global_weights
         assert all(np.isfinite(v).all() for v in g.values())
         assert any("rejected site-b" in line for line in lines)
+        assert {torch for _, _, _, torch in site_log.messages()} == {"False"}  # the mod's ClientApp is light too
     finally:
         fed.stop("site:site-b", signal.SIGTERM)
         fed.start_site("site-b")
