@@ -8,13 +8,13 @@ the site's own log). Each configuration runs a real SuperLink and N site daemons
 TLS and SuperNode authentication (``LocalFederation``), a tiny model (width 4, depth 1, 32 px) and
 a few images per site, so the work is small and the overhead shows:
 
-* **before**: what the deployment did before the warm worker: a ClientApp that handles each
-  message in the process Flower starts for it (imports torch and dicomfl, re-opens the site's
-  data: ``round_bench:direct_app``, this module, on the sites' PYTHONPATH), SuperExec polling
-  every 1 s (Flower's default), the coordinator asking for replies every 3 s (what
+* **before**: what the deployment did before the warm worker: the site daemon without its worker
+  (``DICOMFL_SITE_WORKER=off``), so the ClientApp handles each message in the process Flower
+  starts for it (imports torch and dicomfl, re-opens the site's data), SuperExec polling every 1 s
+  (Flower's default), the coordinator asking for replies every 3 s (what
   ``HttpGrid.send_and_receive`` does) and the SuperLink's state in a database file;
 * **after**: dicomfl as it is: the forwarding ClientApp and the site's warm worker, SuperExec
-  polling every 0.25 s, the coordinator polling every 0.2 s (``run.poll_interval_s``), the
+  polling every 0.25 s, the coordinator polling every ``run.poll_interval_s`` (default 0.5 s), the
   SuperLink's state in memory.
 
 Both keep the SuperNode's fixed 3 s sleep when it finds no message (Flower exposes no setting for
@@ -25,27 +25,6 @@ All site caches are warmed first, so both paths read the site's data from its ca
 """
 
 from __future__ import annotations
-
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
-
-# ---------------------------------------------------------------- the "before" ClientApp
-direct_app = ClientApp()
-_direct_handler = None
-
-
-def _direct(msg: Message, context: Context) -> Message:
-    """The pre-worker ClientApp: the handler in this (per-message) process."""
-    global _direct_handler
-    if _direct_handler is None:
-        from dicomfl.client.handler import SiteHandler
-
-        _direct_handler = SiteHandler()
-    return _direct_handler.handle(msg, context)
-
-
-direct_app.train()(_direct)
-direct_app.evaluate()(_direct)
 
 
 # ---------------------------------------------------------------------------- the benchmark
@@ -85,6 +64,16 @@ def _handler_seconds(state_dir, start: int) -> list[float]:
     return [float(x) for x in re.findall(r"train message handled in ([0-9.]+) s", text)]
 
 
+def _clientapp_ages(state_dir, start: int) -> list[float]:
+    """How long before reaching the worker each train message's ``flwr-clientapp`` process started
+    (Flower's start-up of that process, which the warm worker cannot save)."""
+    import re
+
+    text = (state_dir / "logs" / "site.log").read_bytes()[start:].decode("utf-8", "replace")
+    return [float(x) for x in re.findall(r"train message from ClientApp pid \d+ \(torch imported in the ClientApp: "
+                                         r"\w+; it started ([0-9.]+) s before\)", text)]
+
+
 def _received_at(state_dir, start: int) -> list[float]:
     """When the worker got each train message (site log timestamps), seconds since the epoch."""
     import re
@@ -97,7 +86,8 @@ def _received_at(state_dir, start: int) -> list[float]:
     return out
 
 
-_PYTHONPATH = __import__("os").environ.get("PYTHONPATH", "")
+BEFORE_ENV = {"DICOMFL_SITE_WORKER": "off", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0",
+              "DICOMFL_SUPERLINK_STATE": "file"}
 
 
 def run_config(cohort, out, n: int, mode: str, rounds: int) -> dict:
@@ -118,31 +108,30 @@ def run_config(cohort, out, n: int, mode: str, rounds: int) -> dict:
         ingest(load_site_config(y))
     raw = run_config_dict(f"{mode}-{n}", rounds=rounds, local_epochs=1, min_sites=n, round_timeout_s=600,
                           out_dir=work / "run", model=MODEL, sites=sites)
-    raw["run"]["poll_interval_s"] = 3.0 if mode == "before" else 0.2
+    if mode == "before":
+        raw["run"]["poll_interval_s"] = 3.0  # what HttpGrid.send_and_receive waits
     run_yaml = work / "run.yaml"
     run_yaml.write_text(yaml.safe_dump(raw, sort_keys=False))
-    here = str(Path(__file__).resolve().parent)
-    os.environ["PYTHONPATH"] = _PYTHONPATH
-    env = {"PYTHONPATH": here + os.pathsep + _PYTHONPATH,
-           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"} if mode == "before" else {}
-    if mode == "before":  # `flwr run` checks that it can import the named ClientApp
-        os.environ["PYTHONPATH"] = env["PYTHONPATH"]
-    # before: the SuperLink's state in a database file, as it was; after: in memory (the default)
-    os.environ["DICOMFL_SUPERLINK_STATE"] = "file" if mode == "before" else "memory"
+    # The coordinator service and the site daemons inherit this process's environment.
+    for k, v in BEFORE_ENV.items():
+        if mode == "before":
+            os.environ[k] = v
+        else:
+            os.environ.pop(k, None)
     t0 = time.perf_counter()
     fed = LocalFederation(work / "federation", sites)
     try:
         names = list(fed.sites)
-        fed.start(timeout=600, site_env={s: env for s in names})
-        for s in names:
-            fed.wait_worker(s, 300)
+        fed.start(timeout=600)
+        if mode == "after":
+            for s in names:
+                fed.wait_worker(s, 300)
         started = time.perf_counter() - t0
         states = {s: fed.state_dir(s) for s in names}
         offsets = {s: (states[s] / "logs" / "site.log").stat().st_size if (states[s] / "logs" / "site.log").exists() else 0
                    for s in names}
         t1 = time.perf_counter()
-        code = fed.run(run_yaml, echo=lambda line: None, timeout=3600,
-                       **({"clientapp": "round_bench:direct_app"} if mode == "before" else {}))
+        code = fed.run(run_yaml, echo=lambda line: None, timeout=3600)
         wall = time.perf_counter() - t1
     finally:
         fed.close()
@@ -151,6 +140,7 @@ def run_config(cohort, out, n: int, mode: str, rounds: int) -> dict:
     hist = json.loads((work / "run" / "metrics.json").read_text())["history"]
     handled = {s: _handler_seconds(states[s], offsets[s]) for s in names}
     received = {s: _received_at(states[s], offsets[s]) for s in names}
+    ages = [a for s in names for a in _clientapp_ages(states[s], offsets[s])]
     rows = []
     for i, h in enumerate(hist):
         slowest = max(handled[s][i] for s in names)
@@ -158,7 +148,8 @@ def run_config(cohort, out, n: int, mode: str, rounds: int) -> dict:
         rows.append({"round": h["round"], "seconds": h["seconds"], "slowest_handler_s": slowest,
                      "overhead_s": round(h["seconds"] - slowest, 2),
                      "pickup_spread_s": round(max(rec) - min(rec), 2) if len(rec) == n else None})
-    return {"mode": mode, "sites": n, "rounds": rows, "start_s": round(started, 1), "run_s": round(wall, 1)}
+    return {"mode": mode, "sites": n, "rounds": rows, "start_s": round(started, 1), "run_s": round(wall, 1),
+            "clientapp_start_s": _median(ages)}
 
 
 def _median(xs):
@@ -174,14 +165,16 @@ def table(results: list[dict]) -> str:
         return "-" if x is None else f"{x:.2f}"
 
     lines = ["| path | sites | rounds | round s (median) | slowest handler s (median) | overhead s (median) | "
-             "overhead s (max) | overhead s (rounds 2+, median) | pickup spread s (median) | daemons up s | run s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "overhead s (max) | overhead s (rounds 2+, median) | pickup spread s (median) | "
+             "ClientApp process start s (median) | daemons up s | run s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         rows = r["rounds"]
         lines.append(f"| {r['mode']} | {r['sites']} | {len(rows)} | {f(_median([x['seconds'] for x in rows]))} | "
                      f"{f(_median([x['slowest_handler_s'] for x in rows]))} | {f(_median([x['overhead_s'] for x in rows]))} | "
                      f"{f(max(x['overhead_s'] for x in rows))} | {f(_median([x['overhead_s'] for x in rows[1:]]))} | "
-                     f"{f(_median([x['pickup_spread_s'] for x in rows]))} | {r['start_s']} | {r['run_s']} |")
+                     f"{f(_median([x['pickup_spread_s'] for x in rows]))} | {f(r.get('clientapp_start_s'))} | "
+                     f"{r['start_s']} | {r['run_s']} |")
     return "\n".join(lines)
 
 

@@ -16,11 +16,17 @@ Two children, each in its own process group, each restarted with its own back-of
   Output: ``<state_dir>/logs/supernode.log``.
 
 On SIGTERM both process groups stop.
+
+``DICOMFL_SITE_WORKER=off`` in the daemon's environment runs the SuperNode alone, as before the
+warm worker: the ClientApp then handles each message in the process Flower starts for it
+(importing torch and opening the site's data every time). It is there for comparison
+(``benchmarks/round_bench.py``) and as a fallback, not for normal use.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +41,7 @@ log = logging.getLogger("dicomfl.site")
 
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 SUPEREXEC_POLL_S = "0.25"
+WORKER_ENV = "DICOMFL_SITE_WORKER"  # "off": no warm worker (see the module doc)
 WORKER_BACKOFF_S = 1.0  # a message may be waiting: the worker comes back fast (then backs off)
 
 
@@ -70,18 +77,24 @@ def start(cfg: SiteConfig) -> int:
             raise ConfigError(f"{cfg.source}: federation.{key}: file not found: {p}")
     state = cfg.site.state_dir
     state.mkdir(parents=True, exist_ok=True)
-    try:
-        sock = socket_path(state)
-    except PermissionError as exc:
-        raise ConfigError(f"{cfg.source}: site.state_dir: no private place for the worker's socket: {exc}") from None
+    warm = os.environ.get(WORKER_ENV, "on").strip().lower() not in ("off", "0", "false", "no")
+    sock = None
+    if warm:
+        try:
+            sock = socket_path(state)
+        except PermissionError as exc:
+            raise ConfigError(f"{cfg.source}: site.state_dir: no private place for the worker's socket: {exc}") from None
     cmd = supernode_command(cfg, sock)
     env = child_env({"FLWR_HOME": str(state / "flwr-home")})
     env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S)
     logs = state / "logs"
-    log.info("site %s: connecting to %s; worker socket %s", cfg.site.name, cfg.federation.superlink, sock)
     backoff = cfg.federation.restart_backoff_s
-    return supervise_all([
-        Child("worker", worker_command(cfg, sock), child_env(), logs / "worker.log",
-              backoff_s=min(backoff, WORKER_BACKOFF_S)),
-        Child("SuperNode", cmd, env, logs / "supernode.log", backoff_s=backoff),
-    ])
+    children = [Child("SuperNode", cmd, env, logs / "supernode.log", backoff_s=backoff)]
+    if sock is not None:
+        log.info("site %s: connecting to %s; worker socket %s", cfg.site.name, cfg.federation.superlink, sock)
+        children.insert(0, Child("worker", worker_command(cfg, sock), child_env(), logs / "worker.log",
+                                 backoff_s=min(backoff, WORKER_BACKOFF_S)))
+    else:
+        log.warning("site %s: connecting to %s without a warm worker (%s=off): each message starts torch afresh",
+                    cfg.site.name, cfg.federation.superlink, WORKER_ENV)
+    return supervise_all(children)

@@ -67,6 +67,17 @@ def connect(path: str, wait_s: float) -> socket.socket:
             raise
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux ``/proc``; None elsewhere): what Flower's start of
+    a ``flwr-clientapp`` process costs a message, for the site log."""
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return round(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 2)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _seconds_left(msg: Message) -> float:
     """What is left of the message's time to live (the longest a reply can still be useful)."""
     try:
@@ -86,7 +97,7 @@ def exchange(msg: Message, node_config: dict) -> Message:
     except (TypeError, ValueError):
         wait_s = DEFAULT_WAIT_S
     hello = {"v": 1, "node-config": {"site-config": str(node_config.get("site-config", ""))},
-             "clientapp": {"pid": os.getpid(), "torch": "torch" in sys.modules}}
+             "clientapp": {"pid": os.getpid(), "torch": "torch" in sys.modules, "age": process_age_s()}}
     with connect(path, wait_s) as sock:
         sock.settimeout(60.0)
         write_frame(sock, HELLO, json.dumps(hello).encode())

@@ -425,8 +425,10 @@ def run_worker(site_yaml: Path, sock_path: Path | None = None, stop: threading.E
         app = hello.get("clientapp") if isinstance(hello.get("clientapp"), dict) else {}
         pid = app.get("pid") if isinstance(app.get("pid"), int) else -1
         torch_there = app.get("torch") if isinstance(app.get("torch"), bool) else None
-        slog.info("worker (pid %d): %s message from ClientApp pid %d (torch imported in the ClientApp: %s)",
-                  os.getpid(), str(msg.metadata.message_type)[:32], pid, torch_there)
+        age = app.get("age")
+        age = f"{float(age):.2f} s" if isinstance(age, (int, float)) and not isinstance(age, bool) and 0 <= age < 1e7 else "?"
+        slog.info("worker (pid %d): %s message from ClientApp pid %d (torch imported in the ClientApp: %s; "
+                  "it started %s before)", os.getpid(), str(msg.metadata.message_type)[:32], pid, torch_there, age)
         resolver.for_run(int(msg.metadata.run_id))
         context = Context(run_id=int(msg.metadata.run_id), node_id=int(msg.metadata.dst_node_id),
                           node_config={"site-config": str(site_yaml)}, state=RecordDict(), run_config={})

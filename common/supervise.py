@@ -58,6 +58,22 @@ def session_pids(sid: int) -> list[int]:
     return out
 
 
+def pid_alive(pid) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not; a process of another user is)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def kill_session(sid: int) -> None:
     """SIGKILL a whole session: what a crashed machine looks like to everyone else."""
     for pid in session_pids(sid):

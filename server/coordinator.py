@@ -32,7 +32,7 @@ from pathlib import Path
 
 from dicomfl.common.config import CoordinatorConfig, load_run_config
 from dicomfl.common.errors import DicomflError
-from dicomfl.common.supervise import supervise, wait_port
+from dicomfl.common.supervise import pid_alive, supervise, wait_port
 
 from . import flwrcli, runner
 
@@ -131,7 +131,7 @@ class Resumer:
         # The SuperLink may have restarted while this run was being resumed (its start then skipped
         # the run, which was in flight): go again if so.
         now = runner._superlink_pid(self.cfg)
-        if now is not None and now != superlink and runner._pid_alive(now):
+        if now is not None and now != superlink and pid_alive(now):
             self.resume_all()
 
     def resume_one(self, path: Path) -> int:

@@ -22,11 +22,13 @@ import json
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from dicomfl.common.config import CoordinatorConfig, RunConfig
+from dicomfl.common.supervise import pid_alive
 
 from . import flwrcli
 from .flwrapp import CLIENTAPP, write_app
@@ -98,23 +100,41 @@ def _stream(run: RunConfig, coord: CoordinatorConfig, *, resume: bool, evaluate_
         with open(out / "flwr-run.log", "a") as logf:
             proc = subprocess.Popen(cmd, env=flwrcli.env_with_home(home), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
-            try:
+            seen = {"started": False, "tail": []}
+
+            def pump() -> None:  # in a thread, so that ``timeout`` bounds a `flwr run` that hangs
                 assert proc.stdout is not None
                 for line in proc.stdout:
                     logf.write(line)
                     logf.flush()
                     s = line.rstrip("\n")
+                    if s.strip():
+                        seen["tail"] = (seen["tail"] + [s.strip()])[-5:]
                     if s.startswith("[dicomfl]"):
                         _echo_progress(s, echo)
                     elif "ERROR" in s or "Traceback" in s or "Successfully started run" in s:
+                        seen["started"] = seen["started"] or "Successfully started run" in s
                         echo(s.replace("\x1b[91m", "").replace("\x1b[0m", "").strip())
+
+            reader = threading.Thread(target=pump, daemon=True)
+            reader.start()
+            try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
                 return 124
             finally:
                 if proc.poll() is None:
                     proc.kill()
+                    proc.wait()
+                reader.join(timeout=10)
+            if proc.returncode != 0 and not seen["started"]:
+                # `flwr run` failed before the run started (e.g. it could not import the ClientApp
+                # it was given): say why, not just "did not finish".
+                echo(f"flwr run failed (status {proc.returncode}) before the run started; its last lines "
+                     f"(all in {out / 'flwr-run.log'}):")
+                for line in seen["tail"]:
+                    echo("  " + line.replace("\x1b[91m", "").replace("\x1b[0m", "").replace("\x1b[92m", "")
+                         .replace("\x1b[93m", ""))
     return 0
 
 
@@ -192,22 +212,6 @@ def checkpoint_round(out_dir: Path) -> int:
 
 
 # ------------------------------------------------------------------- the SuperLink's state
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _ready(coord: CoordinatorConfig) -> dict | None:
     from .coordinator import read_ready
 
@@ -222,7 +226,7 @@ def _superlink_pid(coord: CoordinatorConfig) -> int | None:
 def service_alive(coord: CoordinatorConfig) -> bool:
     """Whether a ``dicomfl coordinator start`` service for this coordinator runs on this host."""
     r = _ready(coord)
-    return bool(r) and _pid_alive(r.get("service_pid"))
+    return bool(r) and pid_alive(r.get("service_pid"))
 
 
 def _superlink_gone(coord: CoordinatorConfig, pid: int | None, wait_s: float = 5.0) -> bool:
@@ -233,7 +237,7 @@ def _superlink_gone(coord: CoordinatorConfig, pid: int | None, wait_s: float = 5
     deadline = time.monotonic() + wait_s
     while True:
         if pid is not None:
-            if not _pid_alive(pid) or _superlink_pid(coord) != pid:
+            if not pid_alive(pid) or _superlink_pid(coord) != pid:
                 return True
         elif not port_open(host, port):
             return True

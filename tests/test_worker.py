@@ -297,7 +297,7 @@ def test_the_clientapp_process_imports_neither_torch_nor_the_data_path():
         print(heavy)
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
 
@@ -484,6 +484,32 @@ def test_send_and_collect_yields_replies_as_they_come_and_stops_at_the_timeout()
     assert len(list(send_and_collect(grid, [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2)],
                                      timeout=30, poll_interval=0.05))) == 2
     assert time.monotonic() - t0 < 1.0
+
+
+class _FlakyGrid(_PollGrid):
+    """Its first ``failures`` pulls fail (as a busy SuperLink's "database is locked" did)."""
+
+    def __init__(self, ready_after, failures: int) -> None:
+        super().__init__(ready_after)
+        self.failures = failures
+        self.times = []
+
+    def pull_messages(self, ids):
+        self.times.append(time.monotonic())
+        if len(self.times) <= self.failures:
+            raise RuntimeError("database is locked")
+        return super().pull_messages(ids)
+
+
+def test_a_failed_pull_is_asked_again_later_and_the_round_goes_on():
+    from dicomfl.server.gridpoll import send_and_collect
+
+    _task_identity()
+    grid = _FlakyGrid({1: 0.0}, failures=3)
+    msgs = [Message(RecordDict(), dst_node_id=1, message_type="train")]
+    assert len(list(send_and_collect(grid, msgs, timeout=30, poll_interval=0.05))) == 1
+    gaps = [b - a for a, b in zip(grid.times, grid.times[1:])]
+    assert len(gaps) == 3 and gaps[0] >= 0.09 and gaps[2] >= 0.35  # 0.1, 0.2, 0.4 s: backing off, not hammering
 
 
 def test_send_and_collect_falls_back_to_send_and_receive_on_a_grid_without_push_pull():

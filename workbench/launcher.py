@@ -22,25 +22,12 @@ from pathlib import Path
 import yaml
 
 from dicomfl.common.config import load_coordinator_config, load_run_config, load_site_config
-from dicomfl.common.supervise import child_env, free_port, kill_session, stop_group
+from dicomfl.common.supervise import child_env, free_port, kill_session, pid_alive, stop_group
 
 from dicomfl.client.worker import read_status
 from dicomfl.server import flwrcli, runner
 from dicomfl.server.coordinator import read_ready, ready_file
 from dicomfl.server.pki import make_all
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _cli(*args: str) -> list[str]:
@@ -158,7 +145,7 @@ class LocalFederation:
         """The pid of the site's running warm worker (from its ``worker.json``), or None."""
         st = read_status(self.state_dir(name))
         pid = st.get("pid") if st else None
-        return pid if isinstance(pid, int) and _alive(pid) else None
+        return pid if isinstance(pid, int) and pid_alive(pid) else None
 
     def wait_worker(self, name: str, timeout: float = 60, other_than: int | None = None) -> int:
         """Wait for the site's worker to be ready (a new one, if ``other_than`` is given)."""
@@ -181,7 +168,7 @@ class LocalFederation:
     def superlink_pid(self) -> int | None:
         r = read_ready(load_coordinator_config(self.coordinator_yaml))
         pid = r.get("superlink_pid") if r else None
-        return pid if isinstance(pid, int) and _alive(pid) else None
+        return pid if isinstance(pid, int) and pid_alive(pid) else None
 
     def kill_superlink(self) -> int:
         """SIGKILL the SuperLink only (the coordinator service restarts it); returns its pid."""
