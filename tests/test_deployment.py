@@ -65,6 +65,7 @@ def fed(cohort, tmp_path_factory):
         f = LocalFederation(work, [cohort / s / "site.yaml" for s in SITES], extra_sites=["rogue"])
         try:
             f.start(timeout=180)
+            f.rogue_log = start_rogue(f)
             for s in SITES:
                 f.wait_worker(s, 120)
             yield f
@@ -113,6 +114,30 @@ class SiteLog:
     def messages(self) -> list[tuple[int, str, int, str]]:
         """(worker pid, message type, ClientApp pid, torch imported there) per message, in order."""
         return [(int(a), b, int(c), d) for a, b, c, d in CLIENTAPP_LINE.findall(self.text())]
+
+
+def start_rogue(fed: LocalFederation) -> Path:
+    """A daemon for "site-a" with a key the coordinator never registered; its SuperNode's log."""
+    rogue_yaml = fed.site_yaml(fed.sites["site-a"], "site-a", key_of="rogue")
+    raw = yaml.safe_load(rogue_yaml.read_text())
+    raw["site"]["state_dir"] = str(fed.workdir / "rogue-state")
+    rogue_yaml = rogue_yaml.with_name("rogue.yaml")
+    rogue_yaml.write_text(yaml.safe_dump(raw))
+    fed.start_site("rogue", rogue_yaml, env_extra={"DICOMFL_SITE_WORKER": "off"})
+    return fed.workdir / "rogue-state" / "logs" / "supernode.log"
+
+
+def test_a_supernode_without_a_registered_key_cannot_join(fed):
+    """First in the module: the rogue daemon was started with the federation, so its refusal
+    overlaps the workers' start-up; it is stopped here."""
+    log = fed.rogue_log
+    try:
+        wait_for(lambda: log.exists() and "Failed to activate SuperNode" in log.read_text(), 90, "the rogue node's refusal")
+        assert fed.online() == len(SITES)
+    finally:
+        fed.stop("site:rogue")
+
+
 
 
 def test_rounds_through_the_warm_worker_equal_the_in_process_path(fed, tmp_path):
@@ -181,53 +206,34 @@ def test_evaluate_only_an_existing_model(fed, tmp_path):
     assert not (tmp_path / "evalonly" / "checkpoints").exists()  # nothing was trained
 
 
-def test_a_supernode_without_a_registered_key_cannot_join(fed):
-    rogue_yaml = fed.site_yaml(fed.sites["site-a"], "site-a", key_of="rogue")
-    raw = yaml.safe_load(rogue_yaml.read_text())
-    raw["site"]["state_dir"] = str(fed.workdir / "rogue-state")
-    rogue_yaml = rogue_yaml.with_name("rogue.yaml")
-    rogue_yaml.write_text(yaml.safe_dump(raw))
-    fed.start_site("rogue", rogue_yaml)
-    log = fed.workdir / "rogue-state" / "logs" / "supernode.log"
-    try:
-        wait_for(lambda: log.exists() and "Failed to activate SuperNode" in log.read_text(), 90, "the rogue node's refusal")
-        assert fed.online() == len(SITES)
-    finally:
-        fed.stop("site:rogue")
+def test_bench_deployment_spot_check_agrees_with_the_in_process_path(fed, cohort, tmp_path):
+    """`dicomfl bench --deployment`'s comparison (FedAvg, first seed), on this module's federation."""
+    from dicomfl.workbench.bench import Bench, load_bench_config
+    from dicomfl.workbench.benchdeploy import compare
+
+    from .test_bench import _bench_yaml
+
+    path = _bench_yaml(cohort, tmp_path, seeds=[0], strategies=["fedavg"], dp_epsilons=[None],
+                       leave_one_site_out=False, ablation=False, scale_sites=0)
+    text = compare(Bench(load_bench_config(path)), fed=fed)
+    md = (tmp_path / "bench" / "results.md").read_text()
+    assert "Deployment spot check (fedavg, seed 0)" in md and text.strip() in md
+    line = next(x for x in md.splitlines() if x.startswith("Global weights: relative L2 difference"))
+    rel = float(line.split("difference ")[1].split(";")[0])
+    auroc_diff = float(line.rsplit("difference ", 1)[1].rstrip("."))
+    assert rel < 1e-3 and auroc_diff < 0.02, line
 
 
+def test_untrusted_parties_through_a_real_deployment(fed, tmp_path):
+    """#13's attacks through real gRPC with TLS and authenticated SuperNodes, in two runs.
 
-
-def test_bad_and_spoofing_replies_are_caught_by_authenticated_identity(fed, tmp_path):
-    """Through real gRPC with TLS and authenticated SuperNodes: site-b sends NaN weights (rejected,
-    named), site-c claims to be site-a (kept under its authenticated name; the claim is recorded
-    as a mismatch and takes nothing from site-a)."""
-    logs = {s: SiteLog(fed, s) for s in SITES}
-    run_yaml = write_run(tmp_path, "faulty", rounds=1)
-    lines: list[str] = []
-    with faults(fed, {"site-b": "nan-weights", "site-c": "claim:site-a"}):
-        code = fed.run(run_yaml, echo=lines.append, timeout=300, clientapp=FAULTY_CLIENTAPP)
-    assert code == 0, "\n".join(lines[-20:])
-    m = _metrics(run_yaml)
-    h = m["history"][0]
-    assert list(h["rejected"]) == ["site-b"] and sorted(h["aggregated"]) == ["site-a", "site-c"]
-    assert any("rejected site-b" in line for line in lines)
-    g = Checkpoints(tmp_path / "faulty").latest().global_weights
-    assert all(np.isfinite(v).all() for v in g.values())
-    ident = m["identity"]
-    assert ident["authenticated"] and set(ident["mismatched_claims"].values()) == {"site-a"}
-    assert m["sites"] == list(SITES) and not any("#" in s for s in m["sites"])
-    assert sorted(m["cross_site"]["matrix"]["global"]) == list(SITES)
-    for s in SITES:  # the test's ClientApp (a mod around dicomfl's forwarder) is light too
-        assert {torch for _, _, _, torch in logs[s].messages()} == {"False"}
-
-
-def test_the_privacy_budget_holds_across_runs_in_a_deployment(fed, tmp_path):
-    """site-a's own budget (epsilon 2, about 1.8 per round here) holds over two runs submitted
-    through the real deployment: the first run trains, the second, under a new run name, finds the
-    budget spent and site-a declines; the site's ledger composes both runs."""
+    Run 1: site-b sends NaN weights (rejected, named); site-c claims to be site-a (kept under its
+    authenticated name, the claim recorded as a mismatch, nothing taken from site-a); site-a trains
+    under its own privacy budget (epsilon 2, about 1.8 per round here). Run 2, under a new run
+    name: site-a finds its budget spent and declines; its ledger composes both runs."""
     from dicomfl.client.privacy import site_spend
 
+    logs = {s: SiteLog(fed, s) for s in SITES}
     site_yaml = fed.sites["site-a"]
     original = site_yaml.read_text()
     raw = yaml.safe_load(original)
@@ -238,22 +244,37 @@ def test_the_privacy_budget_holds_across_runs_in_a_deployment(fed, tmp_path):
     before = site_spend(state, "rdp", 1e-5)["runs"]
     site_yaml.write_text(yaml.safe_dump(raw, sort_keys=False))  # the worker reads it afresh for a new run
     try:
-        histories = []
-        for name in ("budget-1", "budget-2"):
-            run_yaml = write_run(tmp_path, name, rounds=1)
-            lines: list[str] = []
-            assert fed.run(run_yaml, echo=lines.append, timeout=300) == 0, "\n".join(lines[-20:])
-            histories.append(_metrics(run_yaml)["history"][0])
+        run1, run2 = write_run(tmp_path, "untrusted-1", rounds=1), write_run(tmp_path, "untrusted-2", rounds=1)
+        lines: list[str] = []
+        with faults(fed, {"site-b": "nan-weights", "site-c": "claim:site-a"}):
+            code = fed.run(run1, echo=lines.append, timeout=300, clientapp=FAULTY_CLIENTAPP)
+        assert code == 0, "\n".join(lines[-20:])
+        lines2: list[str] = []
+        assert fed.run(run2, echo=lines2.append, timeout=300) == 0, "\n".join(lines2[-20:])
     finally:
         site_yaml.write_text(original)
-    first, second = histories
-    assert sorted(first["aggregated"]) == list(SITES) and not first["declined"]
-    assert second["declined"] == ["site-a"] and sorted(second["aggregated"]) == ["site-b", "site-c"]
+    m = _metrics(run1)
+    h = m["history"][0]
+    # NaN weights: rejected with the site named; the global model stays finite.
+    assert list(h["rejected"]) == ["site-b"] and sorted(h["aggregated"]) == ["site-a", "site-c"]
+    assert any("rejected site-b" in line for line in lines)
+    g = Checkpoints(tmp_path / "untrusted-1").latest().global_weights
+    assert all(np.isfinite(v).all() for v in g.values())
+    # A spoofed name: identity is the authenticated node, the claim is only recorded.
+    ident = m["identity"]
+    assert ident["authenticated"] and set(ident["mismatched_claims"].values()) == {"site-a"}
+    assert m["sites"] == list(SITES) and not any("#" in s for s in m["sites"])
+    assert sorted(m["cross_site"]["matrix"]["global"]) == list(SITES)
+    for s in SITES:  # the test's ClientApp (a mod around dicomfl's forwarder) is light too
+        assert {torch for _, _, _, torch in logs[s].messages()} == {"False"}
+    # The budget holds across runs.
+    h2 = _metrics(run2)["history"][0]
+    assert h2["declined"] == ["site-a"] and sorted(h2["aggregated"]) == ["site-b", "site-c"]
     spend = site_spend(state, "rdp", 1e-5)
     runs = {k: v for k, v in spend["runs"].items() if k not in before}
-    assert runs["budget-1"]["rounds_trained"] == 1 and runs["budget-2"]["rounds_trained"] == 0
-    assert runs["budget-2"]["rounds_declined"] == 1
-    assert 0 < runs["budget-1"]["epsilon"] <= spend["epsilon_total"] <= 2.0 + 1e-9
+    assert runs["untrusted-1"]["rounds_trained"] == 1 and runs["untrusted-2"]["rounds_trained"] == 0
+    assert runs["untrusted-2"]["rounds_declined"] == 1
+    assert 0 < runs["untrusted-1"]["epsilon"] <= spend["epsilon_total"] <= 2.0 + 1e-9
 
 
 def test_a_worker_killed_mid_round_is_named_restarted_and_rejoins(fed, tmp_path):
