@@ -320,6 +320,7 @@ def test_superlink_killed_mid_run_the_coordinator_resumes_it_by_itself(fed, tmp_
     m = _metrics(run_yaml)
     assert m["rounds"] == 2 and [h["round"] for h in m["history"]] == [1, 2]
     assert m.get("resumed_after") == [done]
+    assert f"**Interrupted and resumed** from its last checkpoint after round(s) {done} " in (out / "report.md").read_text()
     cfg = yaml.safe_load(fed.coordinator_yaml.read_text())
     records = [json.loads(p.read_text()) for p in (Path(cfg["coordinator"]["state_dir"]) / "runs").glob("*.json")]
     rec = next(r for r in records if r["out_dir"] == str(out.resolve()))
