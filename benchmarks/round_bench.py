@@ -90,7 +90,7 @@ BEFORE_ENV = {"DICOMFL_SITE_WORKER": "off", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL":
               "DICOMFL_SUPERLINK_STATE": "file"}
 
 
-def run_config(cohort, out, n: int, mode: str, rounds: int) -> dict:
+def run_config(cohort, out, n: int, mode: str, rounds: int, before_state: str = "file") -> dict:
     import json
     import os
     import time
@@ -113,7 +113,7 @@ def run_config(cohort, out, n: int, mode: str, rounds: int) -> dict:
     run_yaml = work / "run.yaml"
     run_yaml.write_text(yaml.safe_dump(raw, sort_keys=False))
     # The coordinator service and the site daemons inherit this process's environment.
-    for k, v in BEFORE_ENV.items():
+    for k, v in {**BEFORE_ENV, "DICOMFL_SUPERLINK_STATE": before_state}.items():
         if mode == "before":
             os.environ[k] = v
         else:
@@ -136,7 +136,9 @@ def run_config(cohort, out, n: int, mode: str, rounds: int) -> dict:
     finally:
         fed.close()
     if code != 0:
-        raise SystemExit(f"{mode}-{n}: the run did not finish; see {work}/federation/logs and {work}/run/flwr-run.log")
+        why = f"the run did not finish; see {work}/federation/logs and {work}/run/flwr-run.log"
+        return {"mode": f"before ({before_state} state)" if mode == "before" else mode, "sites": n, "rounds": [], "start_s": round(started, 1), "run_s": round(wall, 1),
+                "clientapp_start_s": None, "failed": why}
     hist = json.loads((work / "run" / "metrics.json").read_text())["history"]
     handled = {s: _handler_seconds(states[s], offsets[s]) for s in names}
     received = {s: _received_at(states[s], offsets[s]) for s in names}
@@ -148,7 +150,8 @@ def run_config(cohort, out, n: int, mode: str, rounds: int) -> dict:
         rows.append({"round": h["round"], "seconds": h["seconds"], "slowest_handler_s": slowest,
                      "overhead_s": round(h["seconds"] - slowest, 2),
                      "pickup_spread_s": round(max(rec) - min(rec), 2) if len(rec) == n else None})
-    return {"mode": mode, "sites": n, "rounds": rows, "start_s": round(started, 1), "run_s": round(wall, 1),
+    label = f"before ({before_state} state)" if mode == "before" else mode
+    return {"mode": label, "sites": n, "rounds": rows, "start_s": round(started, 1), "run_s": round(wall, 1),
             "clientapp_start_s": _median(ages)}
 
 
@@ -170,6 +173,9 @@ def table(results: list[dict]) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         rows = r["rounds"]
+        if not rows:
+            lines.append(f"| {r['mode']} | {r['sites']} | did not finish | - | - | - | - | - | - | - | {r['start_s']} | {r['run_s']} |")
+            continue
         lines.append(f"| {r['mode']} | {r['sites']} | {len(rows)} | {f(_median([x['seconds'] for x in rows]))} | "
                      f"{f(_median([x['slowest_handler_s'] for x in rows]))} | {f(_median([x['overhead_s'] for x in rows]))} | "
                      f"{f(max(x['overhead_s'] for x in rows))} | {f(_median([x['overhead_s'] for x in rows[1:]]))} | "
@@ -191,6 +197,9 @@ def main(argv=None) -> int:
     ap.add_argument("--per-site", type=int, default=40)
     ap.add_argument("--modes", nargs="+", default=["before", "after"], choices=["before", "after"])
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--before-state", choices=["file", "memory"], default="file",
+                    help="the SuperLink's state for 'before' (file: as it was; with 10 sites on 2 cores its SQLite "
+                         "failed pushes with 'database is locked' and the run did not finish)")
     args = ap.parse_args(argv)
     out = (args.out or Path(tempfile.mkdtemp(prefix="round-bench-"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -203,7 +212,11 @@ def main(argv=None) -> int:
     results = []
     for n in args.sites:
         for mode in args.modes:
-            r = run_config(cohort, out, n, mode, args.rounds)
+            r = run_config(cohort, out, n, mode, args.rounds, args.before_state)
+            if r.get("failed"):
+                print(f"{mode}, {n} sites: {r['failed']}", flush=True)
+                results.append(r)
+                continue
             results.append(r)
             print(f"{mode}, {n} sites: " + ", ".join(f"r{x['round']} {x['seconds']:.1f}s (handler {x['slowest_handler_s']:.2f}s)"
                                                    for x in r["rounds"]), flush=True)
