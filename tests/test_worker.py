@@ -605,3 +605,28 @@ def test_dicomfl_run_follows_a_run_the_coordinator_resumes(tmp_path, monkeypatch
     assert runner.follow_run(run, cfg, echo=lines.append, timeout=20, poll_s=0.05) == 0
     t.join()
     assert lines == ["resuming after round 1", "round 2/2: training"]  # only what came after, progress lines only
+
+
+def test_flwr_run_that_fails_before_starting_says_why_and_one_that_hangs_is_bounded(tmp_path, monkeypatch):
+    """The CI failure of the NaN test printed nothing: `flwr run` had failed before the run started.
+    Now its last lines are echoed; and a `flwr run` that hangs ends at ``timeout`` (124)."""
+    from dicomfl.server import flwrcli, runner
+
+    cfg, run = _coord(tmp_path), _run_cfg(tmp_path)
+    failing = tmp_path / "flwr-failing"
+    failing.write_text("#!/bin/sh\necho 'Using SuperLink: dicomfl'\necho 'Cannot load ClientApp tests.faultapps:app'\nexit 1\n")
+    hanging = tmp_path / "flwr-hanging"
+    hanging.write_text("#!/bin/sh\necho 'Successfully started run 1'\nexec sleep 60\n")
+    for f in (failing, hanging):
+        f.chmod(0o755)
+    lines: list[str] = []
+    monkeypatch.setattr(flwrcli, "flwr_bin", lambda: str(failing))
+    assert runner._stream(run, cfg, resume=False, evaluate_only=None, echo=lines.append, timeout=30,
+                          clientapp="x:app") == 0
+    assert any("flwr run failed (status 1) before the run started" in x for x in lines)
+    assert any("Cannot load ClientApp tests.faultapps:app" in x for x in lines)
+    monkeypatch.setattr(flwrcli, "flwr_bin", lambda: str(hanging))
+    t0 = time.monotonic()
+    assert runner._stream(run, cfg, resume=False, evaluate_only=None, echo=lines.append, timeout=1.5,
+                          clientapp="x:app") == 124
+    assert time.monotonic() - t0 < 15
