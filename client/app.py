@@ -1,8 +1,15 @@
-"""The Flower ClientApp: a thin shell over :class:`~dicomfl.client.handler.SiteHandler`.
+"""The Flower ClientApp: a thin shell that hands each message to the site's handler.
 
-The SuperNode's node config names the site config (``site-config=/path/site.yaml``). What the
-site answers, and what may cross the site boundary, is decided in :mod:`dicomfl.client.handler`
-and :mod:`dicomfl.common.protocol`.
+Started by a site daemon (``dicomfl site start``), whose node config names the site's warm worker
+(``worker-socket=...``), it is a forwarder (:mod:`dicomfl.client.forwarder`): the message goes to
+the worker process that holds torch, the site's data and the trainers, and the worker's reply comes
+back. This module then imports neither torch nor the data path, so each per-message process Flower
+starts costs only Flower's own start-up.
+
+Without ``worker-socket`` in the node config (a SuperNode started by hand, or a test calling the
+app in process) the message is handled here, by a :class:`~dicomfl.client.handler.SiteHandler`
+(imported on first use). What the site answers, and what may cross the site boundary, is decided
+in :mod:`dicomfl.client.handler` and :mod:`dicomfl.common.protocol` either way.
 """
 
 from __future__ import annotations
@@ -10,17 +17,33 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from .handler import SiteHandler
+from . import forwarder
 
 app = ClientApp()
-handler = SiteHandler()
+_in_process = None
+
+
+def handle(msg: Message, context: Context) -> Message:
+    """The site's reply: from the warm worker when the node config names one, else made here."""
+    if forwarder.WORKER_SOCKET in context.node_config:
+        return forwarder.forward(msg, context)
+    return _local_handler().handle(msg, context)
+
+
+def _local_handler():
+    global _in_process
+    if _in_process is None:
+        from .handler import SiteHandler
+
+        _in_process = SiteHandler()
+    return _in_process
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return handler.handle(msg, context)
+    return handle(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return handler.handle(msg, context)
+    return handle(msg, context)

@@ -1,6 +1,8 @@
-"""Run a Flower process as a supervised child: its own process group, its output in a log file,
-restarted when it dies (with a back-off), and stopped — the whole group, including the
-``flower-superexec`` children that outlive a plain SIGTERM to the parent — on SIGTERM/SIGINT.
+"""Run programs as supervised children: each in its own process group with its output in a log
+file, each restarted with its own back-off when it dies, and all stopped — every whole group,
+including the ``flower-superexec`` children that outlive a plain SIGTERM to the SuperNode — on
+SIGTERM/SIGINT. The site daemon supervises two (the SuperNode and the site's warm worker), the
+coordinator one (the SuperLink).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("dicomfl.supervise")
@@ -53,6 +56,22 @@ def session_pids(sid: int) -> list[int]:
         if state != "Z":
             out.append(int(d.name))
     return out
+
+
+def pid_alive(pid) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not; a process of another user is)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def kill_session(sid: int) -> None:
@@ -134,44 +153,119 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Child:
+    """One supervised program: its command, environment, log file and restart back-off.
+
+    ``backoff_s`` is the first wait before a restart; it doubles on each quick death (up to 60 s)
+    and starts over once the child has stayed up for 60 s. ``after_start(proc)`` runs in a thread
+    after each start (so a stop request is honoured while it waits, e.g. for a port).
+    """
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    log_path: Path
+    backoff_s: float = 5.0
+    after_start: Callable[[subprocess.Popen], None] | None = None
+    proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _delay: float = field(default=0.0, init=False, repr=False)
+    _started: float = field(default=0.0, init=False, repr=False)
+    _dead: subprocess.Popen | None = field(default=None, init=False, repr=False)  # exited; its group being stopped
+    _kill_at: float = field(default=0.0, init=False, repr=False)
+    _restart_at: float | None = field(default=None, init=False, repr=False)
+
+    def start(self) -> None:
+        self.proc = start_group(self.cmd, self.env, self.log_path)
+        self._started = time.monotonic()
+        self._restart_at = None
+        log.info("%s started (pid %d); output in %s", self.name, self.proc.pid, self.log_path)
+        if self.after_start is not None:
+            threading.Thread(target=_guarded_after_start, args=(self.after_start, self.proc, self.name),
+                             daemon=True).start()
+
+    def step(self, now: float) -> None:
+        """One supervision step, never blocking: notice an exit, clean up its group, restart when due."""
+        if self.proc is not None and self.proc.poll() is not None:
+            code, self._dead, self.proc = self.proc.returncode, self.proc, None
+            if now - self._started > 60:
+                self._delay = self.backoff_s
+            self._delay = self._delay or self.backoff_s
+            log.warning("%s exited with status %s; restarting in %.1f s", self.name, code, self._delay)
+            self._restart_at = now + self._delay
+            self._delay = min(self._delay * 2, 60.0)
+            _signal_group(self._dead.pid, signal.SIGTERM)  # what it left behind (e.g. flower-superexec)
+            self._kill_at = now + 5.0
+        if self._dead is not None:
+            if not _group_alive(self._dead.pid):
+                self._dead = None
+            elif now >= self._kill_at:
+                _signal_group(self._dead.pid, signal.SIGKILL)
+        if self.proc is None and self._dead is None and self._restart_at is not None and now >= self._restart_at:
+            self.start()
+
+    def groups(self) -> list[subprocess.Popen]:
+        return [p for p in (self.proc, self._dead) if p is not None]
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_groups(procs: list[subprocess.Popen], timeout: float = 10.0) -> None:
+    """SIGTERM every child's process group at once, then SIGKILL what is left after ``timeout`` s."""
+    live = [p for p in procs if p.poll() is None or _group_alive(p.pid)]
+    for p in live:
+        _signal_group(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(p.poll() is None or _group_alive(p.pid) for p in live):
+        time.sleep(0.1)
+    for p in live:
+        if p.poll() is None or _group_alive(p.pid):
+            _signal_group(p.pid, signal.SIGKILL)
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def supervise_all(children: list[Child], *, poll_s: float = 0.2) -> int:
+    """Run every child until SIGTERM/SIGINT, each restarted with its own back-off when it exits;
+    on the signal every child's whole process group is stopped. Returns 0 on a clean stop."""
+    stopping = threading.Event()
+
+    def _stop(signum, frame):  # noqa: ARG001
+        stopping.set()
+
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for c in children:
+            c._delay = c.backoff_s
+            if not stopping.is_set():
+                c.start()
+        while not stopping.wait(poll_s):
+            now = time.monotonic()
+            for c in children:
+                c.step(now)
+        return 0
+    finally:
+        procs = [p for c in children for p in c.groups()]
+        if procs:
+            stop_groups(procs)
+        for c in children:
+            if c.proc is not None:
+                log.info("%s stopped", c.name)
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def supervise(
     cmd: list[str], env: dict[str, str], log_path: Path, *, name: str, backoff_s: float = 5.0,
     after_start: Callable[[subprocess.Popen], None] | None = None,
 ) -> int:
     """Run ``cmd`` until SIGTERM/SIGINT, restarting it when it exits. Returns the exit status (0 on a clean stop)."""
-    stopping = {"flag": False}
-
-    def _stop(signum, frame):  # noqa: ARG001
-        stopping["flag"] = True
-
-    old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    proc = None
-    try:
-        delay = backoff_s
-        while not stopping["flag"]:
-            proc = start_group(cmd, env, log_path)
-            log.info("%s started (pid %d); output in %s", name, proc.pid, log_path)
-            if after_start is not None:
-                # In a thread, so a stop request is honoured while it waits for the port.
-                threading.Thread(target=_guarded_after_start, args=(after_start, proc, name), daemon=True).start()
-            started = time.monotonic()
-            while proc.poll() is None and not stopping["flag"]:
-                time.sleep(0.2)
-            if stopping["flag"]:
-                break
-            code = proc.returncode
-            stop_group(proc, timeout=5)
-            if time.monotonic() - started > 60:
-                delay = backoff_s
-            log.warning("%s exited with status %s; restarting in %.0f s", name, code, delay)
-            t_end = time.monotonic() + delay
-            while time.monotonic() < t_end and not stopping["flag"]:
-                time.sleep(0.2)
-            delay = min(delay * 2, 60.0)
-        return 0
-    finally:
-        if proc is not None:
-            stop_group(proc)
-            log.info("%s stopped", name)
-        for s, h in old.items():
-            signal.signal(s, h)
+    return supervise_all([Child(name, cmd, env, log_path, backoff_s=backoff_s, after_start=after_start)])

@@ -3,7 +3,7 @@
 Flower's ``HttpGrid.send_and_receive`` asks the SuperLink for replies every 3 s (fixed in flwr
 1.41), so a round that is done in 1 s still takes 3. :func:`send_and_collect` pushes the messages
 with the Grid's public ``push_messages`` and pulls with ``pull_messages`` every ``poll_interval``
-seconds (the run config's ``run.poll_interval_s``, default 0.2), yielding each reply as it comes,
+seconds (the run config's ``run.poll_interval_s``, default 0.5), yielding each reply as it comes,
 until every message has its reply or ``timeout`` seconds have passed. A grid without push/pull
 (the in-process grid of the benchmark and the tests) is asked with its own ``send_and_receive``.
 """
@@ -19,10 +19,14 @@ from flwr.app import Message
 log = logging.getLogger("dicomfl.server")
 
 
+MAX_BACKOFF_S = 5.0  # the longest wait between pulls after failed ones
+
+
 def send_and_collect(grid, messages: Iterable[Message], *, timeout: float | None,
-                     poll_interval: float = 0.2) -> Iterator[Message]:
+                     poll_interval: float = 0.5) -> Iterator[Message]:
     """Push ``messages`` and yield their replies as they arrive, for at most ``timeout`` seconds
-    (None: until every message has its reply, as Flower's ``send_and_receive``)."""
+    (None: until every message has its reply, as Flower's ``send_and_receive``). A failed pull is
+    retried, after a wait that doubles with each failure in a row (at most :data:`MAX_BACKOFF_S`)."""
     push = getattr(grid, "push_messages", None)
     pull = getattr(grid, "pull_messages", None)
     if not (callable(push) and callable(pull)):
@@ -30,11 +34,14 @@ def send_and_collect(grid, messages: Iterable[Message], *, timeout: float | None
         return
     pending = {mid for mid in push(list(messages)) if mid}  # Flower marks a message it could not push with None
     deadline = None if timeout is None else time.monotonic() + timeout
-    interval = max(0.01, float(poll_interval))
+    base = max(0.01, float(poll_interval))
+    interval = base
     while pending:
         try:
             replies = list(pull(pending))
+            interval = base
         except Exception as exc:  # noqa: BLE001 - a busy SuperLink (e.g. "database is locked") fails one pull
+            interval = min(max(interval, base) * 2, max(MAX_BACKOFF_S, base))
             log.warning("pulling replies failed (%s); asking again in %.1f s", type(exc).__name__, interval)
             replies = []
         for reply in replies:

@@ -70,6 +70,11 @@ def write_report(out_dir: Path, cfg, summary: dict) -> Path:
     missing = sorted({s for h in history for s in h.get("missing", [])})
     if missing:
         lines += ["", f"**Sites missing from at least one round:** {', '.join(missing)}."]
+    resumed = summary.get("resumed_after") or []
+    if resumed:
+        lines += ["", "**Interrupted and resumed** from its last checkpoint after round(s) "
+                  f"{', '.join(str(r) for r in resumed)} (e.g. the SuperLink restarted; the coordinator service "
+                  "resumes such a run by itself)."]
     lines += ["", "## Per-site metrics by round", "",
               "`val AUROC` is the incoming global model on the site's validation split, measured before it trains.", "",
               "| round | site | examples | train loss | val AUROC | epsilon |", "| ---: | --- | ---: | ---: | ---: | ---: |"]

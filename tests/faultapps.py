@@ -1,33 +1,118 @@
 """Test-side ClientApps that misbehave on purpose (fault injection lives here, not in dicomfl).
 
-``tests.faultapps:app`` is dicomfl's ClientApp behind a Flower mod. On a site daemon started with
-``DICOMFL_TESTS_FAULT=nan-weights`` in its environment (and this repository on PYTHONPATH), the
-mod replaces the weights of every train reply with NaN; on every other site it changes nothing.
+``tests.faultapps:app`` is dicomfl's ClientApp (the forwarder to the site's warm worker) behind a
+Flower mod. A site misbehaves only while a fault file sits next to the site config its SuperNode
+was started with (``<site.yaml>.fault``, see :func:`fault_file`), so the tests switch faults on and
+off without restarting a site. The file holds one fault per line:
+
+* ``nan-weights``: every train reply's weights become NaN;
+* ``claim:<name>``: every reply claims to come from site ``<name>``;
+* ``kill-worker:<round>``: the train message of that round finds the site's warm worker stopped
+  (SIGSTOP) and is handed to it; once the forwarder is connected, the worker is SIGKILLed while
+  the message waits at it, so the worker dies in the middle of that round whatever the machine's
+  load. Once only (the line is marked done in the file).
+
+The site daemons need this repository on their PYTHONPATH, and so does the process that submits
+the run (``flwr run`` checks that it can import the named ClientApp).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from dicomfl.client import app as dicomfl_app
 from dicomfl.common import protocol as P
 
-FAULT_ENV = "DICOMFL_TESTS_FAULT"
 FAULTY_CLIENTAPP = "tests.faultapps:app"
 
 
-def nan_weights(msg: Message, context: Context, call_next) -> Message:
-    reply = call_next(msg, context)
-    if os.environ.get(FAULT_ENV) == "nan-weights" and reply.has_content() and P.ARRAYS in reply.content:
+def fault_file(site_yaml: str | Path) -> Path:
+    return Path(f"{site_yaml}.fault")
+
+
+def _faults(context: Context) -> list[str]:
+    path = context.node_config.get("site-config")
+    try:
+        return [line.strip() for line in fault_file(str(path)).read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def _worker_pid(context: Context) -> int | None:
+    from dicomfl.common.config import load_site_config
+
+    state = load_site_config(str(context.node_config["site-config"]), check_files=False).site.state_dir
+    try:
+        pid = json.loads((state / "worker.json").read_text()).get("pid")
+    except (OSError, ValueError):
+        return None
+    return pid if isinstance(pid, int) else None
+
+
+def _kill_worker_while_it_holds(msg: Message, context: Context, call_next) -> Message:
+    """Stop the worker, hand it the message, SIGKILL it once the forwarder is connected to it."""
+    from dicomfl.client import forwarder
+
+    pid = _worker_pid(context)
+    if pid is None:
+        return call_next(msg, context)
+    os.kill(pid, signal.SIGSTOP)
+    connected = threading.Event()
+    real_connect = forwarder.connect
+
+    def connect(path: str, wait_s: float):
+        sock = real_connect(path, wait_s)  # a stopped listener still completes the connection (backlog)
+        connected.set()
+        return sock
+
+    def kill_when_connected() -> None:
+        connected.wait(60)
+        time.sleep(0.2)  # the hello and the message are written into the socket's buffer meanwhile
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    forwarder.connect = connect
+    threading.Thread(target=kill_when_connected, daemon=True).start()
+    try:
+        return call_next(msg, context)
+    finally:
+        forwarder.connect = real_connect
+
+
+def faulty(msg: Message, context: Context, call_next) -> Message:
+    faults = _faults(context)
+    rnd = None
+    if P.CONFIG in msg.content and isinstance(msg.content[P.CONFIG], ConfigRecord):
+        rnd = msg.content[P.CONFIG].get("server-round")
+    kill = f"kill-worker:{rnd}"
+    if msg.metadata.message_type == "train" and kill in faults:
+        path = fault_file(str(context.node_config["site-config"]))
+        path.write_text("\n".join(f"done:{f}" if f == kill else f for f in faults) + "\n")
+        reply = _kill_worker_while_it_holds(msg, context, call_next)
+    else:
+        reply = call_next(msg, context)
+    if not reply.has_content():
+        return reply
+    if "nan-weights" in faults and P.ARRAYS in reply.content:
         weights = P.from_record(reply.content[P.ARRAYS])
         reply.content[P.ARRAYS] = P.to_record({k: np.full_like(v, np.nan) for k, v in weights.items()})
+    for f in faults:
+        if f.startswith("claim:"):
+            reply.content[P.SITE] = ConfigRecord({"name": f[len("claim:"):]})
     return reply
 
 
-app = ClientApp(mods=[nan_weights])
+app = ClientApp(mods=[faulty])
 app.train()(dicomfl_app.train)
 app.evaluate()(dicomfl_app.evaluate)

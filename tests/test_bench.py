@@ -1,11 +1,10 @@
 """``dicomfl bench`` end to end on a tiny grid: every kind of configuration, the tables, the plots,
-resuming from partial results, and the in-process vs deployed spot check."""
+resuming from partial results. The in-process vs deployed spot check (``--deployment``) runs on
+the shared federation of tests/test_deployment.py."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -59,18 +58,3 @@ def test_bench_grid_tables_plots_and_resume(cohort, tmp_path):
     first = json.loads((out / "results" / "fedavg@seed0.json").read_text())
     second = json.loads((tmp_path / "bench2" / "results" / "fedavg@seed0.json").read_text())
     assert first["per_site"] == second["per_site"]
-
-
-@pytest.mark.slow
-def test_bench_deployment_spot_check_agrees_with_the_in_process_path(cohort, tmp_path):
-    path = _bench_yaml(cohort, tmp_path, seeds=[0], strategies=["fedavg"], dp_epsilons=[None],
-                       leave_one_site_out=False, ablation=False, scale_sites=0)
-    r = subprocess.run([sys.executable, "-m", "dicomfl.workbench.cli", "bench", str(path), "--deployment"],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
-    md = (tmp_path / "bench" / "results.md").read_text()
-    assert "Deployment spot check (fedavg, seed 0)" in md
-    line = next(x for x in md.splitlines() if x.startswith("Global weights: relative L2 difference"))
-    rel = float(line.split("difference ")[1].split(";")[0])
-    auroc_diff = float(line.rsplit("difference ", 1)[1].rstrip("."))
-    assert rel < 1e-3 and auroc_diff < 0.02, line

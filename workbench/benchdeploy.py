@@ -14,8 +14,9 @@ from dicomfl.server.checkpoint import Checkpoints
 from .launcher import LocalFederation
 
 
-def compare(bench: Bench, only: str | None = None) -> str:
-    """Run one federated configuration (``only``, else FedAvg) on both paths, first seed."""
+def compare(bench: Bench, only: str | None = None, fed: LocalFederation | None = None) -> str:
+    """Run one federated configuration (``only``, else FedAvg) on both paths, first seed. ``fed``:
+    a running federation of the same sites to use (the tests share one); else one is started."""
     from .bench import plan
 
     cfg = bench.cfg
@@ -34,8 +35,11 @@ def compare(bench: Bench, only: str | None = None) -> str:
         torch.set_num_threads(threads)
     dep_job = Job(**{**job.__dict__, "id": f"deployment-{job.id}"})
     run_yaml = bench._run_yaml(dep_job, sites)
-    with LocalFederation(cfg.out_dir / "deployment", sites) as fed:
-        code = fed.run(run_yaml, echo=lambda s: None)
+    if fed is not None:
+        code = fed.run(run_yaml, echo=lambda s: None, timeout=900)
+    else:
+        with LocalFederation(cfg.out_dir / "deployment", sites) as fed:
+            code = fed.run(run_yaml, echo=lambda s: None)
     if code != 0:
         return f"deployment spot check: the run did not finish (see {cfg.out_dir}/deployment/logs)"
     dep_out = cfg.out_dir / "runs" / Path(run_yaml).stem

@@ -3,13 +3,16 @@ with TLS and SuperNode authentication, for the demo and the tests.
 
     with LocalFederation(workdir, site_yamls) as fed:   # makes PKI, configs; starts everything
         fed.run(run_yaml)                                # dicomfl run, streamed
-        fed.kill_site("site-b"); fed.restart_coordinator()
+        fed.kill_site("site-b"); fed.kill_worker("site-a"); fed.kill_superlink()
 
-Every process it starts is in its own process group and is stopped by pid on exit.
+Every process it starts is in its own process group (its own session) and is stopped by pid on
+exit; the workers and the SuperLink it kills for fault tests are children of the daemons it
+started, found by the pids those daemons write (``worker.json``, ``ready.json``).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -19,8 +22,9 @@ from pathlib import Path
 import yaml
 
 from dicomfl.common.config import load_coordinator_config, load_run_config, load_site_config
-from dicomfl.common.supervise import child_env, free_port, kill_session, stop_group
+from dicomfl.common.supervise import child_env, free_port, kill_session, pid_alive, stop_group
 
+from dicomfl.client.worker import read_status
 from dicomfl.server import flwrcli, runner
 from dicomfl.server.coordinator import read_ready, ready_file
 from dicomfl.server.pki import make_all
@@ -133,6 +137,46 @@ class LocalFederation:
 
     def kill_site(self, name: str) -> None:
         self.stop(f"site:{name}", signal.SIGKILL)
+
+    def state_dir(self, name: str) -> Path:
+        return load_site_config(self.sites[name], check_files=False).site.state_dir
+
+    def worker_pid(self, name: str) -> int | None:
+        """The pid of the site's running warm worker (from its ``worker.json``), or None."""
+        st = read_status(self.state_dir(name))
+        pid = st.get("pid") if st else None
+        return pid if isinstance(pid, int) and pid_alive(pid) else None
+
+    def wait_worker(self, name: str, timeout: float = 60, other_than: int | None = None) -> int:
+        """Wait for the site's worker to be ready (a new one, if ``other_than`` is given)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid = self.worker_pid(name)
+            if pid is not None and pid != other_than:
+                return pid
+            time.sleep(0.1)
+        raise RuntimeError(f"the worker of {name} was not ready within {timeout:.0f} s; see {self.state_dir(name)}/logs")
+
+    def kill_worker(self, name: str) -> int:
+        """SIGKILL the site's worker (its daemon starts a new one); returns the killed pid."""
+        pid = self.worker_pid(name)
+        if pid is None:
+            raise RuntimeError(f"{name} has no running worker")
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def superlink_pid(self) -> int | None:
+        r = read_ready(load_coordinator_config(self.coordinator_yaml))
+        pid = r.get("superlink_pid") if r else None
+        return pid if isinstance(pid, int) and pid_alive(pid) else None
+
+    def kill_superlink(self) -> int:
+        """SIGKILL the SuperLink only (the coordinator service restarts it); returns its pid."""
+        pid = self.superlink_pid()
+        if pid is None:
+            raise RuntimeError("no SuperLink is running")
+        os.killpg(pid, signal.SIGKILL)  # it leads its own process group (with its SuperExec and ServerApps)
+        return pid
 
     def stop_coordinator(self, hard: bool = False) -> None:
         self.stop("coordinator", signal.SIGKILL if hard else signal.SIGTERM)
