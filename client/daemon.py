@@ -1,6 +1,6 @@
 """``dicomfl site start``: the site daemon — a supervised Flower SuperNode and the site's warm worker.
 
-Two children, each in its own process group, each restarted with its own back-off if it exits:
+Two children (three with DICOM intake), each in its own process group, each restarted with its own back-off if it exits:
 
 * the **worker** (:mod:`dicomfl.client.worker`): imports torch once, opens the site's data once
   per run, keeps the trainers, and serves the site's handler on a private Unix socket
@@ -15,7 +15,11 @@ Two children, each in its own process group, each restarted with its own back-of
   and SuperNodes together use about 3% of a core at 1 s, 11% at 0.25 s and 39% at 0.05 s.
   Output: ``<state_dir>/logs/supernode.log``.
 
-On SIGTERM both process groups stop.
+With ``site.intake`` in the config, a third child is the site's DICOM Storage SCP
+(:mod:`dicomfl.client.intake`), restarted like the others if it exits (a port another program
+holds is retried with the back-off).
+
+On SIGTERM every process group stops.
 
 ``DICOMFL_SITE_WORKER=off`` in the daemon's environment runs the SuperNode alone, as before the
 warm worker: the ClientApp then handles each message in the process Flower starts for it
@@ -70,6 +74,12 @@ def worker_command(cfg: SiteConfig, sock: Path) -> list[str]:
     return [sys.executable, "-m", "dicomfl.client.worker", str(Path(cfg.source).resolve()), "--socket", str(sock)]
 
 
+def intake_command(cfg: SiteConfig) -> list[str]:
+    """The site's DICOM Storage SCP (:func:`dicomfl.client.intake.serve`), a supervised child of
+    its own: a PACS can push while the site trains. It logs to ``<state_dir>/logs/intake.log``."""
+    return [sys.executable, "-m", "dicomfl.client.intake", str(Path(cfg.source).resolve())]
+
+
 def start(cfg: SiteConfig) -> int:
     for key in ("root_certificates", "auth_private_key"):
         p = getattr(cfg.federation, key)
@@ -97,4 +107,8 @@ def start(cfg: SiteConfig) -> int:
     else:
         log.warning("site %s: connecting to %s without a warm worker (%s=off): each message starts torch afresh",
                     cfg.site.name, cfg.federation.superlink, WORKER_ENV)
+    if cfg.site.intake is not None:
+        i = cfg.site.intake
+        log.info("site %s: DICOM intake %s on %s:%d", cfg.site.name, i.ae_title, i.host, i.port)
+        children.append(Child("intake", intake_command(cfg), child_env(), logs / "intake-process.log", backoff_s=backoff))
     return supervise_all(children)

@@ -594,3 +594,67 @@ def test_orthanc_pushes_a_study(serve, study, tmp_path, log_capture) -> None:
     st = read_status(tmp_path / "site" / "state")
     assert st["written"] == len(study) and st["associations_accepted"] >= 1
     assert_no_phi(log_capture, dicom_dir, tmp_path / "site" / "state")
+
+
+# --------------------------------------------------------------------------- the site daemon
+
+
+def test_site_start_runs_the_scp_and_the_next_ingest_takes_what_arrived(study, tmp_path) -> None:
+    """`dicomfl site start` with site.intake: storescu pushes a study to the running daemon, every
+    instance lands, echoscu is answered, a sender not on the list is refused, `dicomfl site status`
+    counts what came, and the next ingestion accepts it. No coordinator is needed to receive."""
+    import sys
+
+    import yaml
+
+    from dicomfl.common.supervise import stop_group
+
+    site = tmp_path / "daemon-site"
+    (site / "dicom").mkdir(parents=True)
+    (site / "site.key").write_text(os.urandom(32).hex())
+    (site / "site.key").chmod(0o600)
+    port = free_port()
+    cfg = {"site": {"name": "site-x", "dicom_dir": "dicom", "secret_file": "site.key", "state_dir": "state",
+                    "label_key": "study_instance_uid",
+                    "intake": {"port": port, "ae_title": "DICOMFL",
+                               "allowed": [{"ae_title": "STORESCU", "host": "127.0.0.1"},
+                                           {"ae_title": "ECHOSCU", "host": "127.0.0.1"}]}},
+           "federation": {"superlink": f"127.0.0.1:{free_port()}", "insecure": True, "port": free_port()},
+           "preprocess": {"image_size": 32}}
+    (site / "site.yaml").write_text(yaml.safe_dump(cfg))
+    cli = [sys.executable, "-m", "dicomfl.workbench.cli"]
+    with open(tmp_path / "daemon.out", "wb") as out:
+        proc = subprocess.Popen([*cli, "site", "start", str(site / "site.yaml")], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "DICOMFL_SITE_WORKER": "off"})
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                s.settimeout(0.5)
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, (tmp_path / "daemon.out").read_text()[-2000:]
+            time.sleep(0.3)
+        else:
+            raise AssertionError("the site daemon's SCP did not listen within 90 s")
+        assert run_tool("echoscu", "-aet", "ECHOSCU", "-aec", "DICOMFL", "127.0.0.1", str(port)).returncode == 0
+        refused = run_tool("storescu", "-aet", "INTRUDER", "-aec", "DICOMFL", "127.0.0.1", str(port), str(study[1]))
+        assert refused.returncode != 0
+        pushed = run_tool("storescu", "-aet", "STORESCU", "-aec", "DICOMFL", "127.0.0.1", str(port), *map(str, study))
+        assert pushed.returncode == 0, pushed.stderr[-2000:]
+        assert len(list(iter_intake_files(site / "dicom"))) == len(study)
+        status = subprocess.run([*cli, "site", "status", str(site / "site.yaml"), "--json"], capture_output=True,
+                                text=True, timeout=120)
+        assert status.returncode == 0, status.stderr
+        st = json.loads(status.stdout)["intake"]
+        assert st["written"] == len(study) and st["associations_refused"] >= 1
+    finally:
+        stop_group(proc)
+    assert proc.poll() is not None
+    ingest = subprocess.run([*cli, "ingest", str(site / "site.yaml"), "--json"], capture_output=True, text=True,
+                            timeout=300)
+    assert ingest.returncode == 0, ingest.stderr[-2000:]
+    assert json.loads(ingest.stdout)["accepted"] == len(study)
+    logs = "".join(p.read_text(errors="replace") for p in (site / "state" / "logs").glob("*.log"))
+    assert "DOE^JOHN" not in logs and "INTRUDER" in logs  # the refused caller is named, no patient is
