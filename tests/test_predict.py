@@ -210,3 +210,29 @@ def test_site_status_reads_what_the_site_wrote_and_survives_damaged_files(cohort
     assert "received 7, written 6, duplicates 1" in r.stdout and "12 files" in r.stdout
     assert "ledger.json cannot be read" in r.stdout
     assert "DOE^JOHN" not in r.stdout and "\x1b" not in r.stdout and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("damage", ["run-list", "privacy-str", "latest-escape", "history-str"])
+def test_a_hostile_run_folder_is_one_line(damage, trained_run, cohort, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    cfg = json.loads((run / "run_config.json").read_text())
+    if damage == "run-list":
+        cfg["run"] = [1]
+    elif damage == "privacy-str":
+        cfg["privacy"] = "ab"
+    (run / "run_config.json").write_text(json.dumps(cfg))
+    if damage == "latest-escape":
+        (run / "metrics.json").unlink()
+        (run / "checkpoints" / "latest.json").write_text(json.dumps({"path": "../../../../etc", "round": "x"}))
+    if damage == "history-str":
+        m = json.loads((run / "metrics.json").read_text())
+        m["history"] = "oops"
+        (run / "metrics.json").write_text(json.dumps(m))
+    r = _predict(run / "checkpoints" / "round-0001" / "global.npz", cohort / SITE / "site.yaml",
+                 "--out", tmp_path / "p.csv", "--threshold", "0.5")
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    if damage == "latest-escape":  # an unfinished run: predicts, with the model known by its place
+        assert r.returncode == 0, r.stderr[-2000:]
+    else:
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

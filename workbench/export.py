@@ -261,6 +261,17 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _checkpoint(run_dir: Path, latest: Path) -> "tuple[Path, int | None] | None":
+    """The folder and round ``checkpoints/latest.json`` names, if it names one of this run's
+    ``round-NNNN`` folders (never a path outside the run)."""
+    meta = _read_json(latest)
+    name, rnd = meta.get("path"), meta.get("round")
+    if not isinstance(name, str) or not re.fullmatch(r"round-\d{4,9}", name):
+        return None
+    rnd = rnd if isinstance(rnd, int) and not isinstance(rnd, bool) and rnd > 0 else None
+    return run_dir / "checkpoints" / name, rnd
+
+
 def load_run(run_dir: Path) -> RunInfo:
     run_dir = Path(run_dir)
     cfg_path = run_dir / "run_config.json"
@@ -272,16 +283,22 @@ def load_run(run_dir: Path) -> RunInfo:
     except ValueError as exc:
         raise DicomflError(f"{printable(str(cfg_path))}: model: not a valid model config "
                            f"({type(exc).__name__})") from None
+    for key in ("run", "privacy"):
+        if not isinstance(raw.get(key) or {}, dict):
+            raise DicomflError(f"{printable(str(cfg_path))}: {key}: not a mapping")
     run = {k: v for k, v in (raw.get("run") or {}).items() if k != "out_dir"}
     metrics = _read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else None
     if metrics is not None:
         history = metrics.get("history", [])
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise DicomflError(f"{printable(str(run_dir / 'metrics.json'))}: history: not a list of rounds")
     else:  # an unfinished run: the newest checkpoint's history
         latest = run_dir / "checkpoints" / "latest.json"
         history = []
         if latest.is_file():
-            state = run_dir / "checkpoints" / str(_read_json(latest).get("path", "")) / "state.json"
-            history = _read_json(state).get("history", []) if state.is_file() else []
+            ck = _checkpoint(run_dir, latest)
+            history = _read_json(ck[0] / "state.json").get("history", []) if ck and (ck[0] / "state.json").is_file() else []
+            history = [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
     return RunInfo(dir=run_dir, model=model, run=run, privacy=dict(raw.get("privacy") or {}), metrics=metrics,
                    history=history)
 
@@ -305,8 +322,8 @@ def identify(model_path: Path, weights: dict, info: RunInfo) -> tuple[str, int |
         return from_name, int(m.group(1))
     latest = info.dir / "checkpoints" / "latest.json"
     if latest.is_file():
-        d = info.dir / "checkpoints" / str(_read_json(latest).get("path", ""))
-        rnd = int(_read_json(latest).get("round", 0)) or None
+        ck = _checkpoint(info.dir, latest)
+        d, rnd = ck if ck else (info.dir / "checkpoints" / "none", None)
         for f in sorted(d.glob("*.npz")) if d.is_dir() else []:
             if f.stem == "global" or f.stem.startswith("local-"):
                 if _same_arrays(weights, read_npz(f)):
