@@ -9,7 +9,7 @@ TLS and SuperNode authentication (``LocalFederation``), a tiny model (width 4, d
 a few images per site, so the work is small and the overhead shows:
 
 * **before**: what the deployment did before the warm worker: the site daemon without its worker
-  (``DICOMFL_SITE_WORKER=off``), so the ClientApp handles each message in the process Flower
+  (``federation.warm_worker: false``), so the ClientApp handles each message in the process Flower
   starts for it (imports torch and dicomfl, re-opens the site's data), SuperExec polling every 1 s
   (Flower's default), the coordinator asking for replies every 3 s (what
   ``HttpGrid.send_and_receive`` does) and the SuperLink's state in a database file;
@@ -86,8 +86,9 @@ def _received_at(state_dir, start: int) -> list[float]:
     return out
 
 
-BEFORE_ENV = {"DICOMFL_SITE_WORKER": "off", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0",
-              "DICOMFL_SUPERLINK_STATE": "file"}
+#: Flower's own SuperExec poll interval, for the "before" path (the daemon sets 0.25 s unless the
+#: environment already names one).
+BEFORE_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}
 
 
 def run_config(cohort, out, n: int, mode: str, rounds: int, before_state: str = "file") -> dict:
@@ -113,13 +114,15 @@ def run_config(cohort, out, n: int, mode: str, rounds: int, before_state: str = 
     run_yaml = work / "run.yaml"
     run_yaml.write_text(yaml.safe_dump(raw, sort_keys=False))
     # The coordinator service and the site daemons inherit this process's environment.
-    for k, v in {**BEFORE_ENV, "DICOMFL_SUPERLINK_STATE": before_state}.items():
+    for k, v in BEFORE_ENV.items():
         if mode == "before":
             os.environ[k] = v
         else:
             os.environ.pop(k, None)
     t0 = time.perf_counter()
-    fed = LocalFederation(work / "federation", sites)
+    before = mode == "before"
+    fed = LocalFederation(work / "federation", sites, site_federation={"warm_worker": not before},
+                          coordinator={"superlink_state": before_state if before else "memory"})
     try:
         names = list(fed.sites)
         fed.start(timeout=600)

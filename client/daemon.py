@@ -21,7 +21,7 @@ holds is retried with the back-off).
 
 On SIGTERM every process group stops.
 
-``DICOMFL_SITE_WORKER=off`` in the daemon's environment runs the SuperNode alone, as before the
+``federation.warm_worker: false`` in site.yaml runs the SuperNode alone, as before the
 warm worker: the ClientApp then handles each message in the process Flower starts for it
 (importing torch and opening the site's data every time). It is there for comparison
 (``benchmarks/round_bench.py``) and as a fallback, not for normal use.
@@ -30,7 +30,6 @@ warm worker: the ClientApp then handles each message in the process Flower start
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -45,7 +44,6 @@ log = logging.getLogger("dicomfl.site")
 
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 SUPEREXEC_POLL_S = "0.25"
-WORKER_ENV = "DICOMFL_SITE_WORKER"  # "off": no warm worker (see the module doc)
 WORKER_BACKOFF_S = 1.0  # a message may be waiting: the worker comes back fast (then backs off)
 
 
@@ -87,7 +85,7 @@ def start(cfg: SiteConfig) -> int:
             raise ConfigError(f"{cfg.source}: federation.{key}: file not found: {p}")
     state = cfg.site.state_dir
     state.mkdir(parents=True, exist_ok=True)
-    warm = os.environ.get(WORKER_ENV, "on").strip().lower() not in ("off", "0", "false", "no")
+    warm = cfg.federation.warm_worker
     sock = None
     if warm:
         try:
@@ -105,8 +103,8 @@ def start(cfg: SiteConfig) -> int:
         children.insert(0, Child("worker", worker_command(cfg, sock), child_env(), logs / "worker.log",
                                  backoff_s=min(backoff, WORKER_BACKOFF_S)))
     else:
-        log.warning("site %s: connecting to %s without a warm worker (%s=off): each message starts torch afresh",
-                    cfg.site.name, cfg.federation.superlink, WORKER_ENV)
+        log.warning("site %s: connecting to %s without a warm worker (federation.warm_worker: false): each message "
+                    "starts torch afresh", cfg.site.name, cfg.federation.superlink)
     if cfg.site.intake is not None:
         i = cfg.site.intake
         log.info("site %s: DICOM intake %s on %s:%d", cfg.site.name, i.ae_title, i.host, i.port)

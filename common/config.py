@@ -279,6 +279,10 @@ class FederationSection(_Strict):
     insecure: bool = False  # plaintext gRPC: for loopback tests only
     port: int = Field(default=9094, ge=1, le=65535)  # the SuperNode's own runtime API, on loopback
     restart_backoff_s: float = Field(default=5.0, gt=0)
+    # One long-lived worker process holds torch, the site's data and the trainers; the ClientApp
+    # Flower starts per message only forwards to it (dicomfl.client.worker). false: each message's
+    # ClientApp does the work itself (imports torch, opens the data): slower; for comparison.
+    warm_worker: bool = True
 
 
 class SiteConfig(_Strict):
@@ -588,6 +592,9 @@ class CoordinatorSection(_Strict):
     supernode_auth: bool = True
     pki_dir: Path = Path("pki")  # ca.crt, superlink.crt, superlink.key, sites/<site>.pub (see deployments/make_pki.py)
     authorized_sites: list[str] = Field(default_factory=list)  # site names whose sites/<name>.pub is registered at start
+    # Where the SuperLink keeps its state: in memory (fast; a restart loses Flower's run list, and
+    # dicomfl resumes runs from its own checkpoints) or in <state_dir>/superlink.db.
+    superlink_state: Literal["memory", "file"] = "memory"
 
 
 class CoordinatorConfig(_Strict):

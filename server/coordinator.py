@@ -8,8 +8,8 @@ times the SuperLink CPU, measured 79 against 28 CPU-seconds for a 3-site, 3-roun
 rounds 29-34 s against 16-17 s. What a restart loses is rebuilt: the site keys are registered at
 every start, the SuperNodes (their node ids unknown to the new SuperLink) exit and their daemons
 start them again, and interrupted runs resume from dicomfl's own checkpoints (below); Flower's
-own run history (``flwr ls``) does not survive. ``DICOMFL_SUPERLINK_STATE=file`` in the
-service's environment keeps it in ``<state_dir>/superlink.db`` instead. After each start the sites listed in
+own run history (``flwr ls``) does not survive. ``coordinator.superlink_state: file`` in
+coordinator.yaml keeps it in ``<state_dir>/superlink.db`` instead. After each start the sites listed in
 ``authorized_sites`` are registered (already-registered keys are fine) and ``ready.json`` is
 written. Then every training run recorded as still running (``<state_dir>/runs/``, see
 :mod:`dicomfl.server.runner`) — its ServerApp died with the previous SuperLink — is submitted
@@ -39,13 +39,12 @@ from . import flwrcli, runner
 log = logging.getLogger("dicomfl.coordinator")
 
 
-STATE_ENV = "DICOMFL_SUPERLINK_STATE"  # "memory" (default) or "file" (<state_dir>/superlink.db)
 IN_MEMORY = ":flwr-in-memory:"  # Flower's name for its in-memory state
 
 
 def superlink_database(cfg: CoordinatorConfig) -> str:
-    """What the SuperLink's ``--database`` is: in memory unless ``DICOMFL_SUPERLINK_STATE=file``."""
-    if os.environ.get(STATE_ENV, "memory").strip().lower() == "file":
+    """What the SuperLink's ``--database`` is: in memory unless ``coordinator.superlink_state: file``."""
+    if cfg.coordinator.superlink_state == "file":
         return str(cfg.coordinator.state_dir / "superlink.db")
     return IN_MEMORY
 

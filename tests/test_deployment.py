@@ -118,12 +118,12 @@ class SiteLog:
 
 def start_rogue(fed: LocalFederation) -> Path:
     """A daemon for "site-a" with a key the coordinator never registered; its SuperNode's log."""
-    rogue_yaml = fed.site_yaml(fed.sites["site-a"], "site-a", key_of="rogue")
+    rogue_yaml = fed.site_yaml(fed.sites["site-a"], "site-a", key_of="rogue", warm_worker=False)
     raw = yaml.safe_load(rogue_yaml.read_text())
     raw["site"]["state_dir"] = str(fed.workdir / "rogue-state")
     rogue_yaml = rogue_yaml.with_name("rogue.yaml")
     rogue_yaml.write_text(yaml.safe_dump(raw))
-    fed.start_site("rogue", rogue_yaml, env_extra={"DICOMFL_SITE_WORKER": "off"})
+    fed.start_site("rogue", rogue_yaml)
     return fed.workdir / "rogue-state" / "logs" / "supernode.log"
 
 

@@ -619,14 +619,14 @@ def test_site_start_runs_the_scp_and_the_next_ingest_takes_what_arrived(study, t
                     "intake": {"port": port, "ae_title": "DICOMFL",
                                "allowed": [{"ae_title": "STORESCU", "host": "127.0.0.1"},
                                            {"ae_title": "ECHOSCU", "host": "127.0.0.1"}]}},
-           "federation": {"superlink": f"127.0.0.1:{free_port()}", "insecure": True, "port": free_port()},
+           "federation": {"superlink": f"127.0.0.1:{free_port()}", "insecure": True, "port": free_port(),
+                          "warm_worker": False},
            "preprocess": {"image_size": 32}}
     (site / "site.yaml").write_text(yaml.safe_dump(cfg))
     cli = [sys.executable, "-m", "dicomfl.workbench.cli"]
     with open(tmp_path / "daemon.out", "wb") as out:
         proc = subprocess.Popen([*cli, "site", "start", str(site / "site.yaml")], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                env={**os.environ, "DICOMFL_SITE_WORKER": "off"})
+                                stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

@@ -36,11 +36,13 @@ def _cli(*args: str) -> list[str]:
 
 class LocalFederation:
     def __init__(self, workdir: Path, site_yamls: list[Path], *, tls: bool = True, auth: bool = True,
-                 port: int | None = None, extra_sites: list[str] | None = None) -> None:
+                 port: int | None = None, extra_sites: list[str] | None = None,
+                 site_federation: dict | None = None, coordinator: dict | None = None) -> None:
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.tls, self.auth = tls, auth and tls
+        self.site_federation = dict(site_federation or {})  # extra federation: keys of every site (e.g. warm_worker)
         self.sites: dict[str, Path] = {}
         self.procs: dict[str, subprocess.Popen] = {}
         names = []
@@ -49,13 +51,13 @@ class LocalFederation:
         self.pki = make_all(self.workdir / "pki", names + list(extra_sites or []))
         coord = {"coordinator": {"address": "127.0.0.1", "port": self.port, "state_dir": str(self.workdir / "coordinator"),
                                  "tls": self.tls, "supernode_auth": self.auth, "pki_dir": str(self.pki.folder),
-                                 "authorized_sites": names if self.auth else []}}
+                                 "authorized_sites": names if self.auth else [], **(coordinator or {})}}
         self.coordinator_yaml = self.workdir / "coordinator.yaml"
         self.coordinator_yaml.write_text(yaml.safe_dump(coord, sort_keys=False))
         for y, name in zip(site_yamls, names):
             self.sites[name] = self.site_yaml(Path(y), name)
 
-    def site_yaml(self, src: Path, name: str, key_of: str | None = None) -> Path:
+    def site_yaml(self, src: Path, name: str, key_of: str | None = None, **federation) -> Path:
         """The site's own config plus a ``federation:`` section pointing at this coordinator."""
         cfg = load_site_config(src)
         raw = yaml.safe_load(src.read_text())
@@ -70,7 +72,7 @@ class LocalFederation:
                 fed["auth_private_key"] = str(self.pki.site_key(key_of or name))
         else:
             fed["insecure"] = True
-        raw["federation"] = fed
+        raw["federation"] = {**fed, **self.site_federation, **federation}
         out = self.workdir / "sites" / f"{name}.yaml"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(yaml.safe_dump(raw, sort_keys=False))
