@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +54,24 @@ def wait_for(pred, timeout: float, what: str, step: float = 0.2) -> None:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def own_state(site_yaml: Path, state: Path) -> Path:
+    """The cohort site's config with a state folder of its own (a copy of its cache, an empty
+    privacy ledger): what other test modules spent of the shared cohort's budgets stays there."""
+    from dicomfl.common.config import load_site_config
+
+    cfg = load_site_config(site_yaml)
+    raw = yaml.safe_load(site_yaml.read_text())
+    raw["site"].update({"dicom_dir": str(cfg.site.dicom_dir), "secret_file": str(cfg.site.secret_file),
+                        "state_dir": str(state)})
+    if cfg.site.labels is not None:
+        raw["site"]["labels"] = str(cfg.site.labels)
+    if (cfg.site.state_dir / "cache").is_dir():
+        shutil.copytree(cfg.site.state_dir / "cache", state / "cache")
+    out = state.parent / f"{state.name}.yaml"
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
 @pytest.fixture(scope="module")
 def fed(cohort, tmp_path_factory):
     """One federation for the module: a SuperLink and three site daemons. Every site and the
@@ -62,7 +81,8 @@ def fed(cohort, tmp_path_factory):
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", pythonpath)  # `flwr run` checks that it can import the ClientApp it is given
-        f = LocalFederation(work, [cohort / s / "site.yaml" for s in SITES], extra_sites=["rogue"])
+        f = LocalFederation(work, [own_state(cohort / s / "site.yaml", work / "state" / s) for s in SITES],
+                            extra_sites=["rogue"])
         try:
             f.start(timeout=180)
             f.rogue_log = start_rogue(f)
@@ -154,7 +174,7 @@ def test_rounds_through_the_warm_worker_equal_the_in_process_path(fed, tmp_path)
     for h in m["history"]:
         assert sorted(h["aggregated"]) == list(SITES) and not h["missing"] and not h["errors"]
     cs = m["cross_site"]
-    assert cs["models"] == ["global"] + [f"local:{s}" for s in SITES]
+    assert cs["models"] == ["global", "best"] + [f"local:{s}" for s in SITES]  # best: chosen by validation
     assert all(sorted(cs["matrix"][mdl]) == list(SITES) for mdl in cs["models"])
     out = tmp_path / "fedprox"
     assert (out / "report.md").is_file() and (out / "cross_site_final.png").is_file()
