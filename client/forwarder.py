@@ -101,7 +101,10 @@ def exchange(msg: Message, node_config: dict) -> Message:
     with connect(path, wait_s) as sock:
         sock.settimeout(60.0)
         write_frame(sock, HELLO, json.dumps(hello).encode())
-        write_frame(sock, MESSAGE, encode_message(msg))
+        try:
+            write_frame(sock, MESSAGE, encode_message(msg))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the worker refused after the hello and closed: its ERROR frame is still to be read
         sock.settimeout(_seconds_left(msg))  # the worker may train for a long time
         try:
             kind, payload = read_frame(sock, {REPLY, ERROR}, MAX_FRAME)
