@@ -39,8 +39,7 @@ from dicomfl.common.discover import looks_like_dicom, walk
 from dicomfl.common.errors import ModelMismatch, printable
 from dicomfl.common.ingest import WORKER_ENV, content_key, file_ref, map_file, process_file, tsv_field
 from dicomfl.common.labels import key_value
-from dicomfl.common.normalize import CLIP
-from dicomfl.common.pixels import robust_stats
+from dicomfl.common.normalize import robust_scale
 from dicomfl.common.splits import NAMES, VAL, assign
 from dicomfl.common.workers import PoolStartError, WorkerFailure, default_workers, imap_isolated
 
@@ -124,8 +123,7 @@ def _work(rel: str) -> tuple:
         rec, img, feats = process_file(mm, rel, content_key(mm, _P["key"]), cfg, _P["deid"])
     if rec.status != "accepted":
         return ("rejected", rec.reason, rec.detail)
-    med, scale = robust_stats(img)
-    x = np.clip((img - med) / scale, -CLIP, CLIP).astype(np.float32)
+    x = robust_scale(np.asarray(img, dtype=np.float32)[None])[0]  # as training scales it
     return ("accepted", key, rec.patient, x, np.asarray(feats, dtype=np.float32))
 
 
