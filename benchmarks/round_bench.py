@@ -1,4 +1,4 @@
-"""Round overhead of a real deployment, before and after the warm site worker.
+"""Round overhead of a real deployment, before the warm site worker, through a forwarder, and direct.
 
     python benchmarks/round_bench.py [--sites 3 10] [--rounds 5] [--per-site 40] [--out DIR]
 
@@ -11,16 +11,18 @@ a few images per site, so the work is small and the overhead shows:
 * **before**: what the deployment did before the warm worker: the site daemon without its worker
   (``federation.warm_worker: false``), so the ClientApp handles each message in the process Flower
   starts for it (imports torch and dicomfl, re-opens the site's data), SuperExec polling every 1 s
-  (Flower's default), the coordinator asking for replies every 3 s (what
-  ``HttpGrid.send_and_receive`` does) and the SuperLink's state in a database file;
-* **after**: dicomfl as it is: the forwarding ClientApp and the site's warm worker, SuperExec
-  polling every 0.25 s, the coordinator polling every ``run.poll_interval_s`` (default 0.5 s), the
-  SuperLink's state in memory.
+  (Flower's default), the SuperNode's own 3 s idle wait, the coordinator asking for replies every
+  3 s (what ``HttpGrid.send_and_receive`` does) and the SuperLink's state in a database file;
+* **forwarder**: the warm worker reached through a forwarding ClientApp that Flower starts per
+  message (``federation.message_path: forwarder``), SuperExec polling every 0.25 s, the SuperNode's
+  own 3 s idle wait, the coordinator polling every ``run.poll_interval_s`` (default 0.5 s), the
+  SuperLink's state in memory;
+* **direct**: dicomfl's default: the warm worker takes the SuperNode's tasks itself (no process per
+  message, ``dicomfl.client.tasks``) and the SuperNode's idle wait is capped at
+  ``federation.idle_poll_s`` (0.25 s, ``dicomfl.client.supernode``).
 
-Both keep the SuperNode's fixed 3 s sleep when it finds no message (Flower exposes no setting for
-it). For "after", the table also gives the spread of the moments the sites' workers received the
-same round's message (latest minus earliest): that is where the SuperNode's sleep shows. Sites
-beyond the three generated ones reuse those sites' images under their own names, keys and state.
+The table also gives the spread of the moments the sites' workers received the same round's
+message (latest minus earliest): that is where the SuperNode's idle wait shows.
 All site caches are warmed first, so both paths read the site's data from its cache.
 """
 
@@ -121,12 +123,15 @@ def run_config(cohort, out, n: int, mode: str, rounds: int, before_state: str = 
             os.environ.pop(k, None)
     t0 = time.perf_counter()
     before = mode == "before"
-    fed = LocalFederation(work / "federation", sites, site_federation={"warm_worker": not before},
+    site_fed = {"before": {"warm_worker": False, "idle_poll_s": 3.0},
+                "forwarder": {"message_path": "forwarder", "idle_poll_s": 3.0},
+                "direct": {}}[mode]
+    fed = LocalFederation(work / "federation", sites, site_federation=site_fed,
                           coordinator={"superlink_state": before_state if before else "memory"})
     try:
         names = list(fed.sites)
         fed.start(timeout=600)
-        if mode == "after":
+        if not before:
             for s in names:
                 fed.wait_worker(s, 300)
         started = time.perf_counter() - t0
@@ -150,7 +155,8 @@ def run_config(cohort, out, n: int, mode: str, rounds: int, before_state: str = 
     for i, h in enumerate(hist):
         slowest = max(handled[s][i] for s in names)
         rec = [received[s][i] for s in names if len(received[s]) > i]
-        rows.append({"round": h["round"], "seconds": h["seconds"], "slowest_handler_s": slowest,
+        rows.append({"round": h["round"], "seconds": h["seconds"], "exchange_s": h.get("exchange_seconds"),
+                     "slowest_handler_s": slowest,
                      "overhead_s": round(h["seconds"] - slowest, 2),
                      "pickup_spread_s": round(max(rec) - min(rec), 2) if len(rec) == n else None})
     label = f"before ({before_state} state)" if mode == "before" else mode
@@ -198,7 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sites", type=int, nargs="+", default=[3, 10])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--per-site", type=int, default=40)
-    ap.add_argument("--modes", nargs="+", default=["before", "after"], choices=["before", "after"])
+    ap.add_argument("--modes", nargs="+", default=["before", "forwarder", "direct"], choices=["before", "forwarder", "direct"])
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--before-state", choices=["file", "memory"], default="file",
                     help="the SuperLink's state for 'before' (file: as it was; with 10 sites on 2 cores its SQLite "

@@ -6,14 +6,16 @@ Two children (three with DICOM intake), each in its own process group, each rest
   per run, keeps the trainers, and serves the site's handler on a private Unix socket
   (``<state_dir>/run/worker.sock``, or a short private path when that one is too long for a
   socket). Its output goes to ``<state_dir>/logs/worker.log``; what it does, to ``site.log``.
-* the **SuperNode**, with the federation's CA certificate, the site's authentication key, no
-  runtime dependency installation (its default) and a node config naming this site's config and
-  the worker's socket. The ClientApp Flower starts per message only forwards to the worker
-  (:mod:`dicomfl.client.forwarder`). Its SuperExec looks for new messages every 0.25 s
+* the **SuperNode** (Flower's, through :mod:`dicomfl.client.supernode`, which caps its idle wait
+  at ``federation.idle_poll_s``), with the federation's CA certificate, the site's authentication
+  key, no runtime dependency installation (its default) and a node config naming this site's
+  config. With ``federation.message_path: direct`` (the default) it runs in ``process``
+  isolation: no SuperExec, no per-message process; the worker takes its tasks over its Runtime
+  API (:mod:`dicomfl.client.tasks`), signed with a secret this daemon writes at each start. With
+  ``forwarder``, Flower's SuperExec starts a ClientApp per message that only forwards to the worker
+  (:mod:`dicomfl.client.forwarder`); the SuperExec then looks for new messages every 0.25 s
   (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; an operator's own value in the environment wins) instead
-  of Flower's default 1 s. Lower costs CPU while idle: measured with 3 idle sites, the SuperExecs
-  and SuperNodes together use about 3% of a core at 1 s, 11% at 0.25 s and 39% at 0.05 s.
-  Output: ``<state_dir>/logs/supernode.log``.
+  of Flower's default 1 s. Output: ``<state_dir>/logs/supernode.log``.
 
 With ``site.intake`` in the config, a third child is the site's DICOM Storage SCP
 (:mod:`dicomfl.client.intake`), restarted like the others if it exits (a port another program
@@ -38,6 +40,7 @@ from dicomfl.common.errors import ConfigError
 from dicomfl.common.supervise import Child, child_env, supervise_all
 
 from .forwarder import WORKER_SOCKET
+from .tasks import write_secret
 from .worker import socket_path
 
 log = logging.getLogger("dicomfl.site")
@@ -47,14 +50,21 @@ SUPEREXEC_POLL_S = "0.25"
 WORKER_BACKOFF_S = 1.0  # a message may be waiting: the worker comes back fast (then backs off)
 
 
-def supernode_command(cfg: SiteConfig, worker_socket: Path | None = None) -> list[str]:
+def supernode_command(cfg: SiteConfig, worker_socket: Path | None = None, secret: Path | None = None) -> list[str]:
+    """Flower's SuperNode (through :mod:`dicomfl.client.supernode`, which caps its idle wait).
+
+    With ``secret`` (message_path direct) it runs in ``process`` isolation: no SuperExec, no
+    per-message process; the warm worker takes its tasks. Else Flower starts a ClientApp per
+    message, which forwards to ``worker_socket`` when one is given.
+    """
     f = cfg.federation
-    exe = Path(sys.executable).with_name("flower-supernode")
     node_config = f'site-config="{Path(cfg.source).resolve()}"'
-    if worker_socket is not None:
+    if worker_socket is not None and secret is None:
         node_config += f' {WORKER_SOCKET}="{worker_socket}"'
-    cmd = [str(exe) if exe.exists() else "flower-supernode", "--superlink", f.superlink, "--port", str(f.port),
-           "--node-config", node_config]
+    cmd = [sys.executable, "-m", "dicomfl.client.supernode", "--idle-s", f"{f.idle_poll_s:g}", "--",
+           "--superlink", f.superlink, "--port", str(f.port), "--node-config", node_config]
+    if secret is not None:
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
     if f.insecure:
         cmd.append("--insecure")
     else:
@@ -68,8 +78,12 @@ def supernode_command(cfg: SiteConfig, worker_socket: Path | None = None) -> lis
     return cmd
 
 
-def worker_command(cfg: SiteConfig, sock: Path) -> list[str]:
-    return [sys.executable, "-m", "dicomfl.client.worker", str(Path(cfg.source).resolve()), "--socket", str(sock)]
+def worker_command(cfg: SiteConfig, sock: Path, secret: Path | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "dicomfl.client.worker", str(Path(cfg.source).resolve()), "--socket", str(sock)]
+    if secret is not None:
+        f = cfg.federation
+        cmd += ["--runtime-api", f"127.0.0.1:{f.port}", "--secret-file", str(secret), "--task-poll-s", f"{f.task_poll_s:g}"]
+    return cmd
 
 
 def intake_command(cfg: SiteConfig) -> list[str]:
@@ -92,7 +106,8 @@ def start(cfg: SiteConfig) -> int:
             sock = socket_path(state)
         except PermissionError as exc:
             raise ConfigError(f"{cfg.source}: site.state_dir: no private place for the worker's socket: {exc}") from None
-    cmd = supernode_command(cfg, sock)
+    secret = write_secret(sock.parent) if sock is not None and cfg.federation.message_path == "direct" else None
+    cmd = supernode_command(cfg, sock, secret)
     env = child_env({"FLWR_HOME": str(state / "flwr-home")})
     env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S)
     logs = state / "logs"
@@ -100,7 +115,7 @@ def start(cfg: SiteConfig) -> int:
     children = [Child("SuperNode", cmd, env, logs / "supernode.log", backoff_s=backoff)]
     if sock is not None:
         log.info("site %s: connecting to %s; worker socket %s", cfg.site.name, cfg.federation.superlink, sock)
-        children.insert(0, Child("worker", worker_command(cfg, sock), child_env(), logs / "worker.log",
+        children.insert(0, Child("worker", worker_command(cfg, sock, secret), child_env(), logs / "worker.log",
                                  backoff_s=min(backoff, WORKER_BACKOFF_S)))
     else:
         log.warning("site %s: connecting to %s without a warm worker (federation.warm_worker: false): each message "

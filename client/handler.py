@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from dicomfl.common import protocol as P
 from dicomfl.common.config import ModelConfig
@@ -102,6 +102,21 @@ def _bounded(cfg: ConfigRecord, key: str, default: float) -> float:
     if not lo <= v <= hi:
         raise BadRequest(f"config {key}: outside [{lo:g}, {hi:g}]")
     return int(v) if kind == _INT else float(v)
+
+
+def _weights(msg: Message, key: str) -> dict:
+    """The model weights in record ``key`` of the coordinator's message (shapes are checked against
+    the site's own model when they are loaded: ModelMismatch)."""
+    rec = msg.content[key] if key in msg.content else None
+    if not isinstance(rec, ArrayRecord):
+        raise BadRequest("a model record is not an ArrayRecord")
+    try:
+        weights = P.from_record(rec)
+    except Exception:  # noqa: BLE001 - a malformed key or array; its text may quote the input
+        raise BadRequest("a model record does not hold a model's weights") from None
+    if not all(np.isfinite(v).all() for v in weights.values() if v.dtype.kind in "fc"):
+        raise BadRequest("a model record holds NaN or infinite weights")
+    return weights
 
 
 def run_name(value) -> str:
@@ -191,7 +206,7 @@ class SiteHandler:
         """Evaluate the incoming global model on validation data, train it, and train the local-only
         baseline if the message carries one."""
         plan = round_plan(cfg)
-        global_weights = P.from_record(msg.content[P.ARRAYS])
+        global_weights = _weights(msg, P.ARRAYS)
         metrics: dict[str, float] = {}
         val = site.evaluate(global_weights, split=VAL)
         for k in ("auroc", "loss", "balanced_accuracy", "num-examples"):
@@ -204,7 +219,7 @@ class SiteHandler:
         content[P.METRICS] = _numbers(metrics, P.TRAIN_METRICS)
         if P.LOCAL_ARRAYS in msg.content and site.cfg.privacy.share_local_model:  # the site's opt-in, never the coordinator's
             local_plan = RoundPlan(**{**plan.__dict__, "run": f"{plan.run}.local", "proximal_mu": 0.0})
-            lo = site.train(P.from_record(msg.content[P.LOCAL_ARRAYS]), local_plan)
+            lo = site.train(_weights(msg, P.LOCAL_ARRAYS), local_plan)
             if lo.weights is not None:
                 content[P.LOCAL_ARRAYS] = P.to_record(lo.weights)
             content[P.LOCAL_METRICS] = _numbers(lo.metrics, P.TRAIN_METRICS)
@@ -217,6 +232,6 @@ class SiteHandler:
         for key in list(msg.content.keys()):
             if key.startswith(P.MODEL_PREFIX):
                 model_id = key[len(P.MODEL_PREFIX):]
-                metrics = site.evaluate(P.from_record(msg.content[key]))
+                metrics = site.evaluate(_weights(msg, key))
                 content[P.EVAL_PREFIX + model_id] = _numbers(metrics, P.EVAL_METRICS)
         return Message(content=content, reply_to=msg)

@@ -395,8 +395,13 @@ def same_site(a: str, b: str) -> bool:
         return False
 
 
-def run_worker(site_yaml: Path, sock_path: Path | None = None, stop: threading.Event | None = None) -> int:
-    """Load the site, bind the socket, serve until SIGTERM/SIGINT (or ``stop``)."""
+def run_worker(site_yaml: Path, sock_path: Path | None = None, stop: threading.Event | None = None,
+               runtime_api: str | None = None, secret_file: Path | None = None, task_poll_s: float = 0.1) -> int:
+    """Load the site, bind the socket, serve until SIGTERM/SIGINT (or ``stop``).
+
+    With ``runtime_api`` (and the SuperExec ``secret_file``) the worker also takes the SuperNode's
+    ClientApp tasks itself (:mod:`dicomfl.client.tasks`), one at a time with the socket's requests.
+    """
     from dicomfl.common.config import load_site_config
     from dicomfl.common.logs import site_logger
 
@@ -441,6 +446,22 @@ def run_worker(site_yaml: Path, sock_path: Path | None = None, stop: threading.E
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, lambda signum, frame: stop.set())
+    loop = None
+    if runtime_api is not None:
+        from .tasks import TaskLoop, read_secret
+
+        def handle_task(msg: Message, context: Context) -> Message:
+            with server._busy:  # one message at a time, with the socket's requests
+                slog.info("worker (pid %d): %s message taken from the SuperNode", os.getpid(),
+                          str(msg.metadata.message_type)[:32])
+                resolver.for_run(int(msg.metadata.run_id))
+                local = Context(run_id=int(msg.metadata.run_id), node_id=int(msg.metadata.dst_node_id),
+                                node_config={"site-config": str(site_yaml)}, state=RecordDict(), run_config={})
+                return handler.handle(msg, local)
+
+        loop = TaskLoop(runtime_api, handle_task, read_secret(secret_file), task_poll_s, slog)
+        threading.Thread(target=loop.serve_forever, args=(stop,), name="tasks", daemon=True).start()
+        slog.info("worker takes the SuperNode's tasks at %s every %.2f s when idle", runtime_api, task_poll_s)
     status = status_path(state)
     tmp = status.with_name(f".{status.name}.{os.getpid()}")
     tmp.write_text(json.dumps({"pid": os.getpid(), "socket": str(path), "started": time.time()}))
@@ -453,7 +474,8 @@ def run_worker(site_yaml: Path, sock_path: Path | None = None, stop: threading.E
         st = read_status(state)
         if st is not None and st.get("pid") == os.getpid():
             status.unlink(missing_ok=True)
-        slog.info("worker (pid %d) stopped after %d message(s)", os.getpid(), server.handled)
+        slog.info("worker (pid %d) stopped after %d message(s)", os.getpid(),
+                  server.handled + (loop.handled if loop is not None else 0))
     return 0
 
 
@@ -462,11 +484,17 @@ def main(argv: list[str] | None = None) -> int:
                                  description="The site's warm worker (started by `dicomfl site start`).")
     ap.add_argument("site_yaml", type=Path)
     ap.add_argument("--socket", type=Path, default=None, help="default: from the site's state_dir")
+    ap.add_argument("--runtime-api", default=None, help="take the SuperNode's tasks at this host:port")
+    ap.add_argument("--secret-file", type=Path, default=None, help="the SuperExec secret (with --runtime-api)")
+    ap.add_argument("--task-poll-s", type=float, default=0.1)
     args = ap.parse_args(argv)
+    if (args.runtime_api is None) != (args.secret_file is None):
+        ap.error("--runtime-api and --secret-file go together")
     from dicomfl.common.errors import DicomflError
 
     try:
-        return run_worker(args.site_yaml, args.socket)
+        return run_worker(args.site_yaml, args.socket, runtime_api=args.runtime_api, secret_file=args.secret_file,
+                          task_poll_s=args.task_poll_s)
     except (DicomflError, PermissionError) as exc:
         print(f"dicomfl worker: error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -283,6 +283,17 @@ class FederationSection(_Strict):
     # Flower starts per message only forwards to it (dicomfl.client.worker). false: each message's
     # ClientApp does the work itself (imports torch, opens the data): slower; for comparison.
     warm_worker: bool = True
+    # How a message reaches the warm worker. direct: the worker takes the SuperNode's ClientApp
+    # tasks itself over the SuperNode's Runtime API (SuperNode in process isolation; no process per
+    # message; dicomfl.client.tasks). forwarder: Flower starts a flwr-clientapp process per
+    # message, which forwards it over the worker's socket (dicomfl.client.forwarder).
+    message_path: Literal["direct", "forwarder"] = "direct"
+    # direct: how often an idle worker asks the SuperNode for a task (seconds).
+    task_poll_s: float = Field(default=0.1, ge=0.01, le=60)
+    # The longest the SuperNode waits before asking the SuperLink again for a message (Flower's
+    # own wait is a fixed 3 s with no option; dicomfl.client.supernode caps it). Each idle site asks
+    # the SuperLink 1/idle_poll_s times a second.
+    idle_poll_s: float = Field(default=0.25, ge=0.05, le=3.0)
 
 
 class SiteConfig(_Strict):

@@ -59,7 +59,8 @@ class RoundRecord(TypedDict, total=False):
     clipped: dict[str, float]  # site -> the factor its update was scaled by (clip_update_norm)
     capped: dict[str, float]  # site -> its aggregation weight after the max_weight_share cap
     train_loss: float | None
-    seconds: float
+    seconds: float  # the round's wall time at the coordinator
+    exchange_seconds: float  # of which: from sending the messages to the last reply (or the timeout)
 
 Event = Callable[[str, dict], None]
 
@@ -235,7 +236,9 @@ class Federation:
             if cfg.cross_site.local_baseline:
                 content[P.LOCAL_ARRAYS] = P.to_record(state.local_weights.get(self.name(m.metadata.dst_node_id), initial))
             m.content = content
+        t1 = time.perf_counter()
         replies, duplicates = self._replies(messages)
+        exchange_s = time.perf_counter() - t1
         rec = RoundRecord(round=rnd, sites={}, rejected={}, errors={}, declined=[], missing=[], sampled=len(sampled),
                           duplicates=duplicates)
         for site, n in duplicates.items():
@@ -290,6 +293,7 @@ class Federation:
             log.warning("round %d: %d usable updates (%s needs %d); the global model is unchanged",
                         rnd, len(accepted), r.strategy, needed)
         rec["seconds"] = round(time.perf_counter() - t0, 2)
+        rec["exchange_seconds"] = round(exchange_s, 2)  # messages out until the last reply (or the timeout)
         state.round = rnd
         state.history.append(rec)
         state.node_names = dict(self.identities.nodes)

@@ -326,9 +326,18 @@ def _decode(arr: Any, name: str, ref: np.ndarray) -> np.ndarray:
 
 
 def _arrays(rec: Any, where: str, reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The record's weights: one flat array under the reference's layout key (what
+    :func:`~dicomfl.common.protocol.to_record` sends) or one array per parameter name, each checked
+    against the reference's shapes and dtype without trusting the Array's metadata."""
     if not isinstance(rec, ArrayRecord):
         raise _Invalid(f"record {where} is not an ArrayRecord")
     keys = list(rec.keys())
+    ref_arrays = {k: np.asarray(v) for k, v in reference.items()}
+    if len(keys) == 1 and keys == P.to_record_keys(ref_arrays) and keys[0].startswith(P.FLAT_PREFIX):
+        total = sum(int(v.size) for v in ref_arrays.values())
+        dtype = next(iter(ref_arrays.values())).dtype
+        flat = _decode(rec[keys[0]], "(flat)", np.empty(total, dtype=dtype))
+        return P.split_flat(flat, [(k, tuple(v.shape)) for k, v in ref_arrays.items()])
     if any(not isinstance(k, str) for k in keys) or set(keys) != set(reference) or len(keys) != len(reference):
         known = [k for k in keys if isinstance(k, str) and k in reference]
         missing = sorted(set(reference) - set(known))
@@ -528,7 +537,7 @@ def aggregation_message(valid: ValidTrain, arrays: Mapping[str, np.ndarray] | No
         raise ValueError("a declined reply has no arrays to aggregate")
     w = float(valid.num_examples if weight is None else weight)
     content = RecordDict({
-        P.ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in src.items()}),
+        P.ARRAYS: P.to_record({k: np.ascontiguousarray(v) for k, v in src.items()}),  # the form the strategy sent
         P.METRICS: MetricRecord({NUM_EXAMPLES: w, TRAIN_LOSS: valid.train_loss}),
     })
     return Message(content=content, metadata=copy(valid.message.metadata))

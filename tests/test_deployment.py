@@ -31,6 +31,9 @@ pytestmark = pytest.mark.slow
 
 CLIENTAPP_LINE = re.compile(r"worker \(pid (\d+)\): (\w+) message from ClientApp pid (-?\d+) "
                             r"\(torch imported in the ClientApp: (\w+);")
+DIRECT_LINE = re.compile(r"worker \(pid (\d+)\): (\w+) message taken from the SuperNode")
+DIRECT = "site-a"  # its worker takes the SuperNode's tasks itself (message_path: direct, the default)
+FORWARDED = ("site-b", "site-c")  # Flower starts a forwarding ClientApp per message (message_path: forwarder)
 
 
 def write_run(tmp: Path, name: str, local_baseline: bool = False, **run) -> Path:
@@ -67,6 +70,7 @@ def own_state(site_yaml: Path, state: Path) -> Path:
         raw["site"]["labels"] = str(cfg.site.labels)
     if (cfg.site.state_dir / "cache").is_dir():
         shutil.copytree(cfg.site.state_dir / "cache", state / "cache")
+    state.parent.mkdir(parents=True, exist_ok=True)
     out = state.parent / f"{state.name}.yaml"
     out.write_text(yaml.safe_dump(raw, sort_keys=False))
     return out
@@ -81,8 +85,10 @@ def fed(cohort, tmp_path_factory):
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", pythonpath)  # `flwr run` checks that it can import the ClientApp it is given
-        f = LocalFederation(work, [own_state(cohort / s / "site.yaml", work / "state" / s) for s in SITES],
-                            extra_sites=["rogue"])
+        own = {s: own_state(cohort / s / "site.yaml", work / "state" / s) for s in SITES}
+        f = LocalFederation(work, list(own.values()), extra_sites=["rogue"])
+        for s in FORWARDED:  # the test-side ClientApp (faults) runs only where Flower starts a ClientApp
+            f.sites[s] = f.site_yaml(own[s], s, message_path="forwarder")
         try:
             f.start(timeout=180)
             f.rogue_log = start_rogue(f)
@@ -132,8 +138,12 @@ class SiteLog:
             return fh.read().decode("utf-8", "replace")
 
     def messages(self) -> list[tuple[int, str, int, str]]:
-        """(worker pid, message type, ClientApp pid, torch imported there) per message, in order."""
+        """(worker pid, message type, ClientApp pid, torch imported there) per forwarded message, in order."""
         return [(int(a), b, int(c), d) for a, b, c, d in CLIENTAPP_LINE.findall(self.text())]
+
+    def taken(self) -> list[tuple[int, str]]:
+        """(worker pid, message type) per message the worker took from the SuperNode itself, in order."""
+        return [(int(a), b) for a, b in DIRECT_LINE.findall(self.text())]
 
 
 def start_rogue(fed: LocalFederation) -> Path:
@@ -179,12 +189,19 @@ def test_rounds_through_the_warm_worker_equal_the_in_process_path(fed, tmp_path)
     out = tmp_path / "fedprox"
     assert (out / "report.md").is_file() and (out / "cross_site_final.png").is_file()
     assert any(line.startswith("round 3:") for line in lines)  # progress streamed to the terminal
-    for s in SITES:
+    taken = logs[DIRECT].taken()  # no process per message: the worker took each task itself
+    assert [t for _, t in taken] == ["train"] * 3 + ["evaluate"] and {w for w, _ in taken} == {workers[DIRECT]}
+    assert not logs[DIRECT].messages() and fed.worker_pid(DIRECT) == workers[DIRECT]
+    for s in SITES:  # every SuperNode runs with its idle wait capped (federation.idle_poll_s)
+        assert "idle wait capped at 0.25 s" in (fed.state_dir(s) / "logs" / "supernode.log").read_text()
+    for s in FORWARDED:
+        assert not logs[s].taken()
         got = logs[s].messages()
         assert [t for _, t, _, _ in got] == ["train"] * 3 + ["evaluate"], got
         assert {w for w, _, _, _ in got} == {workers[s]} and fed.worker_pid(s) == workers[s]  # one warm worker
         assert {torch for _, _, _, torch in got} == {"False"}  # the per-message ClientApp never imported torch
         assert len({app for _, _, app, _ in got}) == len(got) and workers[s] not in {app for _, _, app, _ in got}
+    for s in SITES:
         assert "allow-runtime-dependency-installation" not in " ".join(
             (fed.workdir / "logs" / f"site-{s}.log").read_text().split())
     # The same run in process (the benchmark's path), one torch thread as each deployed site has.
@@ -285,8 +302,9 @@ def test_untrusted_parties_through_a_real_deployment(fed, tmp_path):
     assert ident["authenticated"] and set(ident["mismatched_claims"].values()) == {"site-a"}
     assert m["sites"] == list(SITES) and not any("#" in s for s in m["sites"])
     assert sorted(m["cross_site"]["matrix"]["global"]) == list(SITES)
-    for s in SITES:  # the test's ClientApp (a mod around dicomfl's forwarder) is light too
+    for s in FORWARDED:  # the test's ClientApp (a mod around dicomfl's forwarder) is light too
         assert {torch for _, _, _, torch in logs[s].messages()} == {"False"}
+    assert [t for _, t in logs[DIRECT].taken()] == ["train", "evaluate", "train", "evaluate"]  # the FAB's app is not run there
     # The budget holds across runs.
     h2 = _metrics(run2)["history"][0]
     assert h2["declined"] == ["site-a"] and sorted(h2["aggregated"]) == ["site-b", "site-c"]

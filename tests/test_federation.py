@@ -218,7 +218,10 @@ def _audit_reply(reply, model_names: dict, header_strings: set[str]) -> None:
         rec = c[key]
         if isinstance(rec, ArrayRecord):
             assert key in (P.ARRAYS, P.LOCAL_ARRAYS)
-            got = {k: tuple(v.numpy().shape) for k, v in rec.items()}
+            # one flat array whose key is exactly the model's layout: the key carries nothing else
+            layout = P.FLAT_PREFIX + ";".join(f"{k}={'x'.join(map(str, v))}" for k, v in model_names.items())
+            assert list(rec.keys()) == [layout]
+            got = {k: tuple(v.shape) for k, v in P.from_record(rec).items()}
             assert got == model_names
         elif isinstance(rec, MetricRecord):
             allowed = P.TRAIN_METRICS if key in (P.METRICS, P.LOCAL_METRICS) else P.EVAL_METRICS

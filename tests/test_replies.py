@@ -331,7 +331,7 @@ def aggregate_replies(name: str, replies: list[Message], **kw) -> dict[str, np.n
     """Validate each reply, then aggregate the clean messages with the named Flower strategy."""
     clean = [aggregation_message(check(m)) for m in replies]
     arrays, _ = make_strategy(name, min_sites=1, **kw).aggregate_train(1, clean)
-    return {k: arrays[k].numpy() for k in arrays.keys()}
+    return P.from_record(arrays)
 
 
 def _shift(ref, delta):
@@ -430,7 +430,7 @@ def test_weight_hijack_end_to_end_with_fedavg():
     agg, _ = make_strategy("fedavg", min_sites=1).aggregate_train(
         1, [aggregation_message(valid[n], sc.arrays[n], sc.weights[n]) for n in sc.arrays])
     # uncapped, site 3 would have ~100% of the weight: the global model would move ~0.5
-    assert float(np.mean(agg["fc.bias"].numpy() - ref["fc.bias"])) == pytest.approx(0.5 * 0.011 + 0.5 * 0.5, abs=1e-3)
+    assert float(np.mean(P.from_record(agg)["fc.bias"] - ref["fc.bias"])) == pytest.approx(0.5 * 0.011 + 0.5 * 0.5, abs=1e-3)
 
 
 def test_two_colluding_sites_of_three():
@@ -447,7 +447,7 @@ def test_two_colluding_sites_of_three():
     for name in ("fedmedian", "krum", "fedavg"):
         valid = check(replies[0])
         agg, _ = make_strategy(name, min_sites=1).aggregate_train(1, [aggregation_message(valid, sc.arrays["a"])])
-        assert distance({k: agg[k].numpy() for k in ref}, ups["a"]) < 1e-5
+        assert distance(P.from_record(agg), ups["a"]) < 1e-5
 
 
 def test_two_colluding_sites_of_five_under_robust_strategies():
@@ -591,3 +591,29 @@ def test_identity_insecure_and_trusted():
     assert desc["authenticated"] is False and "NOT authenticated" in desc["note"]
     ids = SiteIdentities.trusted({1000: "site-a"})
     assert ids.authenticated and ids.name_for(1000) == "site-a" and ids.name_for(1001) == "node-1001"
+
+
+# ----------------------------------------------------------------------------- flat records
+def flat_record(arrays: dict[str, np.ndarray], key: str | None = None, extra: int = 0) -> ArrayRecord:
+    flat = np.concatenate([np.asarray(v, np.float32).ravel() for v in arrays.values()] + [np.zeros(extra, np.float32)])
+    return ArrayRecord({key or P.layout_key(arrays): Array(flat)})
+
+
+def test_a_flat_reply_is_read_back_into_the_models_tensors():
+    ref = ref_model()
+    sent = {k: v + 0.5 for k, v in ref.items()}
+    res = check(train_reply(records={P.ARRAYS: flat_record(sent)}))
+    assert isinstance(res, ValidTrain) and list(res.arrays) == list(ref)
+    assert all(res.arrays[k].shape == ref[k].shape and np.allclose(res.arrays[k], sent[k]) for k in ref)
+    assert P.to_record_keys(ref) == [P.layout_key(ref)]
+
+
+@pytest.mark.parametrize("case", ["other-layout", "extra-values", "nan", "malformed-key"])
+def test_a_hostile_flat_reply_is_rejected(case):
+    ref = ref_model()
+    rec = {"other-layout": lambda: flat_record({"conv.weight": np.zeros((3, 4)), "fc.bias": np.zeros(2)}),
+           "extra-values": lambda: ArrayRecord({P.layout_key(ref): Array(np.zeros(15, np.float32))}),
+           "nan": lambda: flat_record({k: np.full_like(v, np.nan) for k, v in ref.items()}),
+           "malformed-key": lambda: flat_record(ref, key=P.FLAT_PREFIX + "x" * 5000)}[case]()
+    why = rejected(check(train_reply(records={P.ARRAYS: rec})))
+    assert "x" * 50 not in why  # the key is not echoed

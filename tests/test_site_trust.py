@@ -191,3 +191,54 @@ def test_a_low_entropy_key_gets_a_warning(cohort, tmp_path):
     finally:
         logger.removeHandler(handler)
     assert any("little variety" in m for m in seen) and not any("aaaa" in m for m in seen)
+
+
+# ----------------------------------------------------------------------------- hostile weights
+def _with_arrays(record) -> Message:
+    msg = _train_msg()
+    msg.content[P.ARRAYS] = record
+    return msg
+
+
+def _flat(key: str, n: int, value: float = 0.0):
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({key: Array(np.full(n, value, dtype=np.float32))})
+
+
+def _hostile_records():
+    w = get_weights(build_model(MC))
+    key, n = P.layout_key(w), sum(v.size for v in w.values())
+    first = next(iter(w))
+    return {
+        "size-disagrees": _flat(key, n + 1),
+        "malformed-key": _flat(P.FLAT_PREFIX + "conv=3x;;", 3),
+        "negative-dims": _flat(P.FLAT_PREFIX + "w=-1", 1),
+        "huge-dims": _flat(P.FLAT_PREFIX + "w=999999999x999999999", 4),
+        "duplicate-names": _flat(P.FLAT_PREFIX + "w=2;w=2", 4),
+        "too-long": _flat(P.FLAT_PREFIX + "w=1;" * (P.MAX_LAYOUT_CHARS // 4), 1),
+        "another-model": _flat(key.replace(f"{first}=", "other.weight=", 1), n),
+        "nan-weights": _flat(key, n, float("nan")),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_hostile_records()))
+def test_hostile_weights_from_the_coordinator_are_refused(cohort, tmp_path, handler, case):
+    """The global model arrives as one flat array whose key names its layout: a key or size that
+    disagrees with the site's own model, or non-finite weights, is refused with a code (nothing is
+    allocated from the key's numbers, nothing is trained, nothing echoed)."""
+    site = _site(cohort, tmp_path)
+    reply = handler.handle(_with_arrays(_hostile_records()[case]), _ctx(site))
+    assert reply.has_error() and reply.error.code in (P.ERR_BAD_REQUEST, P.ERR_BAD_MODEL), case
+    assert P.ERROR_REASON_RE.fullmatch(reply.error.reason)
+
+
+def test_weights_travel_as_one_flat_array_and_come_back_whole():
+    w = get_weights(build_model(MC))
+    rec = P.to_record(w)
+    assert list(rec.keys()) == [P.layout_key(w)] and len(w) > 10  # one Array instead of one per tensor
+    back = P.from_record(rec)
+    assert list(back) == list(w) and all(np.array_equal(back[k], w[k]) and back[k].shape == w[k].shape for k in w)
+    assert P.parse_layout(P.layout_key({"s": np.float32(1.0).reshape(())})) == [("s", ())]  # a scalar
+    mixed = {"a": np.zeros(2, np.float32), "b": np.zeros(2, np.int64)}
+    assert list(P.to_record(mixed).keys()) == ["a", "b"]  # mixed dtypes keep one array per name

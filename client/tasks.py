@@ -1,0 +1,207 @@
+"""The warm worker takes the SuperNode's ClientApp tasks itself: no process per message.
+
+With ``federation.message_path: direct`` (the default) the site daemon starts the SuperNode with
+``--isolation process``: the SuperNode then starts no SuperExec and no ``flwr-clientapp``
+process. The warm worker (:mod:`dicomfl.client.worker`) runs :class:`TaskLoop` instead. It asks
+the SuperNode's Runtime API (HTTP on loopback, the site's ``federation.port``) for a ClientApp
+task every ``federation.task_poll_s`` seconds, and for each task it:
+
+1. pulls the message and the run's context with the task's token (Flower's own
+   ``pull_task_input``);
+2. hands the message to the worker's handler, the same call the forwarder path and the
+   in-process path make (:class:`dicomfl.client.handler.SiteHandler`), one message at a time;
+3. pushes the reply and the task's status (Flower's own ``push_message`` / ``push_task_output``).
+
+So a message costs what the handler costs, plus a few local HTTP calls; Flower's per-message
+process start (the import of Flower itself, the FAB's installation, the ClientApp's loading:
+seconds on a loaded machine) is gone.
+
+What this does not change: the reply is built by the same handler and audited by the same
+checks; nothing else crosses the site boundary. What it does change, for the better: the
+coordinator's FAB is never installed or imported at the site. The site runs the ClientApp of
+the dicomfl it has installed, whatever code the FAB carries.
+
+The Runtime API's ``AcquireTask`` call is signed with a secret the daemon writes at each start
+(``<state_dir>/run/superexec.secret``, mode 0600, 32 random bytes) and passes to the SuperNode
+with ``--superexec-auth-secret-file``: another local user who can reach the port cannot take the
+site's tasks. (In Flower's default ``subprocess`` isolation that check is off.)
+
+A failure of the Runtime API (the SuperNode restarting) is logged and retried with a back-off;
+it never ends the worker. A message whose handling fails is answered by the handler's own error
+reply; a task whose reply cannot be pushed is reported to the SuperNode as failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context, Message
+
+SECRET_NAME = "superexec.secret"
+SECRET_BYTES = 32
+_ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
+_HEARTBEAT_S = 20.0  # Flower's own task heartbeat interval is 30 s less the call timeout, with jitter
+_MAX_BACKOFF_S = 5.0
+
+
+def write_secret(run_dir: Path) -> Path:
+    """A fresh secret for this start of the daemon, 0600 in the worker's private run folder."""
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = run_dir / SECRET_NAME
+    tmp = run_dir / f".{SECRET_NAME}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, secrets.token_bytes(SECRET_BYTES))
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def read_secret(path: Path) -> bytes:
+    data = Path(path).read_bytes()
+    if len(data) != SECRET_BYTES:
+        raise ValueError(f"{path}: not a dicomfl SuperExec secret")
+    return data
+
+
+Handle = Callable[[Message, Context], Message]
+
+
+class TaskLoop:
+    """Take ClientApp tasks from a SuperNode's Runtime API and answer them in this process.
+
+    Parameters
+    ----------
+    address : str
+        The Runtime API's ``host:port`` (loopback).
+    handle : callable
+        ``handle(message, context) -> reply``; must not raise (the worker's handler returns an
+        error reply instead). Called from this loop's thread, one task at a time.
+    secret : bytes
+        The SuperExec secret the SuperNode was started with.
+    poll_s : float
+        How long to wait between two ``AcquireTask`` calls that found nothing.
+    logger : logging.Logger
+        The site log.
+    """
+
+    def __init__(self, address: str, handle: Handle, secret: bytes, poll_s: float, logger: logging.Logger) -> None:
+        self.address = address
+        self.handle = handle
+        self.secret = secret
+        self.poll_s = float(poll_s)
+        self.log = logger
+        self.handled = 0
+
+    def _client(self, interceptors: list):
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        # No Flower retry invoker: on a 401 it sends SIGINT to its own process (right for a
+        # flwr-clientapp process, fatal for the worker). A failed call raises; this loop retries
+        # AcquireTask with its own back-off, and a failed task is reported as failed.
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.address, insecure=True, root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"), *interceptors],
+            retry_invoker=None)
+
+    def serve_forever(self, stop: threading.Event) -> None:
+        """Poll for tasks until ``stop`` is set. Never raises."""
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
+
+        client = self._client([SuperExecAuthHttpInterceptor(master_secret=self.secret, protected_methods={_ACQUIRE})])
+        request = AcquireTaskRequest(supported_task_types=[str(TaskType.CLIENT_APP)])
+        backoff, down_since = self.poll_s, None
+        try:
+            while not stop.is_set():
+                try:
+                    res = client.AcquireTask(request)
+                except Exception as exc:  # noqa: BLE001 - the SuperNode may be restarting
+                    if down_since is None:
+                        down_since = time.monotonic()
+                        status = getattr(getattr(exc, "response", None), "status_code", None)
+                        why = f"HTTP {status}" if status else type(exc).__name__
+                        self.log.warning("worker: the SuperNode's Runtime API at %s gives no task (%s); retrying",
+                                         self.address, why)
+                    backoff = min(_MAX_BACKOFF_S, backoff * 2)
+                    stop.wait(backoff)
+                    continue
+                if down_since is not None:
+                    self.log.info("worker: the SuperNode's Runtime API answers again after %.1f s",
+                                  time.monotonic() - down_since)
+                    down_since, backoff = None, self.poll_s
+                if res.HasField("task") and res.token:
+                    self.run_task(res.token)
+                else:
+                    stop.wait(self.poll_s)
+        finally:
+            client.close()
+
+    def run_task(self, token: str) -> None:
+        """Pull one task's message, answer it, push the reply and the task's status. Never raises."""
+        from flwr.common.constant import SubStatus
+        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor
+        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+        client = self._client([RuntimeTokenHttpInterceptor(token)])
+        beat = _Heartbeat(client, self.log)
+        context = None
+        status, details = SubStatus.FAILED, "dicomfl worker: task failed"
+        try:
+            beat.start()
+            message, context, _run, _fab = pull_task_input(client)
+            reply = self.handle(message, context)
+            push_message(client, reply, context)
+            status, details = SubStatus.COMPLETED, ""
+            self.handled += 1
+        except Exception as exc:  # noqa: BLE001 - one task's failure must not end the worker
+            self.log.error("worker: a ClientApp task failed in the Runtime API exchange: %s: %s",
+                           type(exc).__name__, exc)
+        finally:
+            beat.stop()
+            try:
+                push_task_output(client=client, context=context, sub_status=status, details=details)
+            except Exception as exc:  # noqa: BLE001
+                self.log.warning("worker: could not report a task's status: %s", type(exc).__name__)
+            client.close()
+
+
+class _Heartbeat:
+    """The task's heartbeat while the handler works (Flower's own sender raises SIGINT in its
+    process when the SuperNode says the task is gone, which would stop the whole worker)."""
+
+    def __init__(self, client, logger: logging.Logger) -> None:
+        self.client = client
+        self.log = logger
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="task-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0)
+
+    def _run(self) -> None:
+        from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=no-name-in-module
+
+        while True:
+            try:
+                if not self.client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success:
+                    self.log.warning("worker: the SuperNode no longer knows the task being handled")
+                    return
+            except Exception:  # noqa: BLE001 - a missed beat is retried at the next interval
+                pass
+            if self._stop.wait(_HEARTBEAT_S):
+                return
