@@ -57,7 +57,7 @@ from .deid_profile import table_digest
 from .discover import looks_like_dicom, walk
 from .features import N_FEATURES, SCHEMA_VERSION, extract, modality_of, patient_age_years
 from .labels import Labels, key_value, load_labels
-from .pixels import full_depth_pixels, robust_stats
+from .pixels import full_depth_pixels, keep_image_blocks, robust_stats
 from .reader import check_image, read_dataset
 from .splits import NAMES, assign
 from .workers import PoolStartError, WorkerFailure, default_workers, imap_isolated
@@ -254,6 +254,7 @@ def _init_worker(cfg: SiteConfig, key: bytes, known: frozenset[str]) -> None:
             __import__(name)
     import pydicom.pixels  # noqa: F401
 
+    keep_image_blocks()
     _W.update(cfg=cfg, key=key, known=known, deid=Deidentifier(key, cfg.deid), root=str(cfg.site.dicom_dir))
 
 
