@@ -598,7 +598,7 @@ def ingest(
                         rec = new_records[content]  # the same content under another path
                     elif isinstance(img, tuple):  # in the worker's reply slot: copied from there
                         try:
-                            slots = _attached(attached, slot_dir, img[0], size)
+                            slots = _attached(attached, slot_dir, img[0], size, n_workers + 1)
                             image = slots.read(img[1])
                         except (OSError, ValueError, RuntimeError) as exc:  # the slot went away or was overwritten
                             rec = Record("rejected", reason=E.WORKER_ERROR, detail=f"reply slot {type(exc).__name__}")
@@ -714,16 +714,25 @@ def _slot_dir(state_dir: Path) -> str:
     return str(path)
 
 
-def _attached(attached: dict[str, ReplySlots], slot_dir: str, name: str, size: int) -> ReplySlots:
-    """A worker's reply slots, mapped on its first reply (the file is unlinked once mapped)."""
-    slots = attached.get(name)
+def _attached(attached: dict[str, ReplySlots], slot_dir: str, name: str, size: int, keep: int) -> ReplySlots:
+    """A worker's reply slots, mapped on its first reply and kept for the ``keep`` workers that
+    replied last: a crashed worker's replacement writes to a new file, and the parent's memory
+    must not grow with the crashes. A file is removed once its worker is gone; the folder
+    goes at the end of the ingestion."""
+    slots = attached.pop(name, None)
     if slots is None:
-        if os.path.basename(name) != name or not name.endswith(".slots"):
+        if os.path.basename(name) != name or not (name.startswith("w") and name.endswith(".slots")):
             raise ValueError("reply slot name")
-        path = os.path.join(slot_dir, name)
-        slots = attached[name] = ReplySlots.attach(path, size)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        slots = ReplySlots.attach(os.path.join(slot_dir, name), size)
+        while len(attached) >= keep:
+            old_name = next(iter(attached))
+            attached.pop(old_name).close()
+            with contextlib.suppress(ValueError, OSError):
+                os.kill(int(old_name[1:-len(".slots")]), 0)  # still running: keep its file
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(slot_dir, old_name))
+    attached[name] = slots  # the most recent last
     return slots
 
 
