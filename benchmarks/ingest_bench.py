@@ -51,8 +51,18 @@ sys.path.insert(0, str(ROOT))
 def _rss() -> dict:
     import resource
 
-    return {"self_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "children_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"self_rss_mb": me.ru_maxrss / 1024, "children_rss_mb": kids.ru_maxrss / 1024,
+            "self_cpu_s": me.ru_utime + me.ru_stime, "children_cpu_s": kids.ru_utime + kids.ru_stime}
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children so far (a load-independent cost:
+    on a shared machine, files/s measures the other users too)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 # ------------------------------------------------------------------------------ child processes
@@ -66,12 +76,14 @@ def child_plain(args) -> dict:
 
     warnings.simplefilter("ignore")
     files = Path(args.target).read_text().splitlines()
+    c0 = _cpu()
     t0 = time.perf_counter()
     for f in files:
         ds = pydicom.dcmread(f)
         apply_modality_lut(ds.pixel_array, ds)
     dt = time.perf_counter() - t0
-    return {"files": len(files), "seconds": dt, "files_per_s": len(files) / dt, **_rss()}
+    return {"files": len(files), "seconds": dt, "files_per_s": len(files) / dt,
+            "cpu_ms_per_file": (_cpu() - c0) / len(files) * 1e3, **_rss()}
 
 
 def child_ingest(args) -> dict:
@@ -80,13 +92,15 @@ def child_ingest(args) -> dict:
     from dicomfl.common.ingest import ingest
 
     cfg = load_site_config(args.target)
+    c0 = _cpu()
     t0 = time.perf_counter()
     res = ingest(cfg, use_cache=not args.no_cache, workers=args.workers)
     dt = time.perf_counter() - t0
+    cpu = _cpu() - c0  # the parent's and its workers' (with their start-up)
     r = res.report
     return {"files": r.seen, "accepted": r.accepted, "decoded": r.decoded, "cache_hits": r.cache_hits,
             "workers": r.workers, "rows_written": r.cache_rows_written, "publish_s": r.publish_s, "seconds": dt,
-            "files_per_s": r.seen / dt, "code": str(Path(ingest_module.__file__).resolve().parents[1]),
+            "files_per_s": r.seen / dt, "cpu_ms_per_file": cpu / max(1, r.seen) * 1e3, "code": str(Path(ingest_module.__file__).resolve().parents[1]),
             **_rss()}
 
 
@@ -258,7 +272,8 @@ def main() -> None:
                               "files": rows["plain"]["files"]}
             results["speed_baseline"] = brows
             say("baseline:", json.dumps({k: round(v["files_per_s"], 1) for k, v in brows.items()}))
-        say(json.dumps({k: round(v["files_per_s"], 1) for k, v in rows.items()}),
+            say(f"load average now: {os.getloadavg()}")
+        say(json.dumps({k: (round(v["files_per_s"], 1), round(v["cpu_ms_per_file"], 2)) for k, v in rows.items()}),
             "publish s:", {k: v.get("publish_s") for k, v in rows.items()})
         fresh_state(speed)
 
@@ -277,6 +292,10 @@ def main() -> None:
             train = None if args.no_train else run_child("train", str(site), "--device", args.train_device,
                                                          "--width", str(args.train_width), "--depth", str(args.train_depth))
             per_n[n].update(cold=cold, warm=warm, train=train)
+            if base:
+                bc, bw = per_n[n]["base_cold"], per_n[n]["base_warm"]
+                say(f"N={n} baseline: cold {bc['seconds']:.1f} s ({bc['cpu_ms_per_file']:.2f} CPU ms/file), "
+                    f"parent {bc['self_rss_mb']:.0f} MB; warm {bw['seconds']:.2f} s")
             if args.gpu_epoch and n == max(sizes):
                 gpu = run_child("train", str(site), "--device", "cuda", "--width", "32", "--depth", "3")
                 per_n[n]["train_gpu"] = gpu
@@ -284,7 +303,8 @@ def main() -> None:
                     f"{gpu['images_per_s']:.0f} images/s, host RSS {gpu['self_rss_mb']:.0f} MB, "
                     f"GPU peak {gpu.get('cuda_peak_mb', 0):.0f} MB")
             epoch = f"epoch {train['seconds']:.1f} s on {train['device']}, {train['self_rss_mb']:.0f} MB" if train else "no epoch"
-            say(f"N={n}: cold {cold['seconds']:.1f} s ({cold['workers']} workers, publish {cold['publish_s']:.1f} s), "
+            say(f"N={n}: cold {cold['seconds']:.1f} s ({cold['workers']} workers, publish {cold['publish_s']:.1f} s, "
+                f"{cold['cpu_ms_per_file']:.2f} CPU ms/file), "
                 f"parent {cold['self_rss_mb']:.0f} MB, "
                 f"worker {cold['children_rss_mb']:.0f} MB; warm {warm['seconds']:.2f} s; {epoch}")
             shutil.rmtree(site.parent / "dicom")
@@ -327,6 +347,10 @@ def report(res: dict) -> None:
     print(f"plain read before / after the ingest rows: {plain:.1f} / {s['plain_again']['files_per_s']:.1f} files/s "
           f"(ratios below use their mean)")
     plain = (plain + s["plain_again"]["files_per_s"]) / 2
+    print("CPU ms per file (parent + workers, start-up included; load-independent): plain "
+          f"{(s['plain']['cpu_ms_per_file'] + s['plain_again']['cpu_ms_per_file']) / 2:.2f}; "
+          + "; ".join(f"{tag} " + ", ".join(f"{k} {r[k]['cpu_ms_per_file']:.2f}" for k in ("cold_1w", "cold_2w", "warm"))
+                      for tag, r in ((("baseline", b),) if b else ()) + (("this", s),)))
     if b:
         print(f"baseline: {b['cold_1w'].get('code')} (PYTHONPATH {res['baseline']}); this: {s['cold_1w'].get('code')}")
         print("| path | baseline files/s | this files/s | this / baseline | baseline vs plain (per core) | "
@@ -360,7 +384,8 @@ def report(res: dict) -> None:
             ("this", r["cold"], r["warm"], r["train"])]
         for code, c, w, t in rows:
             ep = f"{t['seconds']:.1f} ({t['device']}) | {t['self_rss_mb']:.0f}" if t else "not run | not run"
-            print(f"| {n} | {code} | {c['seconds']:.1f} ({c['workers']} w) | {c['self_rss_mb']:.0f} | "
+            print(f"| {n} | {code} | {c['seconds']:.1f} ({c['workers']} w, {c['cpu_ms_per_file']:.2f} CPU ms/file) | "
+                  f"{c['self_rss_mb']:.0f} | "
                   f"{c['children_rss_mb']:.0f} | {w['seconds']:.2f} | {ep} |")
     for n, r in res["per_n"].items():
         if "train_gpu" in r:
