@@ -258,8 +258,12 @@ def _init_worker(cfg: SiteConfig, key: bytes, known: frozenset[str], slot_dir: s
     import pydicom.pixels  # noqa: F401
 
     keep_image_blocks()
+    slots = None
+    if slot_dir:
+        with contextlib.suppress(OSError):  # no slot file (disk full?): images travel in the reply
+            slots = ReplySlots.create(slot_dir, cfg.preprocess.image_size)
     _W.update(cfg=cfg, key=key, known=known, deid=Deidentifier(key, cfg.deid), root=str(cfg.site.dicom_dir),
-              slots=ReplySlots.create(slot_dir, cfg.preprocess.image_size) if slot_dir else None)
+              slots=slots)
 
 
 def map_file(path: str, max_bytes: int) -> "mmap.mmap | E.RejectedFile":
