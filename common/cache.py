@@ -45,7 +45,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -527,8 +527,8 @@ class SiteCache:
             "n_features": store.n_features,
             "chunk_rows": store.chunk_rows,
             "chunks": store.chunks,
-            "files": {k: astuple(v) for k, v in state.files.items()},
-            "records": {k: astuple(v) for k, v in state.records.items()},
+            "files": {k: _fields(v) for k, v in state.files.items()},
+            "records": {k: _fields(v) for k, v in state.records.items()},
         }
         name = f"index-{uuid.uuid4().hex[:12]}.json"
         fd = os.open(self.root / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -556,6 +556,12 @@ class SiteCache:
             if p.name.split(".", 1)[0] not in keep_chunks:
                 with contextlib.suppress(OSError):
                     p.unlink()
+
+
+def _fields(entry: FileEntry | Record) -> list:
+    """An entry's fields in order, as ``dataclasses.astuple`` gives them without its deep copy
+    of every field (a third of the parent's time in publishing a 20k-file index)."""
+    return [getattr(entry, name) for name in entry.__slots__]
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -142,6 +142,7 @@ def test_crashers_cost_only_their_file(mixed_run):
     assert (tmp / "state" / "reports" / "ingest.json").is_file()
     cache = tmp / "state" / "cache"
     assert (cache / "CURRENT").is_file() and list((cache / "chunks").glob("*.images.npy"))
+    assert not list(cache.glob(".slots-*"))  # the workers' reply slots (crashed ones' too) are gone
     # The crashes are remembered (same file, same crash); nothing is decoded again.
     cfg = load_site_config(tmp / "site.yaml")
     again = ingest(cfg)
@@ -416,6 +417,29 @@ def test_chunk_store_rows_round_trip(tmp_path):
     # plain .npy files: numpy reads them
     first = np.load(tmp_path / f"{store.chunks[0][0]}.images.npy", mmap_mode="r")
     np.testing.assert_array_equal(first[:64], imgs[:64])
+
+
+def test_reply_slots_hand_images_over_and_refuse_an_overwritten_one(tmp_path):
+    """A worker's two reply slots: what it puts is what the parent reads; a slot written again
+    before its image was read is refused (the parent rejects that file), never misread."""
+    from dicomfl.common.ingest import ReplySlots
+
+    rng = np.random.default_rng(1)
+    imgs = rng.normal(1000, 300, (3, 16, 16)).astype(np.float32)
+    worker = ReplySlots.create(str(tmp_path), 16)
+    name, seq0 = worker.put(imgs[0])
+    assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
+    parent = ReplySlots.attach(str(tmp_path / name), 16)
+    _, seq1 = worker.put(imgs[1])
+    np.testing.assert_array_equal(parent.read(seq0), imgs[0])
+    np.testing.assert_array_equal(parent.read(seq1), imgs[1])
+    worker.put(imgs[2])  # into seq0's slot
+    with pytest.raises(RuntimeError):
+        parent.read(seq0)
+    with pytest.raises(ValueError):
+        worker.put(imgs[0][:8])
+    parent.close()
+    worker.close()
 
 
 def test_loader_scales_from_cached_statistics_exactly(tmp_path):
