@@ -28,6 +28,7 @@ from dicomfl.common.config import ModelConfig
 from dicomfl.common.errors import BadRequest, ConfigError
 from dicomfl.common.splits import VAL
 
+from .scaffold import ScaffoldRound
 from .trainer import RoundPlan, SiteTrainer
 
 log = logging.getLogger("dicomfl.site")
@@ -192,15 +193,23 @@ class SiteHandler:
         baseline if the message carries one."""
         plan = round_plan(cfg)
         global_weights = P.from_record(msg.content[P.ARRAYS])
+        # SCAFFOLD: the server control is checked (and the optimizer) before any work is done
+        scaffold = ScaffoldRound.open(site, msg.content[P.CONTROL]) if P.CONTROL in msg.content else None
         metrics: dict[str, float] = {}
         val = site.evaluate(global_weights, split=VAL)
         for k in ("auroc", "loss", "balanced_accuracy", "num-examples"):
             metrics[f"val-{k}"] = val.get(k, math.nan)
-        out = site.train(global_weights, plan)
+        delta_c = None
+        if scaffold is not None:
+            out, delta_c = scaffold.train(global_weights, plan)
+        else:
+            out = site.train(global_weights, plan)
         metrics.update(out.metrics)
         content = RecordDict({P.SITE: ConfigRecord({"name": site.name})})
         if not out.declined:  # declined: no update; the metrics tell the coordinator why
             content[P.ARRAYS] = P.to_record(out.weights)
+        if delta_c is not None:
+            content[P.CONTROL_DELTA] = P.to_record(delta_c)
         content[P.METRICS] = _numbers(metrics, P.TRAIN_METRICS)
         if P.LOCAL_ARRAYS in msg.content and site.cfg.privacy.share_local_model:  # the site's opt-in, never the coordinator's
             local_plan = RoundPlan(**{**plan.__dict__, "run": f"{plan.run}.local", "proximal_mu": 0.0})

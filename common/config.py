@@ -256,6 +256,9 @@ class TrainSection(_Strict):
     lr: float = Field(default=1.0e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     seed: int = 0
+    # The local optimizer. SCAFFOLD (run.strategy: scaffold) assumes plain SGD local steps: a site
+    # joins a SCAFFOLD run only with "sgd" (and an lr that suits SGD, e.g. 0.05), else it refuses.
+    optimizer: Literal["adam", "sgd"] = "adam"
     # Augment training batches as hospitals differ (null: off). ``augment: {}`` takes the defaults.
     augment: AugmentSection | None = None
 
@@ -446,6 +449,7 @@ STRATEGY_PARAMS: dict[str, frozenset[str]] = {
     "krum": frozenset({"num_malicious_nodes"}),
     "multikrum": frozenset({"num_malicious_nodes", "num_nodes_to_select"}),
     "bulyan": frozenset({"num_malicious_nodes"}),
+    "scaffold": frozenset(),
 }
 FEDERATED_STRATEGIES: tuple[str, ...] = tuple(STRATEGY_PARAMS)
 SERVER_OPTIMIZERS = frozenset({"fedadam", "fedyogi", "fedadagrad"})  # server_lr is their eta
@@ -477,7 +481,8 @@ class RunSection(_Strict):
     out_dir: Path | None = None  # default: runs/<name>, relative to the working directory
     seed: int = 0
     # Server learning rate: eta of FedAdam/FedYogi/FedAdagrad (default 0.01 for them); FedAvgM's
-    # server_learning_rate only when set here (its own default is 1.0). Ignored by the others.
+    # server_learning_rate and SCAFFOLD's eta_g only when set here (their own default is 1.0).
+    # Ignored by the others.
     server_lr: float = Field(default=0.01, gt=0)
     # The strategy's own parameters (dicomfl.server.strategies), e.g. {num_malicious_nodes: 1}.
     strategy_params: dict[str, int | float] = Field(default_factory=dict)
@@ -498,6 +503,9 @@ class RunSection(_Strict):
     # accepted claim in this run (the training split does not change within a run).
     max_examples: int = Field(default=1_000_000, ge=1)
     max_examples_growth: float = Field(default=2.0, ge=1)
+    # SCAFFOLD: the largest L2 norm of a site's control delta (a gradient-sized quantity). A site
+    # refuses a server control above 1e4 (client/handler.py), so the bound can be at most that.
+    max_control_norm: float = Field(default=1000.0, gt=0, le=1e4)
 
 
 class CrossSiteSection(_Strict):
@@ -578,6 +586,12 @@ def load_run_config(path: str | Path, *, check_files: bool = True) -> RunConfig:
             raise ConfigError(f"{path}: coordinator: file not found: {cfg.coordinator}")
     if cfg.sites and cfg.run.min_sites > len(cfg.sites):
         raise ConfigError(f"{path}: run.min_sites: more than the {len(cfg.sites)} sites listed")
+    if check_files and cfg.run.strategy == "scaffold":
+        for i, p in enumerate(cfg.sites):
+            opt = load_site_config(p, check_files=False).train.optimizer
+            if opt != "sgd":
+                raise ConfigError(f"{path}: sites.{i}: train.optimizer is {opt}; run.strategy scaffold needs sgd "
+                                  "(plain SGD local steps) at every site")
     return cfg
 
 

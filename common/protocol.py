@@ -6,7 +6,13 @@ reviewers can check it in one place:
 * train reply: ``arrays`` (ArrayRecord: the model's parameters, plain names), ``metrics``
   (MetricRecord: the keys in :data:`TRAIN_METRICS`), optionally ``local-arrays`` /
   ``local-metrics`` (the site's local-only baseline model), ``site`` (ConfigRecord holding only
-  the operator-chosen site name, checked against :data:`SITE_NAME_RE`).
+  the operator-chosen site name, checked against :data:`SITE_NAME_RE`), and in a SCAFFOLD run
+  ``scaffold-delta`` (ArrayRecord: the change of the site's control variate, the model's names
+  and shapes; see :mod:`dicomfl.common.scaffold`: it is ``(x - y_i) / (K * lr) - c``, the site's
+  update scaled by one number, and the coordinator checks that it has that form).
+* train message (coordinator -> site) in a SCAFFOLD run: ``scaffold-control`` (ArrayRecord: the
+  server control ``c``, the model's names and shapes; a site refuses anything else, non-finite
+  values or a norm above its bound with ``bad-request``).
 * evaluate reply: ``site`` and one MetricRecord ``metrics.<model-id>`` per model (keys in
   :data:`EVAL_METRICS`).
 * error reply: a Flower ``Error`` whose code is one of :data:`ERROR_CODES` and whose reason is
@@ -25,6 +31,8 @@ METRICS = "metrics"
 CONFIG = "config"
 LOCAL_ARRAYS = "local-arrays"
 LOCAL_METRICS = "local-metrics"
+CONTROL = "scaffold-control"  # train message: SCAFFOLD's server control c
+CONTROL_DELTA = "scaffold-delta"  # train reply: SCAFFOLD's delta_c_i
 SITE = "site"
 MODEL_PREFIX = "model."
 EVAL_PREFIX = "metrics."

@@ -35,9 +35,10 @@ from dicomfl.common.model import build_model, get_weights
 
 from . import crosssite
 from .checkpoint import Checkpoints, State, clean, read_npz, write_json, write_npz
-from .checks import screen_updates
+from .checks import control_problems, screen_updates
 from .identity import SiteIdentities
 from .replies import Rejection, aggregation_message, dedupe_replies, validate_eval_reply, validate_train_reply
+from .scaffold import Scaffold
 from .selection import BEST_MODEL, best_earlier, select
 from .strategies import STATEFUL_ATTRIBUTES, make_strategy, min_replies
 
@@ -228,10 +229,15 @@ class Federation:
         cfg, r, t0 = self.cfg, self.cfg.run, time.perf_counter()
         self._emit("round-start", round=rnd, rounds=r.rounds)
         config = self._base_config(rnd)
+        scaffold = self.strategy if isinstance(self.strategy, Scaffold) else None
+        n_nodes = len(list(self.grid.get_node_ids()))
+        control = scaffold.server_control(state.global_weights) if scaffold is not None else None
         messages = list(self.strategy.configure_train(rnd, P.to_record(state.global_weights), config, self.grid))
         sampled = [m.metadata.dst_node_id for m in messages]
         for m in messages:  # each message gets its own RecordDict (Flower shares one between them)
             content = RecordDict({P.ARRAYS: m.content[P.ARRAYS], P.CONFIG: m.content[P.CONFIG]})
+            if control is not None:
+                content[P.CONTROL] = P.to_record(control)
             if cfg.cross_site.local_baseline:
                 content[P.LOCAL_ARRAYS] = P.to_record(state.local_weights.get(self.name(m.metadata.dst_node_id), initial))
             m.content = content
@@ -245,7 +251,7 @@ class Federation:
             site = self.name(msg.metadata.src_node_id)
             res = validate_train_reply(msg, state.global_weights, max_examples=r.max_examples,
                                        previous_examples=state.examples.get(site), max_examples_growth=r.max_examples_growth,
-                                       local_reference=initial)
+                                       local_reference=initial, expect_control=scaffold is not None)
             if isinstance(res, Rejection):
                 self._reject(rec, "errors" if res.kind == "error" else "rejected", site, res.reason)
                 continue
@@ -265,6 +271,13 @@ class Federation:
         rec["missing"] = sorted(expected - replied)
         for site in rec["missing"]:
             log.warning("round %d: no reply from %s within %.0f s; left out of this round", rnd, site, r.round_timeout_s)
+        if scaffold is not None:  # a bad control delta costs the site its whole update: x and c move together
+            bad = control_problems({s: v.control_delta for s, v in valid.items()}, {s: v.arrays for s, v in valid.items()},
+                                   state.global_weights, control, max_norm=r.max_control_norm,
+                                   max_ratio=r.max_update_norm_ratio)
+            for site, why in sorted(bad.items()):
+                self._reject(rec, "rejected", site, why)
+                del valid[site]
         screened = screen_updates({s: v.arrays for s, v in valid.items()}, {s: v.num_examples for s, v in valid.items()},
                                   state.global_weights, max_update_norm_rel=r.max_update_norm_rel,
                                   max_update_norm_ratio=r.max_update_norm_ratio, clip_update_norm=r.clip_update_norm,
@@ -284,6 +297,9 @@ class Federation:
             arrays, agg = self.strategy.aggregate_train(rnd, accepted)
             rec["train_loss"] = float(agg["train-loss"]) if agg is not None and "train-loss" in agg else None
         if arrays is not None:
+            if scaffold is not None:
+                scaffold.aggregate_controls([valid[s].control_delta for s in sorted(screened.arrays)],
+                                            max(n_nodes, len(screened.arrays)), state.global_weights)
             state.global_weights = P.from_record(arrays)
         else:
             rec["aggregated"] = []

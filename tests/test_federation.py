@@ -217,7 +217,7 @@ def _audit_reply(reply, model_names: dict, header_strings: set[str]) -> None:
     for key in c.keys():
         rec = c[key]
         if isinstance(rec, ArrayRecord):
-            assert key in (P.ARRAYS, P.LOCAL_ARRAYS)
+            assert key in (P.ARRAYS, P.LOCAL_ARRAYS, P.CONTROL_DELTA)
             got = {k: tuple(v.numpy().shape) for k, v in rec.items()}
             assert got == model_names
         elif isinstance(rec, MetricRecord):
