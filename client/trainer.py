@@ -38,6 +38,7 @@ class RoundPlan:
     delta: float = 1e-5
     seed: int = 0
     lr_scale: float = 1.0  # this round's factor on train.lr (the run's schedule), at most 1
+    local_norm: bool = False  # the site keeps its own GroupNorm parameters (client/personal.py)
 
 
 @dataclass

@@ -456,6 +456,17 @@ SERVER_OPTIMIZERS = frozenset({"fedadam", "fedyogi", "fedadagrad"})  # server_lr
 StrategyName = Literal[FEDERATED_STRATEGIES]  # type: ignore[valid-type]
 
 
+class PersonalizeSection(_Strict):
+    """``run.personalize``: after the last round each site fine-tunes the final global model on its
+    own training split (client/personal.py) and keeps the best of ``checks + 1`` candidates (0,
+    steps/checks, ..., steps) by its own validation AUROC."""
+
+    steps: int = Field(default=20, ge=0, le=100_000)  # optimizer steps of fine-tuning (0: none)
+    # Factor on the site's train.lr, at most 1 (like lr-scale: a coordinator can lower it, never raise it).
+    lr_scale: float = Field(default=1.0, ge=1e-3, le=1.0)
+    checks: int = Field(default=4, ge=1, le=20)  # validation checkpoints along the fine-tuning
+
+
 class RunSection(_Strict):
     name: str = Field(default="run", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     rounds: int = Field(default=5, ge=1, le=10000)
@@ -503,6 +514,14 @@ class RunSection(_Strict):
     # accepted claim in this run (the training split does not change within a run).
     max_examples: int = Field(default=1_000_000, ge=1)
     max_examples_growth: float = Field(default=2.0, ge=1)
+    # Personalization (client/personal.py): null = off. Each site makes a personalized model after
+    # the last round; cross-site validation reports it as personal:<site> next to global and local.
+    personalize: PersonalizeSection | None = None
+    # FedBN's idea for GroupNorm: each site keeps, trains and uses its own GroupNorm affine
+    # parameters; what it sends for them is the global model's value (nothing of its own), and the
+    # coordinator checks that. Implies a personalization step at the end (0 fine-tuning steps
+    # unless run.personalize says otherwise). Not with strategy scaffold.
+    local_norm: bool = False
     # SCAFFOLD: the largest L2 norm of a site's control delta (a gradient-sized quantity). A site
     # refuses a server control above 1e4 (client/handler.py), so the bound can be at most that.
     max_control_norm: float = Field(default=1000.0, gt=0, le=1e4)
@@ -533,6 +552,13 @@ class RunConfig(_Strict):
     @property
     def out_dir(self) -> Path:
         return self.run.out_dir if self.run.out_dir is not None else Path("runs") / self.run.name
+
+    @model_validator(mode="after")
+    def _local_norm(self) -> "RunConfig":
+        if self.run.local_norm and self.run.strategy == "scaffold":
+            raise ValueError("run.local_norm: not with run.strategy scaffold (its control update needs every "
+                             "parameter's update)")
+        return self
 
     @model_validator(mode="after")
     def _strategy_params(self) -> "RunConfig":

@@ -31,13 +31,14 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 
 from dicomfl.common import protocol as P
 from dicomfl.common.config import SERVER_OPTIMIZERS, RunConfig
-from dicomfl.common.model import build_model, get_weights
+from dicomfl.common.model import build_model, get_weights, norm_parameter_names
 
 from . import crosssite
 from .checkpoint import Checkpoints, State, clean, read_npz, write_json, write_npz
 from .checks import control_problems, screen_updates
 from .identity import SiteIdentities
-from .replies import Rejection, aggregation_message, dedupe_replies, validate_eval_reply, validate_train_reply
+from .replies import (Rejection, aggregation_message, dedupe_replies, validate_eval_reply, validate_personal_reply,
+                      validate_train_reply)
 from .scaffold import Scaffold
 from .selection import BEST_MODEL, best_earlier, select
 from .strategies import STATEFUL_ATTRIBUTES, make_strategy, min_replies
@@ -138,6 +139,8 @@ class Federation:
             identities = SiteIdentities.trusted(trusted()) if callable(trusted) else SiteIdentities.insecure()
         self.identities = identities
         self.strategy = strategy_for(cfg)
+        # run.local_norm: the GroupNorm parameters every reply must leave at the global model's values
+        self.norm_names = norm_parameter_names(build_model(cfg.model)) if cfg.run.local_norm else frozenset()
 
     # ------------------------------------------------------------------ helpers
     def name(self, node_id: int) -> str:
@@ -168,7 +171,7 @@ class Federation:
             "run": r.name, "server-round": server_round, "num-rounds": r.rounds, "local-epochs": r.local_epochs,
             "local-steps": r.local_steps or 0, "dp": p.dp, "target-epsilon": p.target_epsilon or 0.0,
             "delta": p.delta, "seed": r.seed, "model": self.cfg.model.model_dump_json(),
-            "lr-scale": lr_scale(r.lr_schedule, server_round, r.rounds, r.lr_min_factor),
+            "lr-scale": lr_scale(r.lr_schedule, server_round, r.rounds, r.lr_min_factor), "local-norm": r.local_norm,
         })
 
     # ------------------------------------------------------------------ training
@@ -198,13 +201,20 @@ class Federation:
             models = {P.GLOBAL_MODEL: models.pop(P.GLOBAL_MODEL), BEST_MODEL: read_npz(earlier_path), **models}
         else:
             earlier = None
-        final = self.cross_site(models, tag="final")
+        personalized = None
+        if cfg.run.personalize is not None or cfg.run.local_norm:
+            personalized, shared = self.personalize(state)
+            for site, arr in sorted(shared.items()):
+                models[P.personal_model_id(site)] = arr
+                write_npz(self.ckpt.dir / f"personal-{site}.npz", arr)
+        final = self.cross_site(models, tag="final", personal=personalized is not None)
         selected = select(final, state.round, earlier)
         write_npz(self.ckpt.dir / "best.npz", models[BEST_MODEL] if selected["chosen"] == "best" else state.global_weights)
         sites = {s for h in state.history for key in ("sites", "errors", "rejected") for s in h.get(key, {})}
         summary = {"run": cfg.run.name, "rounds": state.round, "strategy": cfg.run.strategy, "history": state.history,
                    "cross_site": final, "selected": selected, "sites": sorted(sites | set(state.local_weights)),
-                   "identity": self.identities.describe(), "resumed_after": list(state.interruptions)}
+                   "identity": self.identities.describe(), "resumed_after": list(state.interruptions),
+                   "personalized": personalized}
         write_json(self.out_dir / "metrics.json", clean(summary))
         from .report import write_report
 
@@ -271,6 +281,10 @@ class Federation:
         rec["missing"] = sorted(expected - replied)
         for site in rec["missing"]:
             log.warning("round %d: no reply from %s within %.0f s; left out of this round", rnd, site, r.round_timeout_s)
+        for site in sorted(valid):  # run.local_norm: a site's own GroupNorm values must not leave it
+            if any(not np.array_equal(valid[site].arrays[k], state.global_weights[k]) for k in self.norm_names):
+                self._reject(rec, "rejected", site, "sent its own GroupNorm parameters (run.local_norm keeps them at the site)")
+                del valid[site]
         if scaffold is not None:  # a bad control delta costs the site its whole update: x and c move together
             bad = control_problems({s: v.control_delta for s, v in valid.items()}, {s: v.arrays for s, v in valid.items()},
                                    state.global_weights, control, max_norm=r.max_control_norm,
@@ -300,7 +314,10 @@ class Federation:
             if scaffold is not None:
                 scaffold.aggregate_controls([valid[s].control_delta for s in sorted(screened.arrays)],
                                             max(n_nodes, len(screened.arrays)), state.global_weights)
-            state.global_weights = P.from_record(arrays)
+            new = P.from_record(arrays)
+            for k in self.norm_names:  # the weighted mean of equal values, exactly
+                new[k] = np.array(state.global_weights[k], copy=True)
+            state.global_weights = new
         else:
             rec["aggregated"] = []
             log.warning("round %d: %d usable updates (%s needs %d); the global model is unchanged",
@@ -313,10 +330,53 @@ class Federation:
         self.ckpt.save(state)
         self._emit("round-end", **rec)
 
-    # ------------------------------------------------------------ cross-site
-    def cross_site(self, models: dict[str, dict], tag: str = "final") -> dict:
+    # ----------------------------------------------------------- personalization
+    def personalize(self, state: State) -> tuple[dict, dict[str, dict]]:
+        """Ask every site for its personalized model of the final global model (client/personal.py).
+
+        Returns
+        -------
+        (record, shared)
+            What happened (``sites``: each site's numbers; ``errors``: who failed and why;
+            ``shared``: who sent its model) and the shared models by site.
+        """
+        from dicomfl.common.config import PersonalizeSection
+
+        p = self.cfg.run.personalize or PersonalizeSection(steps=0)
         nodes = list(self.grid.get_node_ids())
-        content = RecordDict({P.CONFIG: self._base_config(0)})
+        messages = []
+        for n in nodes:
+            config = self._base_config(max(state.round, 1))
+            config.update({"personalize-steps": p.steps, "personalize-lr-scale": p.lr_scale, "personalize-checks": p.checks})
+            content = RecordDict({P.ARRAYS: P.to_record(state.global_weights), P.CONFIG: config})
+            messages.append(Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN))
+        self._emit("personalize-start", sites=len(nodes), steps=p.steps)
+        replies, _ = self._replies(messages)
+        record: dict = {"steps": p.steps, "sites": {}, "errors": {}, "shared": []}
+        shared = {}
+        for msg in replies:
+            site = self.name(msg.metadata.src_node_id)
+            res = validate_personal_reply(msg, state.global_weights)
+            if isinstance(res, Rejection):
+                record["errors"][site] = res.reason
+                log.warning("personalization: %s: %s", site, res.reason)
+                continue
+            record["sites"][site] = res.metrics
+            if res.arrays is not None:
+                shared[site] = res.arrays
+        record["shared"] = sorted(shared)
+        record["missing"] = sorted({self.name(n) for n in nodes} - {self.name(m.metadata.src_node_id) for m in replies})
+        self._emit("personalize-end", **record)
+        return record, shared
+
+    # ------------------------------------------------------------ cross-site
+    def cross_site(self, models: dict[str, dict], tag: str = "final", personal: bool = False) -> dict:
+        """Every site evaluates every model; with ``personal`` each site also reports its own
+        personalized model (``personal:<site>``; kept at home unless it shared it)."""
+        nodes = list(self.grid.get_node_ids())
+        config = self._base_config(0)
+        config["personal"] = personal
+        content = RecordDict({P.CONFIG: config})
         for mid, arr in models.items():
             content[P.MODEL_PREFIX + mid] = P.to_record(arr)
         messages = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
@@ -326,13 +386,14 @@ class Federation:
         errors = {}
         for msg in replies:
             site = self.name(msg.metadata.src_node_id)
-            res = validate_eval_reply(msg, list(models))
+            own = [P.personal_model_id(site)] if personal and P.personal_model_id(site) not in models else []
+            res = validate_eval_reply(msg, list(models) + own)
             if isinstance(res, Rejection):
                 errors[site] = res.reason
                 log.warning("cross-site (%s): %s: %s", tag, site, res.reason)
                 continue
             for mid, metrics in res.metrics.items():
-                matrix[mid][site] = metrics
+                matrix.setdefault(mid, {})[site] = metrics
         replied = {self.name(m.metadata.src_node_id) for m in replies}
         missing = sorted({self.name(n) for n in nodes} - replied)
         payload = crosssite.write(self.out_dir, matrix, tag)

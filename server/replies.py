@@ -26,8 +26,12 @@ Train reply (what :func:`validate_train_reply` accepts)::
     scaffold-delta ArrayRecord   in a SCAFFOLD run (``expect_control=True``) exactly when arrays
                                  are sent, same checks as arrays; never in another run
 
+Personalize reply (:func:`validate_personal_reply`): ``personal-metrics`` (keys in
+TRAIN_METRICS), optionally ``personal-arrays`` (same checks as arrays) and ``site``.
+
 Evaluate reply (:func:`validate_eval_reply`): ``site`` and ``metrics.<model-id>`` MetricRecords
-(keys in EVAL_METRICS) for model ids that were sent.
+(keys in EVAL_METRICS) for model ids that were sent (and ``personal:<site>`` for the replying
+site's own personalized model, when the coordinator asked for it).
 """
 
 from __future__ import annotations
@@ -467,6 +471,50 @@ def validate_train_reply(msg: Message, reference_arrays: Mapping[str, np.ndarray
     return _guarded(_validate_train)(msg, reference_arrays, max_examples=max_examples,
                                      previous_examples=previous_examples, max_examples_growth=max_examples_growth,
                                      local_reference=local_reference, expect_control=expect_control)
+
+
+@dataclass
+class ValidPersonal:
+    """A personalize reply that passed every check: the numbers, and the model if the site shared it."""
+
+    node_id: int
+    metrics: dict[str, float]
+    arrays: dict[str, np.ndarray] | None = None
+    claimed_name: str | None = None
+
+
+PERSONAL_RECORDS = frozenset({P.PERSONAL_METRICS, P.PERSONAL_ARRAYS, P.SITE})
+
+
+def _validate_personal(msg: Message, node: int, reference_arrays: Mapping[str, np.ndarray]) -> ValidPersonal:
+    content = _content(msg)
+    if any(not isinstance(k, str) or k not in PERSONAL_RECORDS for k in list(content.keys())):
+        raise _Invalid("reply has an unexpected record")
+    if P.PERSONAL_METRICS not in content:
+        raise _Invalid(f"reply has no {P.PERSONAL_METRICS} record")
+    metrics = _metrics(content[P.PERSONAL_METRICS], P.PERSONAL_METRICS, P.TRAIN_METRICS, FINITE_TRAIN_METRICS)
+    arrays = (_arrays(content[P.PERSONAL_ARRAYS], P.PERSONAL_ARRAYS, reference_arrays)
+              if P.PERSONAL_ARRAYS in content else None)
+    claimed = _site_name(content[P.SITE]) if P.SITE in content else None
+    return ValidPersonal(node_id=node, metrics=metrics, arrays=arrays, claimed_name=claimed)
+
+
+def validate_personal_reply(msg: Message, reference_arrays: Mapping[str, np.ndarray]) -> ValidPersonal | Rejection:
+    """Check a personalize reply (the site's fine-tuning after the last round). Never raises.
+
+    Parameters
+    ----------
+    msg : flwr.app.Message
+        The reply.
+    reference_arrays : mapping of str to numpy.ndarray
+        The final global model: the names, shapes and dtypes a shared personalized model must have.
+
+    Returns
+    -------
+    ValidPersonal or Rejection
+        The numbers (and the shared model), or why the reply cannot be used.
+    """
+    return _guarded(_validate_personal)(msg, reference_arrays)
 
 
 def _validate_eval(msg: Message, node: int, model_ids: Iterable[str]) -> ValidEval:
