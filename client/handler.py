@@ -258,9 +258,8 @@ class SiteHandler:
                 model_id = key[len(P.MODEL_PREFIX):]
                 metrics = site.evaluate(P.from_record(msg.content[key]))
                 content[P.EVAL_PREFIX + model_id] = _numbers(metrics, P.EVAL_METRICS)
-        own = P.personal_model_id(site.name)
-        if _flag(cfg, "personal") and P.MODEL_PREFIX + own not in msg.content:
+        if _flag(cfg, "personal"):  # under a fixed id: the coordinator names it by the authenticated site
             stored = stored_personal_model(site, run_name(cfg.get("run", "run")))
             if stored is not None:
-                content[P.EVAL_PREFIX + own] = _numbers(site.evaluate(stored), P.EVAL_METRICS)
+                content[P.EVAL_PREFIX + P.OWN_PERSONAL] = _numbers(site.evaluate(stored), P.EVAL_METRICS)
         return Message(content=content, reply_to=msg)

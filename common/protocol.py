@@ -19,8 +19,9 @@ reviewers can check it in one place:
   (ArrayRecord: its personalized model, the model's names and shapes).
 * evaluate reply: ``site`` and one MetricRecord ``metrics.<model-id>`` per model (keys in
   :data:`EVAL_METRICS`); when the message's config has ``personal: true``, also
-  ``metrics.personal:<site>`` for the site's own personalized model (kept at the site when it
-  does not share it).
+  ``metrics.personal`` for the site's own personalized model (kept at the site when it does not
+  share it). The coordinator files it as ``personal:<site>`` under the site's authenticated name:
+  the id a site answers with never names it.
 * in a ``run.local_norm`` run, the ``arrays`` a site sends hold the global model's own values for
   the GroupNorm affine parameters (:func:`dicomfl.common.model.norm_parameter_names`): the site's
   own stay at the site.
@@ -112,6 +113,7 @@ def local_model_site(model_id: str) -> str | None:
 
 
 PERSONAL_MODEL = "personal:"  # cross-site model id of a site's personalized model: "personal:<site>"
+OWN_PERSONAL = "personal"  # the id a site reports its own personalized model under (metrics.personal)
 
 
 def personal_model_id(site: str) -> str:

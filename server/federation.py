@@ -386,13 +386,16 @@ class Federation:
         errors = {}
         for msg in replies:
             site = self.name(msg.metadata.src_node_id)
-            own = [P.personal_model_id(site)] if personal and P.personal_model_id(site) not in models else []
-            res = validate_eval_reply(msg, list(models) + own)
+            res = validate_eval_reply(msg, list(models) + ([P.OWN_PERSONAL] if personal else []))
             if isinstance(res, Rejection):
                 errors[site] = res.reason
                 log.warning("cross-site (%s): %s: %s", tag, site, res.reason)
                 continue
             for mid, metrics in res.metrics.items():
+                if mid == P.OWN_PERSONAL:  # the site's own personalized model, named by who it is
+                    mid = P.personal_model_id(site)
+                    if site in matrix.get(mid, {}):  # it shared the model: that row has the cell already
+                        continue
                 matrix.setdefault(mid, {})[site] = metrics
         replied = {self.name(m.metadata.src_node_id) for m in replies}
         missing = sorted({self.name(n) for n in nodes} - replied)

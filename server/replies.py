@@ -30,8 +30,8 @@ Personalize reply (:func:`validate_personal_reply`): ``personal-metrics`` (keys 
 TRAIN_METRICS), optionally ``personal-arrays`` (same checks as arrays) and ``site``.
 
 Evaluate reply (:func:`validate_eval_reply`): ``site`` and ``metrics.<model-id>`` MetricRecords
-(keys in EVAL_METRICS) for model ids that were sent (and ``personal:<site>`` for the replying
-site's own personalized model, when the coordinator asked for it).
+(keys in EVAL_METRICS) for model ids that were sent (and ``personal`` for the replying site's own
+personalized model, when the coordinator asked for it).
 """
 
 from __future__ import annotations

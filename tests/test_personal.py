@@ -77,6 +77,9 @@ def test_the_personalized_model_is_evaluated_in_the_matrix(cohort, tmp_path):
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
     assert "personal:site-b" in (cfg.out_dir / "report.md").read_text()
     assert "## Personalization" in (cfg.out_dir / "report.md").read_text()
+    # each site reported its own under the fixed id "personal"; the coordinator filed it by identity
+    evals = [r for r in grid.received if r.has_content() and any(k.startswith(P.EVAL_PREFIX) for k in r.content.keys())]
+    assert len(evals) == 3 and all(P.EVAL_PREFIX + P.OWN_PERSONAL in r.content for r in evals)
     # the personalize messages carried the plan; the replies hold only what the protocol lists
     sent = [m for m in grid.sent if m.metadata.message_type == "train" and "personalize-steps" in m.content[P.CONFIG]]
     assert len(sent) == 3 and all(int(m.content[P.CONFIG]["personalize-steps"]) == 4 for m in sent)
@@ -234,3 +237,17 @@ def test_local_norm_and_scaffold_do_not_mix(tmp_path):
     p.write_text(yaml.safe_dump({"run": {"strategy": "scaffold", "local_norm": True}, "model": MODEL}))
     with pytest.raises(ConfigError, match="run.local_norm"):
         load_run_config(p)
+
+
+def test_a_site_whose_name_differs_from_its_identity_still_gets_its_personal_row(cohort, tmp_path):
+    # Without authentication nodes are named node-<id>: the site's own name never decides the row.
+    from dicomfl.server.identity import SiteIdentities
+
+    cfg = _run(tmp_path, cohort, "anon", shared=(), personalize={"steps": 0})
+    grid = InProcessGrid(cfg.sites)
+    summary = Federation(cfg, grid, identities=SiteIdentities.insecure()).run()
+    cs = summary["cross_site"]
+    nodes = [f"node-{n}" for n in sorted(grid.nodes)]
+    assert sorted(cs["matrix"]["global"]) == nodes
+    assert all(list(cs["matrix"][f"personal:{n}"]) == [n] for n in nodes)
+    assert not cs["errors"] and not summary["personalized"]["errors"]
