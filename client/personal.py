@@ -129,7 +129,8 @@ def personalize(site: SiteTrainer, global_weights: dict[str, np.ndarray], plan: 
     chunks = [steps // checks + (1 if i < steps % checks else 0) for i in range(checks)] if steps > 0 else []
     for k, chunk in enumerate([c for c in chunks if c > 0], start=1):
         chunk_plan = RoundPlan(run=f"{plan.run}.personal", server_round=k, num_rounds=len([c for c in chunks if c > 0]),
-                               local_epochs=1, local_steps=chunk, proximal_mu=0.0, dp=plan.dp,
+                               # as many epochs as it takes: the chunk's steps, not one epoch's, bound it
+                               local_epochs=chunk, local_steps=chunk, proximal_mu=0.0, dp=plan.dp,
                                target_epsilon=plan.target_epsilon, delta=plan.delta, seed=plan.seed,
                                lr_scale=lr_scale)
         out = site.train(current, chunk_plan)

@@ -164,15 +164,17 @@ def _personalize_msg(run="p1", steps=4, checks=2, dp=True, target=8.0, **extra) 
 def test_fine_tuning_under_dp_is_dp_sgd_and_spends_the_site_budget(cohort, tmp_path):
     site = _site(cohort, tmp_path, dp=True, target_epsilon=50.0)
     state = load_site_config(site).site.state_dir
-    reply = SiteHandler().handle(_personalize_msg(), _ctx(site))
+    reply = SiteHandler().handle(_personalize_msg(steps=12, checks=2), _ctx(site))
     assert not reply.has_error()
     m = reply.content[P.PERSONAL_METRICS]
     assert m["declined"] == 0.0 and 0 < m["epsilon"] <= 8.0 * 1.0001
     assert P.PERSONAL_ARRAYS not in reply.content  # the site did not opt in to share it
     runs = read_site_ledger(state)["runs"]
     assert runs["p1.personal"]["epsilon"] == pytest.approx(m["epsilon"])
-    # two chunks of two steps each: two private "rounds" in the ledger, noise planned for them
+    # two chunks of six DP-SGD steps each (more than an epoch of this split): two private "rounds"
+    # in the ledger, noise planned for them; the label-count release (q = 1) comes first
     assert runs["p1.personal"]["rounds_trained"] == [1, 2] and runs["p1.personal"]["noise_multiplier"] > 0
+    assert sum(h[2] for h in runs["p1.personal"]["history"] if h[1] < 1) == 12
 
 
 def test_a_site_over_its_budget_keeps_the_global_model_as_its_personal_one(cohort, tmp_path):
