@@ -214,7 +214,9 @@ class SiteHandler:
         if scaffold is not None:
             out, delta_c = scaffold.train(global_weights, plan)
         elif plan.local_norm:
-            out = site.train(with_local_norms(site, plan.run, global_weights), plan)
+            # round 1 starts from the global values: norms stored under this run name are from an earlier run
+            start = with_local_norms(site, plan.run, global_weights) if plan.server_round > 1 else global_weights
+            out = site.train(start, plan)
             if not out.declined:  # the trained GroupNorm values stay here; the global ones go back
                 out.weights = keep_local_norms(site, plan.run, out.weights, global_weights)
         else:

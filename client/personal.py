@@ -4,7 +4,7 @@ the federation, chosen by its own validation split.
 **Local normalization** (``run.local_norm``, sent as ``local-norm``). The GroupNorm affine
 parameters (:func:`~dicomfl.common.model.norm_parameter_names`) are the site's: before a round
 it replaces the global model's values with its own (kept in ``<state_dir>/personal/<run>.norm.npz``;
-the global ones the first time), trains all parameters, keeps the trained GroupNorm values, and
+the global ones in round 1, so a new run reusing a run name starts afresh), trains all parameters, keeps the trained GroupNorm values, and
 sends the *global* values for them, so nothing of its own normalization leaves the site. (The
 alternative, sending them and having the coordinator skip them, would release them and need a
 second reply schema.) The coordinator checks that those entries equal what it sent.
