@@ -28,6 +28,8 @@ from dicomfl.common.config import ModelConfig
 from dicomfl.common.errors import BadRequest, ConfigError
 from dicomfl.common.splits import VAL
 
+from .personal import keep_local_norms, personalize, stored_personal_model, with_local_norms
+from .scaffold import ScaffoldRound
 from .trainer import RoundPlan, SiteTrainer
 
 log = logging.getLogger("dicomfl.site")
@@ -89,6 +91,7 @@ PLAN_BOUNDS: dict[str, tuple[str, float, float]] = {
     "server-round": (_INT, 1, 1_000_000), "num-rounds": (_INT, 1, 1_000_000), "local-epochs": (_INT, 1, 10_000),
     "local-steps": (_INT, 0, 10_000_000), "seed": (_INT, -(2**62), 2**62), "proximal-mu": (_NUM, 0.0, 1e6),
     "target-epsilon": (_NUM, 0.0, 1e6), "delta": (_NUM, 1e-300, 0.999), "lr-scale": (_NUM, 1e-3, 1.0),
+    "personalize-steps": (_INT, 0, 100_000), "personalize-lr-scale": (_NUM, 1e-3, 1.0), "personalize-checks": (_INT, 1, 20),
 }
 
 
@@ -129,16 +132,21 @@ def run_name(value) -> str:
 def round_plan(cfg: ConfigRecord) -> RoundPlan:
     """The round's plan from a train message's config record, every value checked against its
     pattern or bounds (:data:`PLAN_BOUNDS`); raises :class:`BadRequest` otherwise."""
-    dp = cfg.get("dp", False)
-    if not isinstance(dp, bool):
-        raise BadRequest("config dp: not a boolean")
+    dp, local_norm = _flag(cfg, "dp"), _flag(cfg, "local-norm")
     steps = _bounded(cfg, "local-steps", 0)
     target = _bounded(cfg, "target-epsilon", 0.0)
     return RoundPlan(run=run_name(cfg.get("run", "run")), server_round=_bounded(cfg, "server-round", 1),
                      num_rounds=_bounded(cfg, "num-rounds", 1), local_epochs=_bounded(cfg, "local-epochs", 1),
                      local_steps=steps or None, proximal_mu=_bounded(cfg, "proximal-mu", 0.0), dp=dp,
                      target_epsilon=target or None, delta=_bounded(cfg, "delta", 1e-5), seed=_bounded(cfg, "seed", 0),
-                     lr_scale=_bounded(cfg, "lr-scale", 1.0))
+                     lr_scale=_bounded(cfg, "lr-scale", 1.0), local_norm=local_norm)
+
+
+def _flag(cfg: ConfigRecord, key: str) -> bool:
+    v = cfg.get(key, False)
+    if not isinstance(v, bool):
+        raise BadRequest(f"config {key}: not a boolean")
+    return v
 
 
 class SiteHandler:
@@ -207,15 +215,33 @@ class SiteHandler:
         baseline if the message carries one."""
         plan = round_plan(cfg)
         global_weights = _weights(msg, P.ARRAYS)
+        if "personalize-steps" in cfg:
+            return self.personalize(msg, site, cfg, plan, global_weights)
+        # SCAFFOLD: the server control is checked (and the optimizer) before any work is done
+        scaffold = ScaffoldRound.open(site, msg.content[P.CONTROL]) if P.CONTROL in msg.content else None
+        if scaffold is not None and plan.local_norm:
+            raise BadRequest("config local-norm: not in a SCAFFOLD round")
         metrics: dict[str, float] = {}
         val = site.evaluate(global_weights, split=VAL)
         for k in ("auroc", "loss", "balanced_accuracy", "num-examples"):
             metrics[f"val-{k}"] = val.get(k, math.nan)
-        out = site.train(global_weights, plan)
+        delta_c = None
+        if scaffold is not None:
+            out, delta_c = scaffold.train(global_weights, plan)
+        elif plan.local_norm:
+            # round 1 starts from the global values: norms stored under this run name are from an earlier run
+            start = with_local_norms(site, plan.run, global_weights) if plan.server_round > 1 else global_weights
+            out = site.train(start, plan)
+            if not out.declined:  # the trained GroupNorm values stay here; the global ones go back
+                out.weights = keep_local_norms(site, plan.run, out.weights, global_weights)
+        else:
+            out = site.train(global_weights, plan)
         metrics.update(out.metrics)
         content = RecordDict({P.SITE: ConfigRecord({"name": site.name})})
         if not out.declined:  # declined: no update; the metrics tell the coordinator why
             content[P.ARRAYS] = P.to_record(out.weights)
+        if delta_c is not None:
+            content[P.CONTROL_DELTA] = P.to_record(delta_c)
         content[P.METRICS] = _numbers(metrics, P.TRAIN_METRICS)
         if P.LOCAL_ARRAYS in msg.content and site.cfg.privacy.share_local_model:  # the site's opt-in, never the coordinator's
             local_plan = RoundPlan(**{**plan.__dict__, "run": f"{plan.run}.local", "proximal_mu": 0.0})
@@ -225,13 +251,32 @@ class SiteHandler:
             content[P.LOCAL_METRICS] = _numbers(lo.metrics, P.TRAIN_METRICS)
         return Message(content=content, reply_to=msg)
 
+    # ---------------------------------------------------------------- personalize
+    def personalize(self, msg: Message, site: SiteTrainer, cfg: ConfigRecord, plan: RoundPlan,
+                    global_weights: dict) -> Message:
+        """Fine-tune the final global model at this site (client/personal.py); the personalized
+        model leaves the site only under ``privacy.share_local_model``."""
+        weights, metrics = personalize(site, global_weights, plan, steps=_bounded(cfg, "personalize-steps", 0),
+                                       lr_scale=_bounded(cfg, "personalize-lr-scale", 1.0),
+                                       checks=_bounded(cfg, "personalize-checks", 1), local_norm=plan.local_norm)
+        content = RecordDict({P.SITE: ConfigRecord({"name": site.name}),
+                              P.PERSONAL_METRICS: _numbers(metrics, P.TRAIN_METRICS)})
+        if site.cfg.privacy.share_local_model:  # the site's opt-in, never the coordinator's
+            content[P.PERSONAL_ARRAYS] = P.to_record(weights)
+        return Message(content=content, reply_to=msg)
+
     # ------------------------------------------------------------------- evaluate
     def evaluate(self, msg: Message, site: SiteTrainer, cfg: ConfigRecord) -> Message:
-        """Every model in the message, on this site's test split (threshold from its validation split)."""
+        """Every model in the message, on this site's test split (threshold from its validation split);
+        with ``personal: true`` also the site's own personalized model, if it has one for the run."""
         content = RecordDict({P.SITE: ConfigRecord({"name": site.name})})
         for key in list(msg.content.keys()):
             if key.startswith(P.MODEL_PREFIX):
                 model_id = key[len(P.MODEL_PREFIX):]
                 metrics = site.evaluate(_weights(msg, key))
                 content[P.EVAL_PREFIX + model_id] = _numbers(metrics, P.EVAL_METRICS)
+        if _flag(cfg, "personal"):  # under a fixed id: the coordinator names it by the authenticated site
+            stored = stored_personal_model(site, run_name(cfg.get("run", "run")))
+            if stored is not None:
+                content[P.EVAL_PREFIX + P.OWN_PERSONAL] = _numbers(site.evaluate(stored), P.EVAL_METRICS)
         return Message(content=content, reply_to=msg)

@@ -38,6 +38,7 @@ class RoundPlan:
     delta: float = 1e-5
     seed: int = 0
     lr_scale: float = 1.0  # this round's factor on train.lr (the run's schedule), at most 1
+    local_norm: bool = False  # the site keeps its own GroupNorm parameters (client/personal.py)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Outcome:
     weights: "dict[str, np.ndarray] | None"
     metrics: dict = field(default_factory=dict)
     declined: bool = False
+    lr: float = 0.0  # the learning rate the round trained with (train.lr x lr-scale)
 
 
 def round_seed(seed: int, site: str, server_round: int, tag: str = "train") -> int:
@@ -99,8 +101,12 @@ class SiteTrainer:
         return build_model(self.model_cfg, seed=0)
 
     # ------------------------------------------------------------------ train
-    def train(self, global_weights: "dict[str, np.ndarray]", plan: RoundPlan) -> Outcome:
+    def train(self, global_weights: "dict[str, np.ndarray]", plan: RoundPlan,
+              correction: "dict[str, np.ndarray] | None" = None) -> Outcome:
         """Train from ``global_weights`` for one round of ``plan`` on the site's training split.
+
+        ``correction`` is SCAFFOLD's ``c - c_i`` (:mod:`dicomfl.client.scaffold`), added to every
+        gradient after the privacy step; it needs ``train.optimizer: sgd``.
 
         Under DP (the site's policy or the run's request) the round is charged to the site's
         ledger first; if it would exceed the budget the site declines (``Outcome.declined``).
@@ -126,13 +132,16 @@ class SiteTrainer:
             epochs=plan.local_epochs, max_steps=plan.local_steps, batch_size=t.batch_size, lr=t.lr * plan.lr_scale,
             weight_decay=t.weight_decay, proximal_mu=plan.proximal_mu,
             seed=round_seed(t.seed + plan.seed, self.name, plan.server_round),
-            augment=AugmentSettings.of(t.augment),
+            augment=AugmentSettings.of(t.augment), optimizer=t.optimizer, correction=correction,
         )
         dp_on, target, delta = effective_budget(self.cfg.privacy, plan if plan.dp else None)
         if not dp_on:
-            return self._trained(train_local(self.model(), train, settings, global_weights=global_weights), len(train))
-        with ledger_lock(self.cfg.site.state_dir):  # one private round at a time per site: the budget is shared
-            return self._train_privately(train, settings, global_weights, plan, target, delta)
+            out = self._trained(train_local(self.model(), train, settings, global_weights=global_weights), len(train))
+        else:
+            with ledger_lock(self.cfg.site.state_dir):  # one private round at a time per site: the budget is shared
+                out = self._train_privately(train, settings, global_weights, plan, target, delta)
+        out.lr = settings.lr
+        return out
 
     def _trained(self, res, n: int, metrics: dict | None = None) -> Outcome:
         out = {"num-examples": float(n), **(metrics or {}), "train-loss": res.loss, "steps": float(res.steps),

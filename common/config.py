@@ -256,6 +256,9 @@ class TrainSection(_Strict):
     lr: float = Field(default=1.0e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     seed: int = 0
+    # The local optimizer. SCAFFOLD (run.strategy: scaffold) assumes plain SGD local steps: a site
+    # joins a SCAFFOLD run only with "sgd" (and an lr that suits SGD, e.g. 0.05), else it refuses.
+    optimizer: Literal["adam", "sgd"] = "adam"
     # Augment training batches as hospitals differ (null: off). ``augment: {}`` takes the defaults.
     augment: AugmentSection | None = None
 
@@ -457,10 +460,22 @@ STRATEGY_PARAMS: dict[str, frozenset[str]] = {
     "krum": frozenset({"num_malicious_nodes"}),
     "multikrum": frozenset({"num_malicious_nodes", "num_nodes_to_select"}),
     "bulyan": frozenset({"num_malicious_nodes"}),
+    "scaffold": frozenset(),
 }
 FEDERATED_STRATEGIES: tuple[str, ...] = tuple(STRATEGY_PARAMS)
 SERVER_OPTIMIZERS = frozenset({"fedadam", "fedyogi", "fedadagrad"})  # server_lr is their eta
 StrategyName = Literal[FEDERATED_STRATEGIES]  # type: ignore[valid-type]
+
+
+class PersonalizeSection(_Strict):
+    """``run.personalize``: after the last round each site fine-tunes the final global model on its
+    own training split (client/personal.py) and keeps the best of ``checks + 1`` candidates (0,
+    steps/checks, ..., steps) by its own validation AUROC."""
+
+    steps: int = Field(default=20, ge=0, le=100_000)  # optimizer steps of fine-tuning (0: none)
+    # Factor on the site's train.lr, at most 1 (like lr-scale: a coordinator can lower it, never raise it).
+    lr_scale: float = Field(default=1.0, ge=1e-3, le=1.0)
+    checks: int = Field(default=4, ge=1, le=20)  # validation checkpoints along the fine-tuning
 
 
 class RunSection(_Strict):
@@ -488,7 +503,8 @@ class RunSection(_Strict):
     out_dir: Path | None = None  # default: runs/<name>, relative to the working directory
     seed: int = 0
     # Server learning rate: eta of FedAdam/FedYogi/FedAdagrad (default 0.01 for them); FedAvgM's
-    # server_learning_rate only when set here (its own default is 1.0). Ignored by the others.
+    # server_learning_rate and SCAFFOLD's eta_g only when set here (their own default is 1.0).
+    # Ignored by the others.
     server_lr: float = Field(default=0.01, gt=0)
     # The strategy's own parameters (dicomfl.server.strategies), e.g. {num_malicious_nodes: 1}.
     strategy_params: dict[str, int | float] = Field(default_factory=dict)
@@ -509,6 +525,17 @@ class RunSection(_Strict):
     # accepted claim in this run (the training split does not change within a run).
     max_examples: int = Field(default=1_000_000, ge=1)
     max_examples_growth: float = Field(default=2.0, ge=1)
+    # Personalization (client/personal.py): null = off. Each site makes a personalized model after
+    # the last round; cross-site validation reports it as personal:<site> next to global and local.
+    personalize: PersonalizeSection | None = None
+    # FedBN's idea for GroupNorm: each site keeps, trains and uses its own GroupNorm affine
+    # parameters; what it sends for them is the global model's value (nothing of its own), and the
+    # coordinator checks that. Implies a personalization step at the end (0 fine-tuning steps
+    # unless run.personalize says otherwise). Not with strategy scaffold.
+    local_norm: bool = False
+    # SCAFFOLD: the largest L2 norm of a site's control delta (a gradient-sized quantity). A site
+    # refuses a server control above 1e4 (client/handler.py), so the bound can be at most that.
+    max_control_norm: float = Field(default=1000.0, gt=0, le=1e4)
 
 
 class CrossSiteSection(_Strict):
@@ -536,6 +563,13 @@ class RunConfig(_Strict):
     @property
     def out_dir(self) -> Path:
         return self.run.out_dir if self.run.out_dir is not None else Path("runs") / self.run.name
+
+    @model_validator(mode="after")
+    def _local_norm(self) -> "RunConfig":
+        if self.run.local_norm and self.run.strategy == "scaffold":
+            raise ValueError("run.local_norm: not with run.strategy scaffold (its control update needs every "
+                             "parameter's update)")
+        return self
 
     @model_validator(mode="after")
     def _strategy_params(self) -> "RunConfig":
@@ -589,6 +623,12 @@ def load_run_config(path: str | Path, *, check_files: bool = True) -> RunConfig:
             raise ConfigError(f"{path}: coordinator: file not found: {cfg.coordinator}")
     if cfg.sites and cfg.run.min_sites > len(cfg.sites):
         raise ConfigError(f"{path}: run.min_sites: more than the {len(cfg.sites)} sites listed")
+    if check_files and cfg.run.strategy == "scaffold":
+        for i, p in enumerate(cfg.sites):
+            opt = load_site_config(p, check_files=False).train.optimizer
+            if opt != "sgd":
+                raise ConfigError(f"{path}: sites.{i}: train.optimizer is {opt}; run.strategy scaffold needs sgd "
+                                  "(plain SGD local steps) at every site")
     return cfg
 
 

@@ -117,6 +117,17 @@ def build_model(cfg: ModelConfig, seed: int = 0, n_features: int = N_FEATURES) -
         return FusedNet(cfg, n_features)
 
 
+def norm_parameter_names(model: nn.Module) -> frozenset[str]:
+    """The state-dict names of the GroupNorm affine parameters (weight and bias of every
+    ``nn.GroupNorm``): what stays at a site under ``run.local_norm`` (FedBN's idea, for GroupNorm)."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.GroupNorm):
+            for pname, _ in module.named_parameters(recurse=False):
+                names.add(f"{prefix}.{pname}" if prefix else pname)
+    return frozenset(names)
+
+
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -6,9 +6,25 @@ reviewers can check it in one place:
 * train reply: ``arrays`` (ArrayRecord: the model's parameters, plain names), ``metrics``
   (MetricRecord: the keys in :data:`TRAIN_METRICS`), optionally ``local-arrays`` /
   ``local-metrics`` (the site's local-only baseline model), ``site`` (ConfigRecord holding only
-  the operator-chosen site name, checked against :data:`SITE_NAME_RE`).
+  the operator-chosen site name, checked against :data:`SITE_NAME_RE`), and in a SCAFFOLD run
+  ``scaffold-delta`` (ArrayRecord: the change of the site's control variate, the model's names
+  and shapes; see :mod:`dicomfl.common.scaffold`: it is ``(x - y_i) / (K * lr) - c``, the site's
+  update scaled by one number, and the coordinator checks that it has that form).
+* train message (coordinator -> site) in a SCAFFOLD run: ``scaffold-control`` (ArrayRecord: the
+  server control ``c``, the model's names and shapes; a site refuses anything else, non-finite
+  values or a norm above its bound with ``bad-request``).
+* personalize reply (a train message whose config has ``personalize-steps``, sent once after
+  the last round): ``site``, ``personal-metrics`` (MetricRecord, keys in :data:`TRAIN_METRICS`)
+  and, only if the site's ``privacy.share_local_model`` says so, ``personal-arrays``
+  (ArrayRecord: its personalized model, the model's names and shapes).
 * evaluate reply: ``site`` and one MetricRecord ``metrics.<model-id>`` per model (keys in
-  :data:`EVAL_METRICS`).
+  :data:`EVAL_METRICS`); when the message's config has ``personal: true``, also
+  ``metrics.personal`` for the site's own personalized model (kept at the site when it does not
+  share it). The coordinator files it as ``personal:<site>`` under the site's authenticated name:
+  the id a site answers with never names it.
+* in a ``run.local_norm`` run, the ``arrays`` a site sends hold the global model's own values for
+  the GroupNorm affine parameters (:func:`dicomfl.common.model.norm_parameter_names`): the site's
+  own stay at the site.
 * error reply: a Flower ``Error`` whose code is one of :data:`ERROR_CODES` and whose reason is
   ``dicomfl:<code name>:ref=<random reference>``; the full text stays in the site's log, found by
   the reference.
@@ -25,6 +41,10 @@ METRICS = "metrics"
 CONFIG = "config"
 LOCAL_ARRAYS = "local-arrays"
 LOCAL_METRICS = "local-metrics"
+CONTROL = "scaffold-control"  # train message: SCAFFOLD's server control c
+CONTROL_DELTA = "scaffold-delta"  # train reply: SCAFFOLD's delta_c_i
+PERSONAL_ARRAYS = "personal-arrays"  # personalize reply: the personalized model (site's opt-in)
+PERSONAL_METRICS = "personal-metrics"  # personalize reply: numbers of the fine-tuning
 SITE = "site"
 MODEL_PREFIX = "model."
 EVAL_PREFIX = "metrics."
@@ -90,6 +110,20 @@ def local_model_id(site: str) -> str:
 def local_model_site(model_id: str) -> str | None:
     """The site a ``local:<site>`` model id names, else None."""
     return model_id[len(LOCAL_MODEL):] if model_id.startswith(LOCAL_MODEL) else None
+
+
+PERSONAL_MODEL = "personal:"  # cross-site model id of a site's personalized model: "personal:<site>"
+OWN_PERSONAL = "personal"  # the id a site reports its own personalized model under (metrics.personal)
+
+
+def personal_model_id(site: str) -> str:
+    """The cross-site validation id of ``site``'s personalized model."""
+    return PERSONAL_MODEL + site
+
+
+def personal_model_site(model_id: str) -> str | None:
+    """The site a ``personal:<site>`` model id names, else None."""
+    return model_id[len(PERSONAL_MODEL):] if model_id.startswith(PERSONAL_MODEL) else None
 
 
 # ---------------------------------------------------------------------------- array records

@@ -8,6 +8,12 @@ returns the new weights (plain parameter names) with numbers only. Options:
   same as adding the term to the loss; with DP it is the only correct place, because Opacus
   replaces each gradient with the clipped, noised per-sample sum (a term in the loss would be
   clipped and averaged away). The term touches no data, so it costs no privacy.
+* SCAFFOLD: ``TrainSettings.correction`` (``c - c_i``, :mod:`dicomfl.common.scaffold`) is added to
+  each parameter's gradient at the same place as FedProx's term, *after* the privacy step, with
+  plain SGD (``optimizer="sgd"``). Under DP the step is ``y <- y - lr * (noisy clipped gradient +
+  c - c_i)``: the correction is a constant of the round, computed from earlier releases (the
+  coordinator's ``c``, the site's own ``c_i`` which is a function of its earlier DP-trained
+  models), so adding it is post-processing and the accountant's charge is unchanged.
 * DP-SGD (Opacus): Poisson sampling, per-sample clipping at ``max_grad_norm``, Gaussian noise.
   A fresh private copy of the model per call (so Opacus never adds hooks twice) with
   ``wrap_model=False``, so parameter names are unchanged. The accountant's history is passed in
@@ -221,6 +227,10 @@ class TrainSettings:
     class_counts: "list[float] | None" = None
     # Acquisition-shift augmentation of training batches (dicomfl.common.augment); None: off.
     augment: "AugmentSettings | None" = None
+    # The local optimizer: Adam (the default) or plain SGD (no momentum; what SCAFFOLD assumes).
+    optimizer: Literal["adam", "sgd"] = "adam"
+    # SCAFFOLD's gradient correction c - c_i by parameter name (added after the privacy step); None: off.
+    correction: "dict[str, np.ndarray] | None" = None
 
 
 @dataclass
@@ -301,7 +311,8 @@ def train_local(
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         torch.manual_seed(settings.seed)
-        optimizer = torch.optim.Adam(work.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        optimizer = _optimizer(work, settings)
+        correction = _correction_tensors(work, settings.correction, dev)
         sample_gen, noise_gen = (_dp_generators(dp.seed, dev) if dp is not None
                                  else (torch.Generator().manual_seed(settings.seed), None))
         # Under DP, Opacus's Poisson loader takes the generator of the loader it wraps.
@@ -339,7 +350,7 @@ def train_local(
                 if len(y) == 0:
                     # Poisson sampling drew no sample: still a (noise-only) step for the accountant.
                     if engine is not None:
-                        _private_step(optimizer, work, anchor, settings.proximal_mu)
+                        _private_step(optimizer, work, anchor, settings.proximal_mu, correction)
                         steps += 1
                     continue
                 logits = work(images, feats)
@@ -351,9 +362,10 @@ def train_local(
                     loss = per.mean()
                     loss.backward()
                 if engine is not None:
-                    _private_step(optimizer, work, anchor, settings.proximal_mu)
+                    _private_step(optimizer, work, anchor, settings.proximal_mu, correction)
                 else:
                     _add_proximal(work, anchor, settings.proximal_mu)
+                    _add_correction(work, correction)
                     optimizer.step()
                 total_loss += float(loss.detach()) * len(y)
                 seen += len(y)
@@ -378,10 +390,45 @@ def _add_proximal(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> No
                 p.grad.add_(p.detach() - a, alpha=mu)
 
 
-def _private_step(optimizer, model: nn.Module, anchor: list[torch.Tensor], mu: float) -> None:
-    """Opacus's clip + noise (+ accountant step), then the proximal gradient, then the update."""
+def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.0, weight_decay=settings.weight_decay)
+    if settings.correction is not None:
+        raise ValueError("a SCAFFOLD correction needs plain SGD local steps (optimizer='sgd')")
+    return torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def _correction_tensors(model: nn.Module, correction: "dict[str, np.ndarray] | None",
+                        dev: torch.device) -> "list[torch.Tensor] | None":
+    """``correction`` in the order of ``model.parameters()``; every parameter must have one, of its shape."""
+    if correction is None:
+        return None
+    out = []
+    for name, p in model.named_parameters():
+        if name not in correction or tuple(np.shape(correction[name])) != tuple(p.shape):
+            raise ModelMismatch(f"the SCAFFOLD correction does not fit parameter {name}")
+        out.append(torch.as_tensor(np.asarray(correction[name], dtype=np.float32), device=dev))
+    return out
+
+
+def _add_correction(model: nn.Module, correction: "list[torch.Tensor] | None") -> None:
+    if correction is None:
+        return
+    with torch.no_grad():
+        for p, c in zip(model.parameters(), correction):
+            if p.grad is None:
+                p.grad = c.clone()
+            else:
+                p.grad.add_(c)
+
+
+def _private_step(optimizer, model: nn.Module, anchor: list[torch.Tensor], mu: float,
+                  correction: "list[torch.Tensor] | None" = None) -> None:
+    """Opacus's clip + noise (+ accountant step), then the proximal gradient and SCAFFOLD's
+    correction (both data-independent: post-processing), then the update."""
     if optimizer.pre_step():
         _add_proximal(model, anchor, mu)
+        _add_correction(model, correction)
         optimizer.original_optimizer.step()
 
 

@@ -14,7 +14,10 @@ sent. Before anything is aggregated the coordinator can:
 3. clip each remaining update to an L2 bound (:func:`clip_update`), which central DP and the
    robust-aggregation bounds assume;
 4. cap any one site's share of the aggregation weight (:func:`cap_weight_shares`), so a site that
-   claims a huge ``num-examples`` cannot take the round over.
+   claims a huge ``num-examples`` cannot take the round over;
+5. in a SCAFFOLD run, check each control delta (:func:`control_problems`): an L2 norm bound, the
+   ratio to the round's median, and that it is the site's model update scaled by one positive
+   number, as :mod:`dicomfl.common.scaffold` defines it.
 
 :func:`screen_updates` runs 2-4 in that order and says what it did to each site. A rejected
 update is logged with the site's name and the (PHI-free) reason, and the round goes on with the
@@ -412,3 +415,51 @@ def screen_updates(updates: Mapping[str, Arrays], weights: Mapping[str, float], 
     res.weights = cap_weight_shares(raw, max_weight_share)
     res.capped = {s: raw[s] for s in raw if res.weights[s] < raw[s]}
     return res
+
+
+#: Largest relative residual of ``delta_c + c`` against ``s (x - y)`` (:func:`control_problems`):
+#: an honest site's is float32 rounding, about 1e-6.
+CONTROL_RESIDUAL_TOL = 1e-3
+
+
+def control_problems(deltas: Mapping[str, Arrays], updates: Mapping[str, Arrays], reference: Arrays,
+                     control: Arrays, *, max_norm: float, max_ratio: float = 0.0) -> dict[str, str]:
+    """SCAFFOLD control deltas that cannot be used, and why.
+
+    Parameters
+    ----------
+    deltas : mapping of str to mapping of str to numpy.ndarray
+        Each site's ``delta_c_i`` (already past the reply's schema checks).
+    updates : mapping of str to mapping of str to numpy.ndarray
+        Each site's model ``y_i`` as sent (before any clipping).
+    reference : mapping of str to numpy.ndarray
+        The global model ``x`` the sites were sent.
+    control : mapping of str to numpy.ndarray
+        The server control ``c`` the sites were sent.
+    max_norm : float
+        The largest ``||delta_c_i||``.
+    max_ratio : float, optional
+        With three or more deltas, reject one above this many times the median norm (0: off).
+
+    Returns
+    -------
+    dict of str to str
+        Rejected sites and why: a norm above the bound or an outlier, or a delta that is not
+        ``(x - y_i) / (K lr) - c`` for a positive ``1 / (K lr)`` (relative residual above
+        :data:`CONTROL_RESIDUAL_TOL`). Such a delta would carry something other than the update.
+    """
+    from dicomfl.common.scaffold import control_consistency
+
+    out: dict[str, str] = {}
+    norms = {s: l2_norm(d) for s, d in deltas.items()}
+    for s, d in deltas.items():
+        if not norms[s] <= max_norm:
+            out[s] = f"control delta norm {norms[s]:.3g} exceeds run.max_control_norm {max_norm:g}"
+            continue
+        scale, residual = control_consistency(d, control, reference, updates[s])
+        if not (scale > 0 and residual <= CONTROL_RESIDUAL_TOL):
+            out[s] = (f"control delta is not the site's update scaled by a positive number "
+                      f"(scale {scale:.3g}, residual {residual:.2g})")
+    rest = {s: n for s, n in norms.items() if s not in out}
+    out.update({s: "control delta " + why for s, why in norm_outliers(rest, max_ratio).items()})
+    return out

@@ -1,7 +1,9 @@
 """Cross-site validation: every site evaluates every model on its own test split.
 
-Models are the global model (``global``) and each site's local-only baseline (``local:<site>``),
-trained alongside the federation with the same budget. The result is a models x sites matrix per
+Models are the global model (``global``), each site's local-only baseline (``local:<site>``),
+trained alongside the federation with the same budget, and with personalization each site's
+personalized model (``personal:<site>``: the final global model fine-tuned at the site; a row
+with only its home cell when the site keeps it at home). The result is a models x sites matrix per
 metric, and for each local model its generalization gap: performance at its own site minus the
 mean performance at the other sites (NVFlare's cross-site validation is the reference design;
 Flower has none built in).
@@ -23,7 +25,8 @@ METRICS = ("auroc", "balanced_accuracy", "auprc", "accuracy", "sensitivity", "sp
 
 
 def home_site(model_id: str) -> str | None:
-    return P.local_model_site(model_id)
+    """The site a ``local:<site>`` or ``personal:<site>`` model was made at (None for the others)."""
+    return P.local_model_site(model_id) or P.personal_model_site(model_id)
 
 
 def gaps(matrix: dict[str, dict[str, dict]], metric: str = "auroc") -> dict[str, dict]:

@@ -31,13 +31,15 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 
 from dicomfl.common import protocol as P
 from dicomfl.common.config import SERVER_OPTIMIZERS, RunConfig
-from dicomfl.common.model import build_model, get_weights
+from dicomfl.common.model import build_model, get_weights, norm_parameter_names
 
 from . import crosssite
 from .checkpoint import Checkpoints, State, clean, read_npz, write_json, write_npz
-from .checks import screen_updates
+from .checks import control_problems, screen_updates
 from .identity import SiteIdentities
-from .replies import Rejection, aggregation_message, dedupe_replies, validate_eval_reply, validate_train_reply
+from .replies import (Rejection, aggregation_message, dedupe_replies, validate_eval_reply, validate_personal_reply,
+                      validate_train_reply)
+from .scaffold import Scaffold
 from .selection import BEST_MODEL, best_earlier, select
 from .strategies import STATEFUL_ATTRIBUTES, make_strategy, min_replies
 
@@ -138,6 +140,8 @@ class Federation:
             identities = SiteIdentities.trusted(trusted()) if callable(trusted) else SiteIdentities.insecure()
         self.identities = identities
         self.strategy = strategy_for(cfg)
+        # run.local_norm: the GroupNorm parameters every reply must leave at the global model's values
+        self.norm_names = norm_parameter_names(build_model(cfg.model)) if cfg.run.local_norm else frozenset()
 
     # ------------------------------------------------------------------ helpers
     def name(self, node_id: int) -> str:
@@ -168,7 +172,7 @@ class Federation:
             "run": r.name, "server-round": server_round, "num-rounds": r.rounds, "local-epochs": r.local_epochs,
             "local-steps": r.local_steps or 0, "dp": p.dp, "target-epsilon": p.target_epsilon or 0.0,
             "delta": p.delta, "seed": r.seed, "model": self.cfg.model.model_dump_json(),
-            "lr-scale": lr_scale(r.lr_schedule, server_round, r.rounds, r.lr_min_factor),
+            "lr-scale": lr_scale(r.lr_schedule, server_round, r.rounds, r.lr_min_factor), "local-norm": r.local_norm,
         })
 
     # ------------------------------------------------------------------ training
@@ -198,13 +202,20 @@ class Federation:
             models = {P.GLOBAL_MODEL: models.pop(P.GLOBAL_MODEL), BEST_MODEL: read_npz(earlier_path), **models}
         else:
             earlier = None
-        final = self.cross_site(models, tag="final")
+        personalized = None
+        if cfg.run.personalize is not None or cfg.run.local_norm:
+            personalized, shared = self.personalize(state)
+            for site, arr in sorted(shared.items()):
+                models[P.personal_model_id(site)] = arr
+                write_npz(self.ckpt.dir / f"personal-{site}.npz", arr)
+        final = self.cross_site(models, tag="final", personal=personalized is not None)
         selected = select(final, state.round, earlier)
         write_npz(self.ckpt.dir / "best.npz", models[BEST_MODEL] if selected["chosen"] == "best" else state.global_weights)
         sites = {s for h in state.history for key in ("sites", "errors", "rejected") for s in h.get(key, {})}
         summary = {"run": cfg.run.name, "rounds": state.round, "strategy": cfg.run.strategy, "history": state.history,
                    "cross_site": final, "selected": selected, "sites": sorted(sites | set(state.local_weights)),
-                   "identity": self.identities.describe(), "resumed_after": list(state.interruptions)}
+                   "identity": self.identities.describe(), "resumed_after": list(state.interruptions),
+                   "personalized": personalized}
         write_json(self.out_dir / "metrics.json", clean(summary))
         from .report import write_report
 
@@ -229,10 +240,15 @@ class Federation:
         cfg, r, t0 = self.cfg, self.cfg.run, time.perf_counter()
         self._emit("round-start", round=rnd, rounds=r.rounds)
         config = self._base_config(rnd)
+        scaffold = self.strategy if isinstance(self.strategy, Scaffold) else None
+        n_nodes = len(list(self.grid.get_node_ids()))
+        control = scaffold.server_control(state.global_weights) if scaffold is not None else None
         messages = list(self.strategy.configure_train(rnd, P.to_record(state.global_weights), config, self.grid))
         sampled = [m.metadata.dst_node_id for m in messages]
         for m in messages:  # each message gets its own RecordDict (Flower shares one between them)
             content = RecordDict({P.ARRAYS: m.content[P.ARRAYS], P.CONFIG: m.content[P.CONFIG]})
+            if control is not None:
+                content[P.CONTROL] = P.to_record(control)
             if cfg.cross_site.local_baseline:
                 content[P.LOCAL_ARRAYS] = P.to_record(state.local_weights.get(self.name(m.metadata.dst_node_id), initial))
             m.content = content
@@ -248,7 +264,7 @@ class Federation:
             site = self.name(msg.metadata.src_node_id)
             res = validate_train_reply(msg, state.global_weights, max_examples=r.max_examples,
                                        previous_examples=state.examples.get(site), max_examples_growth=r.max_examples_growth,
-                                       local_reference=initial)
+                                       local_reference=initial, expect_control=scaffold is not None)
             if isinstance(res, Rejection):
                 self._reject(rec, "errors" if res.kind == "error" else "rejected", site, res.reason)
                 continue
@@ -268,6 +284,17 @@ class Federation:
         rec["missing"] = sorted(expected - replied)
         for site in rec["missing"]:
             log.warning("round %d: no reply from %s within %.0f s; left out of this round", rnd, site, r.round_timeout_s)
+        for site in sorted(valid):  # run.local_norm: a site's own GroupNorm values must not leave it
+            if any(not np.array_equal(valid[site].arrays[k], state.global_weights[k]) for k in self.norm_names):
+                self._reject(rec, "rejected", site, "sent its own GroupNorm parameters (run.local_norm keeps them at the site)")
+                del valid[site]
+        if scaffold is not None:  # a bad control delta costs the site its whole update: x and c move together
+            bad = control_problems({s: v.control_delta for s, v in valid.items()}, {s: v.arrays for s, v in valid.items()},
+                                   state.global_weights, control, max_norm=r.max_control_norm,
+                                   max_ratio=r.max_update_norm_ratio)
+            for site, why in sorted(bad.items()):
+                self._reject(rec, "rejected", site, why)
+                del valid[site]
         screened = screen_updates({s: v.arrays for s, v in valid.items()}, {s: v.num_examples for s, v in valid.items()},
                                   state.global_weights, max_update_norm_rel=r.max_update_norm_rel,
                                   max_update_norm_ratio=r.max_update_norm_ratio, clip_update_norm=r.clip_update_norm,
@@ -287,7 +314,13 @@ class Federation:
             arrays, agg = self.strategy.aggregate_train(rnd, accepted)
             rec["train_loss"] = float(agg["train-loss"]) if agg is not None and "train-loss" in agg else None
         if arrays is not None:
-            state.global_weights = P.from_record(arrays)
+            if scaffold is not None:
+                scaffold.aggregate_controls([valid[s].control_delta for s in sorted(screened.arrays)],
+                                            max(n_nodes, len(screened.arrays)), state.global_weights)
+            new = P.from_record(arrays)
+            for k in self.norm_names:  # the weighted mean of equal values, exactly
+                new[k] = np.array(state.global_weights[k], copy=True)
+            state.global_weights = new
         else:
             rec["aggregated"] = []
             log.warning("round %d: %d usable updates (%s needs %d); the global model is unchanged",
@@ -301,10 +334,53 @@ class Federation:
         self.ckpt.save(state)
         self._emit("round-end", **rec)
 
-    # ------------------------------------------------------------ cross-site
-    def cross_site(self, models: dict[str, dict], tag: str = "final") -> dict:
+    # ----------------------------------------------------------- personalization
+    def personalize(self, state: State) -> tuple[dict, dict[str, dict]]:
+        """Ask every site for its personalized model of the final global model (client/personal.py).
+
+        Returns
+        -------
+        (record, shared)
+            What happened (``sites``: each site's numbers; ``errors``: who failed and why;
+            ``shared``: who sent its model) and the shared models by site.
+        """
+        from dicomfl.common.config import PersonalizeSection
+
+        p = self.cfg.run.personalize or PersonalizeSection(steps=0)
         nodes = list(self.grid.get_node_ids())
-        content = RecordDict({P.CONFIG: self._base_config(0)})
+        messages = []
+        for n in nodes:
+            config = self._base_config(max(state.round, 1))
+            config.update({"personalize-steps": p.steps, "personalize-lr-scale": p.lr_scale, "personalize-checks": p.checks})
+            content = RecordDict({P.ARRAYS: P.to_record(state.global_weights), P.CONFIG: config})
+            messages.append(Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN))
+        self._emit("personalize-start", sites=len(nodes), steps=p.steps)
+        replies, _ = self._replies(messages)
+        record: dict = {"steps": p.steps, "sites": {}, "errors": {}, "shared": []}
+        shared = {}
+        for msg in replies:
+            site = self.name(msg.metadata.src_node_id)
+            res = validate_personal_reply(msg, state.global_weights)
+            if isinstance(res, Rejection):
+                record["errors"][site] = res.reason
+                log.warning("personalization: %s: %s", site, res.reason)
+                continue
+            record["sites"][site] = res.metrics
+            if res.arrays is not None:
+                shared[site] = res.arrays
+        record["shared"] = sorted(shared)
+        record["missing"] = sorted({self.name(n) for n in nodes} - {self.name(m.metadata.src_node_id) for m in replies})
+        self._emit("personalize-end", **record)
+        return record, shared
+
+    # ------------------------------------------------------------ cross-site
+    def cross_site(self, models: dict[str, dict], tag: str = "final", personal: bool = False) -> dict:
+        """Every site evaluates every model; with ``personal`` each site also reports its own
+        personalized model (``personal:<site>``; kept at home unless it shared it)."""
+        nodes = list(self.grid.get_node_ids())
+        config = self._base_config(0)
+        config["personal"] = personal
+        content = RecordDict({P.CONFIG: config})
         for mid, arr in models.items():
             content[P.MODEL_PREFIX + mid] = P.to_record(arr)
         messages = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
@@ -314,13 +390,17 @@ class Federation:
         errors = {}
         for msg in replies:
             site = self.name(msg.metadata.src_node_id)
-            res = validate_eval_reply(msg, list(models))
+            res = validate_eval_reply(msg, list(models) + ([P.OWN_PERSONAL] if personal else []))
             if isinstance(res, Rejection):
                 errors[site] = res.reason
                 log.warning("cross-site (%s): %s: %s", tag, site, res.reason)
                 continue
             for mid, metrics in res.metrics.items():
-                matrix[mid][site] = metrics
+                if mid == P.OWN_PERSONAL:  # the site's own personalized model, named by who it is
+                    mid = P.personal_model_id(site)
+                    if site in matrix.get(mid, {}):  # it shared the model: that row has the cell already
+                        continue
+                matrix.setdefault(mid, {})[site] = metrics
         replied = {self.name(m.metadata.src_node_id) for m in replies}
         missing = sorted({self.name(n) for n in nodes} - replied)
         payload = crosssite.write(self.out_dir, matrix, tag)

@@ -23,9 +23,15 @@ Train reply (what :func:`validate_train_reply` accepts)::
     local-arrays   ArrayRecord   optional, same checks as arrays (against the local reference)
     local-metrics  MetricRecord  optional, same checks as metrics (num-examples not required)
     site           ConfigRecord  optional, {"name": str matching SITE_NAME_RE}
+    scaffold-delta ArrayRecord   in a SCAFFOLD run (``expect_control=True``) exactly when arrays
+                                 are sent, same checks as arrays; never in another run
+
+Personalize reply (:func:`validate_personal_reply`): ``personal-metrics`` (keys in
+TRAIN_METRICS), optionally ``personal-arrays`` (same checks as arrays) and ``site``.
 
 Evaluate reply (:func:`validate_eval_reply`): ``site`` and ``metrics.<model-id>`` MetricRecords
-(keys in EVAL_METRICS) for model ids that were sent.
+(keys in EVAL_METRICS) for model ids that were sent (and ``personal`` for the replying site's own
+personalized model, when the coordinator asked for it).
 """
 
 from __future__ import annotations
@@ -119,6 +125,7 @@ class ValidTrain:
     local_arrays: dict[str, np.ndarray] | None = None
     local_metrics: dict[str, float] | None = None
     claimed_name: str | None = None
+    control_delta: dict[str, np.ndarray] | None = None
 
     @property
     def train_loss(self) -> float:
@@ -390,16 +397,19 @@ def _guarded(fn: Callable[..., ValidTrain | ValidEval]) -> Callable[..., ValidTr
 
 
 # ---------------------------------------------------------------------------- validators
-TRAIN_RECORDS = frozenset({P.ARRAYS, P.METRICS, P.LOCAL_ARRAYS, P.LOCAL_METRICS, P.SITE})
+TRAIN_RECORDS = frozenset({P.ARRAYS, P.METRICS, P.LOCAL_ARRAYS, P.LOCAL_METRICS, P.SITE, P.CONTROL_DELTA})
 
 
 def _validate_train(msg: Message, node: int, reference_arrays: Mapping[str, np.ndarray], *, max_examples: float,
                     previous_examples: float | None = None, max_examples_growth: float = 2.0,
-                    local_reference: Mapping[str, np.ndarray] | None = None) -> ValidTrain:
+                    local_reference: Mapping[str, np.ndarray] | None = None,
+                    expect_control: bool = False) -> ValidTrain:
     content = _content(msg)
     keys = list(content.keys())
     if any(not isinstance(k, str) or k not in TRAIN_RECORDS for k in keys):
         raise _Invalid("reply has an unexpected record")
+    if P.CONTROL_DELTA in content and not expect_control:
+        raise _Invalid(f"reply has a {P.CONTROL_DELTA} record outside a SCAFFOLD run")
     if P.METRICS not in content:
         raise _Invalid(f"reply has no {P.METRICS} record")
     metrics = _metrics(content[P.METRICS], P.METRICS, P.TRAIN_METRICS, FINITE_TRAIN_METRICS)
@@ -422,6 +432,12 @@ def _validate_train(msg: Message, node: int, reference_arrays: Mapping[str, np.n
         except ValueError as exc:
             raise _Invalid(str(exc)) from None
     arrays = _arrays(content[P.ARRAYS], P.ARRAYS, reference_arrays) if has_arrays else None
+    control_delta = None
+    if expect_control and has_arrays != (P.CONTROL_DELTA in content):
+        raise _Invalid(f"reply has {P.ARRAYS} without {P.CONTROL_DELTA}" if has_arrays
+                       else f"reply has {P.CONTROL_DELTA} without {P.ARRAYS}")
+    if P.CONTROL_DELTA in content:
+        control_delta = _arrays(content[P.CONTROL_DELTA], P.CONTROL_DELTA, reference_arrays)
     local_ref = reference_arrays if local_reference is None else local_reference
     local_arrays = _arrays(content[P.LOCAL_ARRAYS], P.LOCAL_ARRAYS, local_ref) if P.LOCAL_ARRAYS in content else None
     local_metrics = (_metrics(content[P.LOCAL_METRICS], P.LOCAL_METRICS, P.TRAIN_METRICS, FINITE_TRAIN_METRICS)
@@ -429,12 +445,13 @@ def _validate_train(msg: Message, node: int, reference_arrays: Mapping[str, np.n
     claimed = _site_name(content[P.SITE]) if P.SITE in content else None
     return ValidTrain(node_id=node, message=msg, arrays=arrays, num_examples=num_examples, metrics=metrics,
                       declined=declined, local_arrays=local_arrays, local_metrics=local_metrics,
-                      claimed_name=claimed)
+                      claimed_name=claimed, control_delta=control_delta)
 
 
 def validate_train_reply(msg: Message, reference_arrays: Mapping[str, np.ndarray], *, max_examples: float,
                          previous_examples: float | None = None, max_examples_growth: float = 2.0,
-                         local_reference: Mapping[str, np.ndarray] | None = None) -> ValidTrain | Rejection:
+                         local_reference: Mapping[str, np.ndarray] | None = None,
+                         expect_control: bool = False) -> ValidTrain | Rejection:
     """Check a train reply before anything else reads it. Never raises.
 
     Parameters
@@ -451,6 +468,9 @@ def validate_train_reply(msg: Message, reference_arrays: Mapping[str, np.ndarray
         A claim above ``max_examples_growth * previous_examples`` is rejected.
     local_reference : mapping of str to numpy.ndarray or None, optional
         What ``local-arrays`` must match (default: ``reference_arrays``; same architecture).
+    expect_control : bool, optional
+        A SCAFFOLD run: a reply with arrays must carry ``scaffold-delta`` (checked like the
+        arrays); otherwise that record is refused.
 
     Returns
     -------
@@ -459,7 +479,51 @@ def validate_train_reply(msg: Message, reference_arrays: Mapping[str, np.ndarray
     """
     return _guarded(_validate_train)(msg, reference_arrays, max_examples=max_examples,
                                      previous_examples=previous_examples, max_examples_growth=max_examples_growth,
-                                     local_reference=local_reference)
+                                     local_reference=local_reference, expect_control=expect_control)
+
+
+@dataclass
+class ValidPersonal:
+    """A personalize reply that passed every check: the numbers, and the model if the site shared it."""
+
+    node_id: int
+    metrics: dict[str, float]
+    arrays: dict[str, np.ndarray] | None = None
+    claimed_name: str | None = None
+
+
+PERSONAL_RECORDS = frozenset({P.PERSONAL_METRICS, P.PERSONAL_ARRAYS, P.SITE})
+
+
+def _validate_personal(msg: Message, node: int, reference_arrays: Mapping[str, np.ndarray]) -> ValidPersonal:
+    content = _content(msg)
+    if any(not isinstance(k, str) or k not in PERSONAL_RECORDS for k in list(content.keys())):
+        raise _Invalid("reply has an unexpected record")
+    if P.PERSONAL_METRICS not in content:
+        raise _Invalid(f"reply has no {P.PERSONAL_METRICS} record")
+    metrics = _metrics(content[P.PERSONAL_METRICS], P.PERSONAL_METRICS, P.TRAIN_METRICS, FINITE_TRAIN_METRICS)
+    arrays = (_arrays(content[P.PERSONAL_ARRAYS], P.PERSONAL_ARRAYS, reference_arrays)
+              if P.PERSONAL_ARRAYS in content else None)
+    claimed = _site_name(content[P.SITE]) if P.SITE in content else None
+    return ValidPersonal(node_id=node, metrics=metrics, arrays=arrays, claimed_name=claimed)
+
+
+def validate_personal_reply(msg: Message, reference_arrays: Mapping[str, np.ndarray]) -> ValidPersonal | Rejection:
+    """Check a personalize reply (the site's fine-tuning after the last round). Never raises.
+
+    Parameters
+    ----------
+    msg : flwr.app.Message
+        The reply.
+    reference_arrays : mapping of str to numpy.ndarray
+        The final global model: the names, shapes and dtypes a shared personalized model must have.
+
+    Returns
+    -------
+    ValidPersonal or Rejection
+        The numbers (and the shared model), or why the reply cannot be used.
+    """
+    return _guarded(_validate_personal)(msg, reference_arrays)
 
 
 def _validate_eval(msg: Message, node: int, model_ids: Iterable[str]) -> ValidEval:

@@ -96,7 +96,8 @@ def write_report(out_dir: Path, cfg, summary: dict) -> Path:
     models = cs.get("models", [])
     lines += ["", "## Cross-site validation (AUROC on each site's test split)", "",
               "Rows are models, columns the site that evaluated them. `local:<site>` is trained at that site alone with "
-              "the same budget. Gap = AUROC at its own site minus mean AUROC at the other sites. In brackets: the "
+              "the same budget. `personal:<site>` is the final global model personalized at that site (its own "
+              "GroupNorm parameters and/or fine-tuning); only its home cell is filled when the site keeps it at home. Gap = AUROC at its own site minus mean AUROC at the other sites. In brackets: the "
               "95% interval of a stratified bootstrap over the site's test images (1,000 resamples, at the site).", "",
               "| model | " + " | ".join(sites) + " | mean | gap |", "| --- | " + " | ".join("---:" for _ in sites) + " | ---: | ---: |"]
     g = cs.get("gaps", {}).get("auroc", {})
@@ -105,6 +106,17 @@ def write_report(out_dir: Path, cfg, summary: dict) -> Path:
         lines.append(f"| {m} | " + " | ".join(vals) + f" | {_f(g.get(m, {}).get('mean'))} | {_f(g.get(m, {}).get('gap'))} |")
     if cs.get("missing"):
         lines += ["", f"Sites that did not answer cross-site validation: {', '.join(cs['missing'])}."]
+    pers = summary.get("personalized") or {}
+    if pers:
+        lines += ["", "## Personalization", "", f"Fine-tuning steps offered: {pers.get('steps', 0)}; sites that shared "
+                  f"their personalized model: {', '.join(pers.get('shared', [])) or 'none'}.", "",
+                  "| site | steps chosen | validation AUROC | epsilon (fine-tuning) | stopped by budget |",
+                  "| --- | ---: | ---: | ---: | --- |"]
+        for site, m in sorted(pers.get("sites", {}).items()):
+            lines.append(f"| {site} | {_f(m.get('steps'), 0)} | {_f(m.get('val-auroc'))} | {_f(m.get('epsilon'), 3)} | "
+                         f"{'yes' if m.get('declined') else 'no'} |")
+        for site, why in sorted(pers.get("errors", {}).items()):
+            lines.append(f"| {site} | - | - | - | error: {why} |")
     lines += ["", "![cross-site heatmap](cross_site_final.png)", "", "![learning curves](learning_curves.png)", "",
               "Files: `metrics.json` (everything above), `cross_site_final.json` and `.csv`, `checkpoints/` "
               "(global and local models per round, `.npz`).", ""]

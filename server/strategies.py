@@ -1,6 +1,7 @@
 """The Flower strategies a run may use, by name, with their robust-aggregation parameters.
 
-All come from ``flwr.serverapp.strategy`` (flwr 1.41). Every one is a FedAvg subclass: it
+All but ``scaffold`` come from ``flwr.serverapp.strategy`` (flwr 1.41); ``scaffold`` is ours
+(:mod:`dicomfl.server.scaffold`; Flower has none). Every one is a FedAvg subclass: it
 samples ``fraction_train`` of the nodes (at least ``min_train_nodes``), aggregates replies that
 carry exactly one ArrayRecord and one MetricRecord with the same metric keys (build them with
 :func:`dicomfl.server.replies.aggregation_message`), and weights by ``num-examples`` where it
@@ -21,6 +22,9 @@ name                  aggregation                                            ext
 ``krum``              the one update closest to its n-f-2 neighbours         num_malicious_nodes (f)
 ``multikrum``         weighted mean of the m best Krum scores                num_malicious_nodes,
                                                                              num_nodes_to_select (m)
+``scaffold``          weighted mean -> x + eta_g (mean - x); server control  ``server_lr`` (eta_g, default
+                      c += sum(delta_c_i) / N; sites correct each SGD step   1); sites need
+                      by c - c_i (:mod:`dicomfl.server.scaffold`, ours)      ``train.optimizer: sgd``
 ``bulyan``            MultiKrum selection of n-2f, then mean of the          num_malicious_nodes (f);
                       n-4f values closest to the median, per coordinate      needs n >= 4f + 3
 ====================  =====================================================  ============================
@@ -82,7 +86,7 @@ def make_strategy(name: str, *, fraction_train: float = 1.0, min_sites: int = 2,
         FedProx's proximal coefficient (sent to the clients in the config). Ignored elsewhere.
     server_lr : float or None, optional
         Server learning rate: ``eta`` of FedAdam/FedYogi/FedAdagrad, ``server_learning_rate``
-        of FedAvgM; None keeps Flower's default for that strategy (FedAdam 0.1, FedYogi 0.01,
+        of FedAvgM, ``eta_g`` of SCAFFOLD (default 1); None keeps Flower's default for that strategy (FedAdam 0.1, FedYogi 0.01,
         FedAdagrad 0.1, FedAvgM 1.0: note that FedAvgM's 1.0 is plain FedAvg's step, and a
         FedAdam-sized 0.01 would slow it 100x). Ignored by the others.
     **robust_params
@@ -135,6 +139,10 @@ def make_strategy(name: str, *, fraction_train: float = 1.0, min_sites: int = 2,
     if key == "fedavgm":
         slr = {} if server_lr is None else {"server_learning_rate": float(server_lr)}
         return S.FedAvgM(**common, **slr, **robust_params)
+    if key == "scaffold":
+        from .scaffold import Scaffold
+
+        return Scaffold(eta_g=1.0 if server_lr is None else float(server_lr), **common)
     if key == "fedmedian":
         return S.FedMedian(**common)
     if key == "fedtrimmedavg":
@@ -155,4 +163,5 @@ STATEFUL_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "fedyogi": ("m_t", "v_t"),
     "fedadagrad": ("m_t", "v_t"),
     "fedavgm": ("momentum_vector",),
+    "scaffold": ("control",),
 }

@@ -60,3 +60,18 @@ def test_bench_grid_tables_plots_and_resume(cohort, tmp_path):
     assert first["per_site"] == second["per_site"]
     two = again["configs"]["fedavg"]
     assert two["seeds"] == 2 and set(two["auroc"]) == set(SITES)
+
+
+def test_bench_runs_scaffold_when_listed_and_not_by_default(cohort, tmp_path):
+    from dicomfl.workbench.bench import BenchConfig
+
+    assert "scaffold" not in BenchConfig(sites=[]).strategies  # the default grid is unchanged
+    cfg = load_bench_config(_bench_yaml(cohort, tmp_path, strategies=["scaffold"], dp_epsilons=[None],
+                                        leave_one_site_out=False, ablation=False, scale_sites=0, local_epochs=1))
+    rows = Bench(cfg).run()["configs"]
+    assert set(rows) == {"scaffold"} and set(rows["scaffold"]["auroc"]) == set(SITES)
+    run = json.loads((cfg.out_dir / "runs" / "bench-scaffold-seed0" / "metrics.json").read_text())
+    assert run["strategy"] == "scaffold" and run["history"][0]["aggregated"] == sorted(SITES)
+    # SCAFFOLD's sites trained with SGD at scaffold_lr; the server step is 1 (the run config has no server_lr)
+    raw = yaml.safe_load((cfg.out_dir / "runs" / "bench-scaffold-seed0.yaml").read_text())
+    assert "server_lr" not in raw["run"]

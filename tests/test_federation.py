@@ -217,15 +217,16 @@ def _audit_reply(reply, model_names: dict, header_strings: set[str]) -> None:
     for key in c.keys():
         rec = c[key]
         if isinstance(rec, ArrayRecord):
-            assert key in (P.ARRAYS, P.LOCAL_ARRAYS)
+            assert key in (P.ARRAYS, P.LOCAL_ARRAYS, P.CONTROL_DELTA, P.PERSONAL_ARRAYS)
             # one flat array whose key is exactly the model's layout: the key carries nothing else
             layout = P.FLAT_PREFIX + ";".join(f"{k}={'x'.join(map(str, v))}" for k, v in model_names.items())
             assert list(rec.keys()) == [layout]
             got = {k: tuple(v.shape) for k, v in P.from_record(rec).items()}
             assert got == model_names
         elif isinstance(rec, MetricRecord):
-            allowed = P.TRAIN_METRICS if key in (P.METRICS, P.LOCAL_METRICS) else P.EVAL_METRICS
-            assert key in (P.METRICS, P.LOCAL_METRICS) or key.startswith(P.EVAL_PREFIX)
+            train = (P.METRICS, P.LOCAL_METRICS, P.PERSONAL_METRICS)
+            allowed = P.TRAIN_METRICS if key in train else P.EVAL_METRICS
+            assert key in train or key.startswith(P.EVAL_PREFIX)
             assert set(rec.keys()) <= allowed, set(rec.keys()) - allowed
             assert all(isinstance(v, float) for v in rec.values())
         elif isinstance(rec, ConfigRecord):

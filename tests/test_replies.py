@@ -512,7 +512,8 @@ def test_every_strategy_aggregates_replies():
 
 def test_make_strategy_rejects_bad_parameters():
     with pytest.raises(ValueError, match="unknown strategy"):
-        make_strategy("scaffold")
+        make_strategy("feddyn")
+    assert make_strategy("scaffold").eta_g == 1.0 and make_strategy("scaffold", server_lr=0.5).eta_g == 0.5
     with pytest.raises(ValueError, match="does not take"):
         make_strategy("fedmedian", num_malicious_nodes=1)
     with pytest.raises(ValueError, match="beta"):

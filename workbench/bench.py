@@ -35,13 +35,15 @@ from dicomfl.server.checkpoint import clean, write_json
 
 # Baselines the benchmark trains next to the federated strategies (common.config.FEDERATED_STRATEGIES).
 BASELINES = ("local", "pooled")
+# Strategies a benchmark runs only when its config lists them (not in the default grid).
+OPT_IN_STRATEGIES = ("scaffold",)
 
 
 class BenchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sites: list[Path]
-    strategies: list[str] = [*BASELINES, *FEDERATED_STRATEGIES]
+    strategies: list[str] = [*BASELINES, *(s for s in FEDERATED_STRATEGIES if s not in OPT_IN_STRATEGIES)]
     proximal_mu: list[float] = [0.01, 0.1]
     dp_epsilons: list[float | None] = [None, 8.0, 1.0]
     dp_strategies: list[str] = ["fedavg"]
@@ -51,6 +53,10 @@ class BenchConfig(BaseModel):
     rounds: int = Field(default=10, ge=1)
     local_epochs: int = Field(default=1, ge=1)
     server_lr: float = 0.01
+    # SCAFFOLD (strategies: [..., scaffold]) trains with plain SGD at every site: the sites' own
+    # train.lr suits their optimizer (Adam by default), so SCAFFOLD's sites use this one instead.
+    # Its server step eta_g is 1 (server_lr is the server optimizers').
+    scaffold_lr: float = Field(default=0.05, gt=0)
     model: ModelConfig = ModelConfig(image_size=64, width=16)
     scale_sites: int = Field(default=100, ge=0)  # 0 = no scale run
     scale_rounds: int = Field(default=2, ge=1)
@@ -163,11 +169,16 @@ class Bench:
                               model={**self.cfg.model.model_dump(exclude_none=True), "mode": job.mode},
                               dp=job.epsilon is not None, target_epsilon=job.epsilon or 8.0, sites=sites)
         out.mkdir(parents=True, exist_ok=True)
-        # A benchmark run starts from a clean privacy ledger (a re-run is a new experiment).
+        # A benchmark run starts from a clean privacy ledger and no SCAFFOLD control (a re-run is a
+        # new experiment).
         for p in sites:
             sc = load_site_config(p)
             for led in (sc.site.state_dir / "privacy").glob(f"{name}*.json"):
                 led.unlink()
+            for ctl in (sc.site.state_dir / "scaffold").glob(f"{name}.npz"):  # and SCAFFOLD controls
+                ctl.unlink()
+        if job.strategy == "scaffold":
+            cfg["run"].pop("server_lr")  # eta_g = 1, the paper's and FedAvg's step
         path = out.parent / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
@@ -178,11 +189,32 @@ class Bench:
         from dicomfl.server.federation import Federation
         from .inprocess import InProcessGrid
 
-        run_cfg = load_run_config(self._run_yaml(job, sites, **kw))
+        if job.strategy == "scaffold":
+            run_cfg, grid = self._sgd_sites(load_run_config(self._run_yaml(job, sites, **kw), check_files=False))
+        else:
+            run_cfg = load_run_config(self._run_yaml(job, sites, **kw))
+            grid = InProcessGrid(run_cfg.sites)
         shutil.rmtree(run_cfg.out_dir / "checkpoints", ignore_errors=True)
-        summary = Federation(run_cfg, InProcessGrid(run_cfg.sites)).run()
+        summary = Federation(run_cfg, grid).run()
         summary["out_dir"] = str(run_cfg.out_dir)
         return summary
+
+    def _sgd_sites(self, run_cfg):
+        """The run's sites held in memory with ``train.optimizer: sgd`` and ``scaffold_lr`` (SCAFFOLD)."""
+        from dicomfl.client.handler import InMemorySites
+        from dicomfl.client.trainer import SiteTrainer
+
+        from .inprocess import InProcessGrid
+
+        sims, keys = {}, []
+        for p in run_cfg.sites:
+            sc = load_site_config(p)
+            sc.train.optimizer, sc.train.lr = "sgd", self.cfg.scaffold_lr
+            key = f"mem:{sc.site.name}"
+            sims[key] = SiteTrainer(sc, run_cfg.model)
+            keys.append(Path(key))
+        run_cfg.sites = keys
+        return run_cfg, InProcessGrid(keys, resolver=InMemorySites(sims))
 
     # ------------------------------------------------------------------- jobs
     def run_job(self, job: Job) -> dict:
