@@ -26,8 +26,10 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from dicomfl.common import protocol as P
 from dicomfl.common.config import ModelConfig
 from dicomfl.common.errors import BadRequest, ConfigError
+from dicomfl.common.fedstats import released
 from dicomfl.common.splits import VAL
 
+from .fedstats import site_statistics, transform_from
 from .trainer import RoundPlan, SiteTrainer
 
 log = logging.getLogger("dicomfl.site")
@@ -143,7 +145,7 @@ class SiteHandler:
     def handle(self, msg: Message, context: Context) -> Message:
         """The reply to ``msg``: a train or evaluate result, or an error code and a log reference."""
         handlers: dict[str, Callable[[Message, SiteTrainer, ConfigRecord], Message]] = {
-            "train": self.train, "evaluate": self.evaluate}
+            "train": self.train, "evaluate": self.evaluate, "query": self.query}
         kind = msg.metadata.message_type
         t0 = time.perf_counter()
         site_log = log
@@ -191,9 +193,10 @@ class SiteHandler:
         """Evaluate the incoming global model on validation data, train it, and train the local-only
         baseline if the message carries one."""
         plan = round_plan(cfg)
+        plan.features = transform_from(cfg, site.model_cfg)
         global_weights = P.from_record(msg.content[P.ARRAYS])
         metrics: dict[str, float] = {}
-        val = site.evaluate(global_weights, split=VAL)
+        val = site.evaluate(global_weights, split=VAL, features=plan.features)
         for k in ("auroc", "loss", "balanced_accuracy", "num-examples"):
             metrics[f"val-{k}"] = val.get(k, math.nan)
         out = site.train(global_weights, plan)
@@ -214,9 +217,20 @@ class SiteHandler:
     def evaluate(self, msg: Message, site: SiteTrainer, cfg: ConfigRecord) -> Message:
         """Every model in the message, on this site's test split (threshold from its validation split)."""
         content = RecordDict({P.SITE: ConfigRecord({"name": site.name})})
+        features = transform_from(cfg, site.model_cfg)
         for key in list(msg.content.keys()):
             if key.startswith(P.MODEL_PREFIX):
                 model_id = key[len(P.MODEL_PREFIX):]
-                metrics = site.evaluate(P.from_record(msg.content[key]))
+                metrics = site.evaluate(P.from_record(msg.content[key]), features=features)
                 content[P.EVAL_PREFIX + model_id] = _numbers(metrics, P.EVAL_METRICS)
+        return Message(content=content, reply_to=msg)
+
+    # ---------------------------------------------------------------------- query
+    def query(self, msg: Message, site: SiteTrainer, cfg: ConfigRecord) -> Message:
+        """The site's feature statistics over its training split, for the run's global standardization
+        (exact, or released under DP and accounted: :mod:`dicomfl.client.fedstats`)."""
+        plan = round_plan(cfg)
+        stats = site_statistics(site, plan)
+        content = RecordDict({P.SITE: ConfigRecord({"name": site.name})})
+        content[P.STATS] = _numbers(stats, P.stats_metrics(released(site.model_cfg.drop_features)))
         return Message(content=content, reply_to=msg)
