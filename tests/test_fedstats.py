@@ -367,3 +367,30 @@ def test_resume_sends_the_statistics_kept_in_the_checkpoint(cohort, tmp_path):
     assert "query" not in kinds  # not asked again: the checkpoint holds them
     train = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert train and all(list(m.content[P.CONFIG][P.FEATURE_MEAN]) == pytest.approx(first["mean"]) for m in train)
+
+
+# ---------------------------------------------------------------------------------- benchmark
+def test_bench_ablation_runs_fused_image_only_and_fused_without_proxy_features(cohort, tmp_path):
+    from dicomfl.workbench.bench import Bench, load_bench_config, plan
+
+    def bench_yaml(**over):
+        cfg = {"sites": [str(cohort / s / "site.yaml") for s in SITES], "strategies": ["pooled", "fedavg"],
+               "dp_epsilons": [None], "seeds": [0], "rounds": 1, "model": MODEL, "leave_one_site_out": False,
+               "scale_sites": 0, "out_dir": str(tmp_path / "bench"), **over}
+        p = tmp_path / "bench.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        return p
+
+    with pytest.raises(ConfigError, match="ablation_drop_features: unknown feature station_name"):
+        load_bench_config(bench_yaml(ablation_drop_features=["station_name"]))
+    default = load_bench_config(bench_yaml())
+    assert "fedavg[fused-without-proxies]" not in {j.config for j in plan(default, list(SITES))}  # grid not longer
+    proxies = ["pixel_spacing_mm", "rows", "columns", "bits_stored", "pixel_signed", "rescale_intercept", "modality",
+               "photometric"]
+    cfg = load_bench_config(bench_yaml(ablation_drop_features=proxies))
+    rows = Bench(cfg).run()["configs"]
+    assert {"pooled", "fedavg", "fedavg[image-only]", "fedavg[metadata-only]", "fedavg[fused-without-proxies]"} == set(rows)
+    run = yaml.safe_load(next((cfg.out_dir / "runs").glob("bench-fedavg-fused-without-proxies*.yaml")).read_text())
+    assert run["model"]["drop_features"] == sorted(proxies) and run["model"]["mode"] == "fused"
+    for c in rows.values():
+        assert set(c["auroc"]) == set(SITES)
