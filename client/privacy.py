@@ -399,6 +399,10 @@ def plan_for_site(site, run, n: int) -> dict:
     steps = planned_steps(n, b, run.run.rounds, run.run.local_epochs, run.run.local_steps)
     acc = site.privacy.accountant
     prefix = [count_release(site.privacy.count_noise_multiplier)] if site.privacy.class_weights == "noisy" else []
+    # The run's feature statistics (dicomfl.client.fedstats): one Gaussian release before round 1.
+    stats = run.model.standardize_features and run.model.mode != "image"
+    if stats:
+        prefix = [[float(site.privacy.stats_noise_multiplier), 1.0, 1]] + prefix
     plan = {"site": site.site.name, "run": run.run.name, "train_images": n, "batch_size": b, "sample_rate": q,
             "rounds": run.run.rounds, "local_epochs": run.run.local_epochs, "steps_per_round": steps // run.run.rounds,
             "total_steps": steps, "target_epsilon": target, "delta": delta, "accountant": acc,
@@ -414,8 +418,11 @@ def plan_for_site(site, run, n: int) -> dict:
         plan["noise_source"] = "derived from target epsilon"
     else:
         raise ConfigError(f"{site.source}: privacy: set noise_multiplier or target_epsilon")
-    if prefix:
+    if site.privacy.class_weights == "noisy":
         plan["class_count_noise"] = site.privacy.count_noise_multiplier
-        plan["epsilon_of_class_counts_alone"] = epsilon(prefix, delta, acc)
+        plan["epsilon_of_class_counts_alone"] = epsilon([count_release(site.privacy.count_noise_multiplier)], delta, acc)
+    if stats:
+        plan["feature_stats_noise"] = site.privacy.stats_noise_multiplier
+        plan["epsilon_of_feature_stats_alone"] = epsilon(prefix[:1], delta, acc)
     plan["epsilon_at_end"] = epsilon(prefix + [[plan["noise_multiplier"], q, steps]], delta, acc)
     return plan

@@ -394,3 +394,27 @@ def test_bench_ablation_runs_fused_image_only_and_fused_without_proxy_features(c
     assert run["model"]["drop_features"] == sorted(proxies) and run["model"]["mode"] == "fused"
     for c in rows.values():
         assert set(c["auroc"]) == set(SITES)
+
+
+# --------------------------------------------------------------------- predict / export transform
+def test_the_network_wrapper_applies_the_same_transform_eagerly_and_in_torchscript():
+    import torch
+
+    from dicomfl.common.featurenet import StandardizedInput, with_transform
+    from dicomfl.common.features import N_FEATURES
+
+    rng = np.random.default_rng(0)
+    rows = rng.uniform(-6, 6, (64, N_FEATURES)).astype(np.float32)
+    groups = feature_groups()
+    for f in NUMERIC_NAMES:
+        rows[:, groups[f][1]] = rng.random(64) < 0.3  # missing indicators
+    t = FeatureTransform(mean=np.asarray(GOOD_MEAN, np.float32), std=np.asarray(GOOD_STD, np.float32),
+                         drop=("kvp", "modality"))
+    net = build_model(ModelConfig(**MODEL)).eval()
+    images = torch.from_numpy(rng.normal(size=(64, 1, 32, 32)).astype(np.float32))
+    want = net(images, torch.from_numpy(t.apply(rows)))
+    wrapped = StandardizedInput(net, t).eval()
+    assert torch.allclose(wrapped(images, torch.from_numpy(rows)), want, atol=1e-6)
+    scripted = torch.jit.script(wrapped)
+    assert torch.allclose(scripted(images, torch.from_numpy(rows)), want, atol=1e-6)
+    assert with_transform(net, FeatureTransform()) is net  # nothing to do: the network itself
