@@ -47,3 +47,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return handle(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The site's feature statistics before round 1 (:mod:`dicomfl.client.fedstats`)."""
+    return handle(msg, context)

@@ -26,10 +26,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from dicomfl.common import protocol as P
 from dicomfl.common.config import ModelConfig
 from dicomfl.common.errors import BadRequest, ConfigError
+from dicomfl.common.fedstats import released
 from dicomfl.common.splits import VAL
 
 from .personal import keep_local_norms, personalize, stored_personal_model, with_local_norms
 from .scaffold import ScaffoldRound
+from .fedstats import site_statistics, transform_from
 from .trainer import RoundPlan, SiteTrainer
 
 log = logging.getLogger("dicomfl.site")
@@ -166,7 +168,7 @@ class SiteHandler:
     def handle(self, msg: Message, context: Context) -> Message:
         """The reply to ``msg``: a train or evaluate result, or an error code and a log reference."""
         handlers: dict[str, Callable[[Message, SiteTrainer, ConfigRecord], Message]] = {
-            "train": self.train, "evaluate": self.evaluate}
+            "train": self.train, "evaluate": self.evaluate, "query": self.query}
         kind = msg.metadata.message_type
         t0 = time.perf_counter()
         site_log = log
@@ -214,6 +216,7 @@ class SiteHandler:
         """Evaluate the incoming global model on validation data, train it, and train the local-only
         baseline if the message carries one."""
         plan = round_plan(cfg)
+        plan.features = transform_from(cfg, site.model_cfg)
         global_weights = _weights(msg, P.ARRAYS)
         if "personalize-steps" in cfg:
             return self.personalize(msg, site, cfg, plan, global_weights)
@@ -222,7 +225,7 @@ class SiteHandler:
         if scaffold is not None and plan.local_norm:
             raise BadRequest("config local-norm: not in a SCAFFOLD round")
         metrics: dict[str, float] = {}
-        val = site.evaluate(global_weights, split=VAL)
+        val = site.evaluate(global_weights, split=VAL, features=plan.features)
         for k in ("auroc", "loss", "balanced_accuracy", "num-examples"):
             metrics[f"val-{k}"] = val.get(k, math.nan)
         delta_c = None
@@ -270,13 +273,24 @@ class SiteHandler:
         """Every model in the message, on this site's test split (threshold from its validation split);
         with ``personal: true`` also the site's own personalized model, if it has one for the run."""
         content = RecordDict({P.SITE: ConfigRecord({"name": site.name})})
+        features = transform_from(cfg, site.model_cfg)
         for key in list(msg.content.keys()):
             if key.startswith(P.MODEL_PREFIX):
                 model_id = key[len(P.MODEL_PREFIX):]
-                metrics = site.evaluate(_weights(msg, key))
+                metrics = site.evaluate(_weights(msg, key), features=features)
                 content[P.EVAL_PREFIX + model_id] = _numbers(metrics, P.EVAL_METRICS)
         if _flag(cfg, "personal"):  # under a fixed id: the coordinator names it by the authenticated site
             stored = stored_personal_model(site, run_name(cfg.get("run", "run")))
             if stored is not None:
-                content[P.EVAL_PREFIX + P.OWN_PERSONAL] = _numbers(site.evaluate(stored), P.EVAL_METRICS)
+                content[P.EVAL_PREFIX + P.OWN_PERSONAL] = _numbers(site.evaluate(stored, features=features), P.EVAL_METRICS)
+        return Message(content=content, reply_to=msg)
+
+    # ---------------------------------------------------------------------- query
+    def query(self, msg: Message, site: SiteTrainer, cfg: ConfigRecord) -> Message:
+        """The site's feature statistics over its training split, for the run's global standardization
+        (exact, or released under DP and accounted: :mod:`dicomfl.client.fedstats`)."""
+        plan = round_plan(cfg)
+        stats = site_statistics(site, plan)
+        content = RecordDict({P.SITE: ConfigRecord({"name": site.name})})
+        content[P.STATS] = _numbers(stats, P.stats_metrics(released(site.model_cfg.drop_features)))
         return Message(content=content, reply_to=msg)

@@ -104,8 +104,8 @@ def stored_personal_model(site: SiteTrainer, run: str) -> dict[str, np.ndarray] 
     return _load(_folder(site.cfg.site.state_dir) / f"{run}.model.npz", get_weights(site.model()), site)
 
 
-def _val_auroc(site: SiteTrainer, weights) -> tuple[float, dict]:
-    m = site.evaluate(weights, split=VAL)
+def _val_auroc(site: SiteTrainer, weights, features=None) -> tuple[float, dict]:
+    m = site.evaluate(weights, split=VAL, features=features)
     v = m.get("auroc", math.nan)
     return (v if v is not None and math.isfinite(v) else -math.inf), m
 
@@ -123,7 +123,7 @@ def personalize(site: SiteTrainer, global_weights: dict[str, np.ndarray], plan: 
         ``val-auroc`` / ``val-loss`` / ``val-balanced_accuracy`` / ``val-num-examples``.
     """
     start = with_local_norms(site, plan.run, global_weights) if local_norm else dict(global_weights)
-    best_score, best_metrics = _val_auroc(site, start)
+    best_score, best_metrics = _val_auroc(site, start, plan.features)
     best, best_steps, done, declined, eps = start, 0, 0, 0.0, None
     current = start
     chunks = [steps // checks + (1 if i < steps % checks else 0) for i in range(checks)] if steps > 0 else []
@@ -132,7 +132,7 @@ def personalize(site: SiteTrainer, global_weights: dict[str, np.ndarray], plan: 
                                # as many epochs as it takes: the chunk's steps, not one epoch's, bound it
                                local_epochs=chunk, local_steps=chunk, proximal_mu=0.0, dp=plan.dp,
                                target_epsilon=plan.target_epsilon, delta=plan.delta, seed=plan.seed,
-                               lr_scale=lr_scale)
+                               lr_scale=lr_scale, features=plan.features)
         out = site.train(current, chunk_plan)
         if "epsilon" in out.metrics:
             eps = out.metrics["epsilon"]
@@ -141,7 +141,7 @@ def personalize(site: SiteTrainer, global_weights: dict[str, np.ndarray], plan: 
             site.log.warning("personalization of run %s stopped after %d steps: privacy budget", plan.run, done)
             break
         current, done = out.weights, done + int(out.metrics.get("steps", chunk))
-        score, metrics = _val_auroc(site, current)
+        score, metrics = _val_auroc(site, current, plan.features)
         if score > best_score:
             best, best_score, best_metrics, best_steps = current, score, metrics, done
     _save(_folder(site.cfg.site.state_dir) / f"{plan.run}.model.npz", best)

@@ -103,7 +103,8 @@ def noisy_counts(labels, n_classes: int, sigma: float) -> list[float]:
 LEDGER_FILE = "ledger.json"
 LEDGER_VERSION = 1
 _RUN_FIELDS = ("accountant", "delta", "target_epsilon", "noise_multiplier", "max_grad_norm", "planned_steps", "history",
-               "rounds_trained", "rounds_declined", "class_counts", "count_noise_multiplier")
+               "rounds_trained", "rounds_declined", "class_counts", "count_noise_multiplier", "feature_stats",
+               "stats_noise_multiplier")
 
 
 @contextmanager
@@ -161,7 +162,8 @@ def site_spend(state_dir: Path, accountant: str, delta: float) -> dict:
         everything += hist
         runs[name] = {"epsilon": epsilon(hist, delta, accountant), "rounds_trained": len(r.get("rounds_trained") or []),
                       "rounds_declined": len(r.get("rounds_declined") or []), "noise_multiplier": r.get("noise_multiplier"),
-                      "label_counts_released": r.get("class_counts") is not None}
+                      "label_counts_released": r.get("class_counts") is not None,
+                      "feature_stats_released": r.get("feature_stats") is not None}
     return {"runs": runs, "epsilon_total": epsilon(everything, delta, accountant), "accountant": accountant, "delta": delta}
 
 
@@ -187,6 +189,9 @@ class Ledger:
     # The DP-released label counts (numbers only) and the noise they were released with.
     class_counts: list | None = None
     count_noise_multiplier: float | None = None
+    # The DP-released feature statistics (dicomfl.client.fedstats; numbers only) and their noise.
+    feature_stats: dict | None = None
+    stats_noise_multiplier: float | None = None
     site_budget: float | None = None  # the site's total epsilon over all runs (its privacy.target_epsilon)
     others: list = field(default_factory=list)  # every other run's history entries
     state_dir: Path | None = None  # None: an unsaved ledger (simulations)
@@ -229,6 +234,18 @@ class Ledger:
         after_run = epsilon(self.history + new, self.delta, self.accountant)
         if self.site_budget is not None:
             after_total = epsilon(self.others + self.history + new, self.delta, self.accountant)
+            if after_total > self.site_budget * (1 + 1e-9):
+                return False, after_total
+        if self.target_epsilon is not None and after_run > self.target_epsilon * (1 + 1e-9):
+            return False, after_run
+        return True, after_run
+
+    def affordable_release(self, entry: list) -> tuple[bool, float]:
+        """Whether one more release (an accountant entry) fits this run's target and the site's
+        total budget; and the epsilon it would reach (the site's total when that is what it breaks)."""
+        after_run = epsilon(self.history + [list(entry)], self.delta, self.accountant)
+        if self.site_budget is not None:
+            after_total = epsilon(self.others + self.history + [list(entry)], self.delta, self.accountant)
             if after_total > self.site_budget * (1 + 1e-9):
                 return False, after_total
         if self.target_epsilon is not None and after_run > self.target_epsilon * (1 + 1e-9):
@@ -382,6 +399,10 @@ def plan_for_site(site, run, n: int) -> dict:
     steps = planned_steps(n, b, run.run.rounds, run.run.local_epochs, run.run.local_steps)
     acc = site.privacy.accountant
     prefix = [count_release(site.privacy.count_noise_multiplier)] if site.privacy.class_weights == "noisy" else []
+    # The run's feature statistics (dicomfl.client.fedstats): one Gaussian release before round 1.
+    stats = run.model.standardize_features and run.model.mode != "image"
+    if stats:
+        prefix = [[float(site.privacy.stats_noise_multiplier), 1.0, 1]] + prefix
     plan = {"site": site.site.name, "run": run.run.name, "train_images": n, "batch_size": b, "sample_rate": q,
             "rounds": run.run.rounds, "local_epochs": run.run.local_epochs, "steps_per_round": steps // run.run.rounds,
             "total_steps": steps, "target_epsilon": target, "delta": delta, "accountant": acc,
@@ -397,8 +418,11 @@ def plan_for_site(site, run, n: int) -> dict:
         plan["noise_source"] = "derived from target epsilon"
     else:
         raise ConfigError(f"{site.source}: privacy: set noise_multiplier or target_epsilon")
-    if prefix:
+    if site.privacy.class_weights == "noisy":
         plan["class_count_noise"] = site.privacy.count_noise_multiplier
-        plan["epsilon_of_class_counts_alone"] = epsilon(prefix, delta, acc)
+        plan["epsilon_of_class_counts_alone"] = epsilon([count_release(site.privacy.count_noise_multiplier)], delta, acc)
+    if stats:
+        plan["feature_stats_noise"] = site.privacy.stats_noise_multiplier
+        plan["epsilon_of_feature_stats_alone"] = epsilon(prefix[:1], delta, acc)
     plan["epsilon_at_end"] = epsilon(prefix + [[plan["noise_multiplier"], q, steps]], delta, acc)
     return plan

@@ -17,6 +17,7 @@ from dicomfl.common.ingest import SiteData, ingest
 from dicomfl.common.model import ModelConfig, build_model, load_weights
 from dicomfl.common.splits import TEST, TRAIN, VAL
 from dicomfl.common.augment import AugmentSettings
+from dicomfl.common.fedstats import FeatureTransform, TransformedRows
 from dicomfl.common.train import SplitData, TrainSettings, evaluate, load_split, train_local
 
 from .privacy import Ledger, PrivacySession, effective_budget, ledger_lock
@@ -39,6 +40,7 @@ class RoundPlan:
     seed: int = 0
     lr_scale: float = 1.0  # this round's factor on train.lr (the run's schedule), at most 1
     local_norm: bool = False  # the site keeps its own GroupNorm parameters (client/personal.py)
+    features: "FeatureTransform | None" = None  # the run's feature standardization and drops (fedstats)
 
 
 @dataclass
@@ -97,6 +99,13 @@ class SiteTrainer:
             self._splits[which] = load_split(self.data(), which, self.model_cfg.image_size, self.model_cfg.n_classes)
         return self._splits[which]
 
+    def view(self, which: int, features: "FeatureTransform | None") -> SplitData:
+        """One split with the run's feature transform applied as rows are read (none: as cached)."""
+        s = self.split(which)
+        if features is None or features.identity:
+            return s
+        return SplitData(s.images, TransformedRows(s.features, features), s.labels)
+
     def model(self):
         return build_model(self.model_cfg, seed=0)
 
@@ -124,7 +133,7 @@ class SiteTrainer:
         ModelMismatch
             The weights or the model's image size do not fit this site.
         """
-        train = self.split(TRAIN)
+        train = self.view(TRAIN, plan.features)
         if len(train) == 0:
             raise NoTrainingData("no labelled training images")
         t = self.cfg.train
@@ -176,12 +185,14 @@ class SiteTrainer:
         return self._trained(res, len(train), metrics)
 
     # --------------------------------------------------------------- evaluate
-    def evaluate(self, arrays: "dict[str, np.ndarray]", split: int = TEST) -> dict[str, float]:
-        """Metrics of the model with these weights on ``split`` (test: threshold from validation)."""
+    def evaluate(self, arrays: "dict[str, np.ndarray]", split: int = TEST,
+                 features: "FeatureTransform | None" = None) -> dict[str, float]:
+        """Metrics of the model with these weights on ``split`` (test: threshold from validation),
+        its feature rows transformed by ``features`` (the run's standardization and drops)."""
         m = self.model()
         load_weights(m, arrays)
-        test = self.split(split)
-        val = self.split(VAL) if split == TEST else None
+        test = self.view(split, features)
+        val = self.view(VAL, features) if split == TEST else None
         out = evaluate(m, test, val)
         out["num-examples"] = float(len(test))
         return out

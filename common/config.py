@@ -228,6 +228,10 @@ class PrivacySection(_Strict):
     # (sigma 10 adds about 0.015 to epsilon 12 under RDP). "none": unweighted loss, nothing released.
     class_weights: Literal["noisy", "none"] = "noisy"
     count_noise_multiplier: float = Field(default=10.0, gt=0)
+    # Federated feature statistics under DP (dicomfl.client.fedstats): the per-feature counts, sums and
+    # sums of squares of the training split are released once per run with Gaussian noise of this
+    # multiplier times their L2 sensitivity sqrt(3 x released features), charged to the site's ledger.
+    stats_noise_multiplier: float = Field(default=4.0, gt=0)
     # Train and send a local-only model (trained on this site's data alone) when a run asks for one
     # as a baseline. It is another release of the site's data, to the coordinator and to every
     # other site (cross-site validation): off unless the site opts in. Under DP it is charged to
@@ -442,6 +446,20 @@ class ModelConfig(BaseModel):
     n_classes: int = Field(default=2, ge=2, le=1000)
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     groups: int = Field(default=8, ge=1)  # GroupNorm groups (capped by the channel count)
+    # Metadata the sites agree on (dicomfl.common.fedstats): the numeric features are standardized at
+    # every site with a mean and std the coordinator combines from the sites' training-split counts,
+    # sums and sums of squares before round 1 (false: the schema's fixed scaling only).
+    standardize_features: bool = True
+    # Schema features (numeric names or categorical groups, e.g. pixel_spacing_mm, modality) whose
+    # columns are zero at every site: site proxies and confounders. Their statistics are not released.
+    drop_features: list[str] = Field(default_factory=list, max_length=64)
+
+    @field_validator("drop_features")
+    @classmethod
+    def _known_features(cls, v: list[str]) -> list[str]:
+        from .fedstats import check_drop_features
+
+        return check_drop_features(v)
 
 
 

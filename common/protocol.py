@@ -25,6 +25,10 @@ reviewers can check it in one place:
 * in a ``run.local_norm`` run, the ``arrays`` a site sends hold the global model's own values for
   the GroupNorm affine parameters (:func:`dicomfl.common.model.norm_parameter_names`): the site's
   own stay at the site.
+* query reply (feature statistics, before round 1): ``site`` and one MetricRecord ``stats`` with
+  the keys in :func:`stats_metrics` (per released numeric feature ``count.<f>``, ``sum.<f>``,
+  ``sumsq.<f>`` over the training split, see :mod:`dicomfl.common.fedstats`; ``num-examples``;
+  under DP also ``epsilon`` and ``noise-multiplier``; ``declined`` when the budget cannot cover it).
 * error reply: a Flower ``Error`` whose code is one of :data:`ERROR_CODES` and whose reason is
   ``dicomfl:<code name>:ref=<random reference>``; the full text stays in the site's log, found by
   the reference.
@@ -64,6 +68,24 @@ EVAL_METRICS = frozenset({
     "balanced_accuracy", "sensitivity", "specificity", "brier", "ece", "loss",
     "val-auroc",  # the same model on the site's validation split (model selection, never the test split)
 })
+
+# ------------------------------------------------------------ federated feature statistics
+# Query message (Flower "query") before round 1: the coordinator asks each site for counts, sums and
+# sums of squares of the numeric features over its training split (dicomfl.common.fedstats).
+STATS = "stats"
+# Config keys of train/evaluate messages carrying the run's global standardization: one number per
+# numeric feature of the schema, in schema order (checked by the site: fedstats.check_standardization).
+FEATURE_MEAN = "feature-mean"
+FEATURE_STD = "feature-std"
+STATS_EXTRA = frozenset({"num-examples", "declined", "epsilon", "noise-multiplier", "epsilon-if-released"})
+
+
+def stats_metrics(features) -> frozenset:
+    """Every key a stats reply may hold when the run exchanges statistics of ``features``."""
+    from .fedstats import stat_keys
+
+    return stat_keys(features) | STATS_EXTRA
+
 
 # Error codes a ClientApp may send (Flower Error.code); nothing else about an error leaves the site.
 ERR_INTERNAL = 1001

@@ -46,6 +46,8 @@ def _console(kind: str, data: dict) -> None:
         line = f"done: report in {data['out_dir']}/report.md"
     elif kind == "resume":
         line = f"resuming after round {data['round']}"
+    elif kind == "feature-stats-end":
+        line = f"feature statistics from {len(data['sites'])} site(s): {', '.join(data['sites']) or 'none'}"
     else:
         return
     for part in line.split("\n"):

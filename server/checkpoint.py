@@ -81,6 +81,7 @@ class State:
     node_names: dict = field(default_factory=dict)
     examples: dict = field(default_factory=dict)  # site -> its last accepted num-examples
     interruptions: list = field(default_factory=list)  # rounds after which the run was resumed
+    feature_stats: dict | None = None  # the run's federated feature statistics (server.fedstats.gather)
 
 
 class Checkpoints:
@@ -97,7 +98,8 @@ class Checkpoints:
         write_json(d / "state.json", clean({"round": st.round, "history": st.history, "local_sites": sorted(st.local_weights),
                                             "strategy_state": sorted(st.strategy_state),
                                             "node_names": {str(k): v for k, v in st.node_names.items()},
-                                            "examples": st.examples, "interruptions": st.interruptions}))
+                                            "examples": st.examples, "interruptions": st.interruptions,
+                                            "feature_stats": st.feature_stats}))
         write_json(self.dir / "latest.json", {"round": st.round, "path": d.name})
         return d
 
@@ -117,4 +119,5 @@ class Checkpoints:
             node_names={int(k): v for k, v in meta.get("node_names", {}).items()},
             examples={str(k): int(v) for k, v in meta.get("examples", {}).items()},
             interruptions=[int(x) for x in meta.get("interruptions", [])],
+            feature_stats=meta.get("feature_stats"),
         )

@@ -463,3 +463,32 @@ def control_problems(deltas: Mapping[str, Arrays], updates: Mapping[str, Arrays]
     rest = {s: n for s, n in norms.items() if s not in out}
     out.update({s: "control delta " + why for s, why in norm_outliers(rest, max_ratio).items()})
     return out
+
+
+# ------------------------------------------------------------- federated feature statistics
+def stats_problem(stats: Mapping[str, float], features, num_examples: int) -> str | None:
+    """What is wrong with a site's feature statistics (:mod:`dicomfl.common.fedstats`), or None.
+
+    Each released feature needs all three numbers, finite: ``count`` a whole number in
+    [0, num-examples]; ``sum`` of values in [0, 1] within [0, count]; ``sumsq`` within [0, sum] and
+    at least sum^2 / count (Cauchy-Schwarz). The reason names the feature and the rule, never a value.
+    """
+    from dicomfl.common.fedstats import STAT_KINDS, stat_key
+
+    for f in features:
+        keys = [stat_key(k, f) for k in STAT_KINDS]
+        if any(k not in stats for k in keys):
+            return f"statistics of {f} are incomplete"
+        c, s, ss = (float(stats[k]) for k in keys)
+        if not all(math.isfinite(v) for v in (c, s, ss)):
+            return f"statistics of {f} are not finite"
+        if c < 0 or c != math.floor(c) or c > num_examples:
+            return f"count.{f} is not a whole number in [0, num-examples]"
+        tol = 1e-9 * max(1.0, c)
+        if not -tol <= s <= c + tol:
+            return f"sum.{f} is outside [0, count]"
+        if not -tol <= ss <= s + tol:
+            return f"sumsq.{f} is outside [0, sum]"
+        if s * s > c * ss * (1 + 1e-9) + tol:
+            return f"sumsq.{f} is below sum^2 / count"
+    return None

@@ -33,7 +33,7 @@ from dicomfl.common import protocol as P
 from dicomfl.common.config import SERVER_OPTIMIZERS, RunConfig
 from dicomfl.common.model import build_model, get_weights, norm_parameter_names
 
-from . import crosssite
+from . import crosssite, fedstats
 from .checkpoint import Checkpoints, State, clean, read_npz, write_json, write_npz
 from .checks import control_problems, screen_updates
 from .identity import SiteIdentities
@@ -142,6 +142,7 @@ class Federation:
         self.strategy = strategy_for(cfg)
         # run.local_norm: the GroupNorm parameters every reply must leave at the global model's values
         self.norm_names = norm_parameter_names(build_model(cfg.model)) if cfg.run.local_norm else frozenset()
+        self.feature_stats: dict | None = None  # the run's global feature standardization (server.fedstats)
 
     # ------------------------------------------------------------------ helpers
     def name(self, node_id: int) -> str:
@@ -173,7 +174,20 @@ class Federation:
             "local-steps": r.local_steps or 0, "dp": p.dp, "target-epsilon": p.target_epsilon or 0.0,
             "delta": p.delta, "seed": r.seed, "model": self.cfg.model.model_dump_json(),
             "lr-scale": lr_scale(r.lr_schedule, server_round, r.rounds, r.lr_min_factor), "local-norm": r.local_norm,
+            **fedstats.config_keys(self.feature_stats),
         })
+
+    # ------------------------------------------------------- feature statistics
+    def _gather_feature_stats(self) -> dict:
+        """Ask every site for its feature statistics (before round 1) and combine the usable replies."""
+        nodes = list(self.grid.get_node_ids())
+        self._emit("feature-stats-start", sites=len(nodes))
+        replies, _ = self._replies(fedstats.query_messages(nodes, self._base_config(1)))
+        rec = fedstats.gather(replies, self.name, self.cfg.model, max_examples=self.cfg.run.max_examples,
+                              asked=[self.name(n) for n in nodes])
+        write_json(self.out_dir / "feature_stats.json", clean(rec))
+        self._emit("feature-stats-end", sites=rec["sites"])
+        return rec
 
     # ------------------------------------------------------------------ training
     def run(self, resume: bool = False) -> dict:
@@ -191,6 +205,9 @@ class Federation:
             start = 1
         write_json(self.out_dir / "run_config.json", clean(cfg.model_dump(mode="json")))
         self.identities.refresh(self.grid)
+        self.feature_stats = state.feature_stats
+        if self.feature_stats is None and fedstats.wanted(cfg.model):  # kept in the checkpoints: never re-drawn
+            self.feature_stats = state.feature_stats = self._gather_feature_stats()
         for rnd in range(start, cfg.run.rounds + 1):
             self._round(rnd, state, initial)
             if cfg.cross_site.every and rnd % cfg.cross_site.every == 0 and rnd < cfg.run.rounds:
@@ -215,7 +232,7 @@ class Federation:
         summary = {"run": cfg.run.name, "rounds": state.round, "strategy": cfg.run.strategy, "history": state.history,
                    "cross_site": final, "selected": selected, "sites": sorted(sites | set(state.local_weights)),
                    "identity": self.identities.describe(), "resumed_after": list(state.interruptions),
-                   "personalized": personalized}
+                   "personalized": personalized, "feature_stats": self.feature_stats}
         write_json(self.out_dir / "metrics.json", clean(summary))
         from .report import write_report
 
@@ -413,6 +430,8 @@ class Federation:
     def evaluate_only(self, model_path: Path) -> dict:
         weights = read_npz(model_path)
         name = Path(model_path).stem
+        latest = self.ckpt.latest()  # the run's standardization, as its models were trained with
+        self.feature_stats = latest.feature_stats if latest is not None else None
         payload = self.cross_site({name: weights}, tag=f"evaluate-{name}")
         write_json(self.out_dir / f"evaluate-{name}.json", payload)
         return payload

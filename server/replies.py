@@ -568,6 +568,79 @@ def validate_eval_reply(msg: Message, model_ids: Iterable[str]) -> ValidEval | R
     return _guarded(_validate_eval)(msg, list(model_ids) if model_ids is not None else [])
 
 
+@dataclass
+class ValidStats:
+    """A feature-statistics (query) reply that passed every check (:func:`validate_stats_reply`).
+
+    ``stats`` holds the ``count.<f>``/``sum.<f>``/``sumsq.<f>`` numbers (empty when the site
+    declined: its privacy budget cannot cover the release); ``metrics`` everything the reply held.
+    """
+
+    node_id: int
+    num_examples: int
+    declined: bool
+    stats: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    claimed_name: str | None = None
+
+
+STATS_RECORDS = frozenset({P.STATS, P.SITE})
+
+
+def _validate_stats(msg: Message, node: int, features: tuple[str, ...], *, max_examples: float) -> ValidStats:
+    from dicomfl.common.fedstats import stat_keys
+
+    from .checks import stats_problem
+
+    content = _content(msg)
+    if any(not isinstance(k, str) or k not in STATS_RECORDS for k in content.keys()):
+        raise _Invalid("reply has an unexpected record")
+    if P.STATS not in content:
+        raise _Invalid(f"reply has no {P.STATS} record")
+    wanted = stat_keys(features)
+    metrics = _metrics(content[P.STATS], P.STATS, P.stats_metrics(features), wanted | {NUM_EXAMPLES, DECLINED})
+    declined_v = metrics.get(DECLINED, 0.0)
+    if declined_v not in (0.0, 1.0):
+        raise _Invalid(f"metric {DECLINED} is neither 0 nor 1")
+    declined = declined_v == 1.0
+    if NUM_EXAMPLES not in metrics:
+        raise _Invalid(f"reply has no {NUM_EXAMPLES}")
+    try:
+        n = check_num_examples(content[P.STATS][NUM_EXAMPLES], max_examples=max_examples)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    stats = {k: v for k, v in metrics.items() if k in wanted}
+    if declined and stats:
+        raise _Invalid("reply declined to release statistics but sent some")
+    if not declined:
+        why = stats_problem(stats, features, n)
+        if why is not None:
+            raise _Invalid(why)
+    claimed = _site_name(content[P.SITE]) if P.SITE in content else None
+    return ValidStats(node_id=node, num_examples=n, declined=declined, stats=stats, metrics=metrics,
+                      claimed_name=claimed)
+
+
+def validate_stats_reply(msg: Message, features: Iterable[str], *, max_examples: float) -> ValidStats | Rejection:
+    """Check a feature-statistics reply (the query before round 1). Never raises.
+
+    Parameters
+    ----------
+    msg : flwr.app.Message
+        The reply.
+    features : iterable of str
+        The numeric features the run exchanges statistics of (not dropped).
+    max_examples : float
+        The largest ``num-examples`` any site may claim; every count is bounded by the site's own.
+
+    Returns
+    -------
+    ValidStats or Rejection
+        The audited numbers, or why the reply cannot be used.
+    """
+    return _guarded(_validate_stats)(msg, tuple(features), max_examples=max_examples)
+
+
 # ---------------------------------------------------------------------------- helpers
 def aggregation_message(valid: ValidTrain, arrays: Mapping[str, np.ndarray] | None = None,
                         weight: float | None = None) -> Message:

@@ -116,3 +116,4 @@ def faulty(msg: Message, context: Context, call_next) -> Message:
 app = ClientApp(mods=[faulty])
 app.train()(dicomfl_app.train)
 app.evaluate()(dicomfl_app.evaluate)
+app.query()(dicomfl_app.query)

@@ -72,6 +72,7 @@ def own_state(site_yaml: Path, state: Path) -> Path:
         shutil.copytree(cfg.site.state_dir / "cache", state / "cache")
     state.parent.mkdir(parents=True, exist_ok=True)
     out = state.parent / f"{state.name}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)  # a cohort not ingested yet has no cache to copy
     out.write_text(yaml.safe_dump(raw, sort_keys=False))
     return out
 
@@ -190,14 +191,14 @@ def test_rounds_through_the_warm_worker_equal_the_in_process_path(fed, tmp_path)
     assert (out / "report.md").is_file() and (out / "cross_site_final.png").is_file()
     assert any(line.startswith("round 3:") for line in lines)  # progress streamed to the terminal
     taken = logs[DIRECT].taken()  # no process per message: the worker took each task itself
-    assert [t for _, t in taken] == ["train"] * 3 + ["evaluate"] and {w for w, _ in taken} == {workers[DIRECT]}
+    assert [t for _, t in taken] == ["query"] + ["train"] * 3 + ["evaluate"] and {w for w, _ in taken} == {workers[DIRECT]}
     assert not logs[DIRECT].messages() and fed.worker_pid(DIRECT) == workers[DIRECT]
     for s in SITES:  # every SuperNode runs with its idle wait capped (federation.idle_poll_s)
         assert "idle wait capped at 0.25 s" in (fed.state_dir(s) / "logs" / "supernode.log").read_text()
     for s in FORWARDED:
         assert not logs[s].taken()
         got = logs[s].messages()
-        assert [t for _, t, _, _ in got] == ["train"] * 3 + ["evaluate"], got
+        assert [t for _, t, _, _ in got] == ["query"] + ["train"] * 3 + ["evaluate"], got  # query: feature statistics
         assert {w for w, _, _, _ in got} == {workers[s]} and fed.worker_pid(s) == workers[s]  # one warm worker
         assert {torch for _, _, _, torch in got} == {"False"}  # the per-message ClientApp never imported torch
         assert len({app for _, _, app, _ in got}) == len(got) and workers[s] not in {app for _, _, app, _ in got}
@@ -275,7 +276,8 @@ def test_untrusted_parties_through_a_real_deployment(fed, tmp_path):
     original = site_yaml.read_text()
     raw = yaml.safe_load(original)
     raw["privacy"] = {**(raw.get("privacy") or {}), "dp": True, "target_epsilon": 2.0, "noise_multiplier": 2.0,
-                      "delta": 1e-5, "max_grad_norm": 1.0}
+                      "delta": 1e-5, "max_grad_norm": 1.0,
+                      "stats_noise_multiplier": 1000.0}  # the feature-statistics release costs almost nothing here
     raw.setdefault("train", {})["batch_size"] = 16
     state = fed.state_dir("site-a")
     before = site_spend(state, "rdp", 1e-5)["runs"]
@@ -304,7 +306,7 @@ def test_untrusted_parties_through_a_real_deployment(fed, tmp_path):
     assert sorted(m["cross_site"]["matrix"]["global"]) == list(SITES)
     for s in FORWARDED:  # the test's ClientApp (a mod around dicomfl's forwarder) is light too
         assert {torch for _, _, _, torch in logs[s].messages()} == {"False"}
-    assert [t for _, t in logs[DIRECT].taken()] == ["train", "evaluate", "train", "evaluate"]  # the FAB's app is not run there
+    assert [t for _, t in logs[DIRECT].taken()] == ["query", "train", "evaluate"] * 2  # the FAB's app is not run there
     # The budget holds across runs.
     h2 = _metrics(run2)["history"][0]
     assert h2["declined"] == ["site-a"] and sorted(h2["aggregated"]) == ["site-b", "site-c"]
@@ -335,7 +337,9 @@ def test_a_worker_killed_mid_round_is_named_restarted_and_rejoins(fed, tmp_path)
     assert f"ref={ref}" in site_log.text()  # what happened is in the site's own log, not at the coordinator
     assert sorted(h[1]["aggregated"]) == list(SITES)  # rejoined
     got = site_log.messages()
-    assert [t for _, t, _, _ in got] == ["train", "evaluate"] and {w for w, _, _, _ in got} == {new}
+    # the feature-statistics query before round 1 went to the old worker; round 2 and the evaluation to the new one
+    assert [t for _, t, _, _ in got] == ["query", "train", "evaluate"] and got[0][0] == old
+    assert {w for w, _, _, _ in got[1:]} == {new}
     assert new != old
 
 

@@ -58,9 +58,16 @@ def exported(run_dir, tmp_path_factory):
     return export_model(run_dir / "checkpoints" / "round-0001" / "global.npz", out, formats=formats)
 
 
-def _dicomfl_model(weights_path: Path):
+def _dicomfl_model(weights_path: Path, run_dir: Path | None = None):
+    """dicomfl's network with these weights; with ``run_dir``, behind that run's feature transform
+    (the standardization its sites applied), as predict and the exported files apply it."""
     net = build_model(ModelConfig(**MODEL))
     load_weights(net, read_npz(weights_path))
+    if run_dir is not None:
+        from dicomfl.common.featurenet import with_transform
+        from dicomfl.workbench.export import load_run
+
+        net = with_transform(net.eval(), load_run(run_dir).features)
     return net.eval()
 
 
@@ -114,7 +121,7 @@ def consumer(exported, run_dir, tmp_path_factory):
     np.savez(work / "inputs.npz", raw=raw, images=images, features=features)
     r = subprocess.run([sys.executable, "-I", "-c", CONSUMER], cwd=work, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    expected = reference_probabilities(_dicomfl_model(run_dir / "checkpoints" / "round-0001" / "global.npz"),
+    expected = reference_probabilities(_dicomfl_model(run_dir / "checkpoints" / "round-0001" / "global.npz", run_dir),
                                        images, features)
     with np.load(work / "outputs.npz") as z:
         outputs = {k: z[k] for k in z.files}
@@ -180,7 +187,8 @@ def test_card_holds_the_runs_numbers(exported, run_dir):
         assert s["privacy"] == "no DP" and s["epsilon"] is None
     assert t["model_trained_on"] == list(SITES)
     assert card["model"]["id"] == "global" and card["model"]["round"] == 1
-    assert card["features"] == {"schema_version": SCHEMA_VERSION, "n_features": N_FEATURES, "names": feature_names()}
+    assert card["features"] == {"schema_version": SCHEMA_VERSION, "n_features": N_FEATURES, "names": feature_names(),
+                                "standardized": True, "dropped": []}
     assert card["preprocessing"]["image_size"] == 32 and card["preprocessing"]["scaling"]["clip"] == 3.0
     assert "not a medical device" in card["intended_use"]
     # the cross-site matrix: the very numbers of metrics.json, with intervals from n and prevalence
@@ -235,7 +243,7 @@ def test_an_unfinished_run_and_other_model_modes(run_dir, tmp_path):
     assert res.card["evaluation"]["run_cross_site"] is None
     assert res.card["evaluation"]["this_model"]["auroc_by_site"] is None
     # a metadata-only model whose run fixed no image size: any image size goes in
-    cfg = ModelConfig(mode="metadata", width=4, depth=1, meta_hidden=8, head_hidden=8)
+    cfg = ModelConfig(mode="metadata", width=4, depth=1, meta_hidden=8, head_hidden=8, standardize_features=False)
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / "run_config.json").write_text(json.dumps({"run": {"name": "m"}, "model": cfg.model_dump(mode="json")}))
@@ -268,6 +276,10 @@ def test_dp_epsilon_per_site_as_the_report_shows_it(tmp_path):
     (run / "checkpoints" / "round-0002").mkdir(parents=True)
     (run / "run_config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
     (run / "metrics.json").write_text(json.dumps(summary))
+    from dicomfl.common.fedstats import global_standardization
+
+    mean, std = global_standardization({})  # what a run whose sites reported no statistics sends
+    (run / "feature_stats.json").write_text(json.dumps({"mean": mean, "std": std}))
     write_report(run, cfg, summary)
     weights = run / "checkpoints" / "round-0002" / "global.npz"
     write_npz(weights, get_weights(build_model(ModelConfig(**MODEL))))

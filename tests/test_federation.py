@@ -19,6 +19,7 @@ from dicomfl.client.handler import SiteResolver
 from dicomfl.common import protocol as P
 from dicomfl.common.config import load_run_config
 from dicomfl.common.discover import walk
+from dicomfl.common.fedstats import released
 from dicomfl.common.model import ModelConfig, build_model, get_weights
 from dicomfl.server.checks import norm_outliers, update_problem
 from dicomfl.server.checkpoint import Checkpoints, read_npz
@@ -225,8 +226,9 @@ def _audit_reply(reply, model_names: dict, header_strings: set[str]) -> None:
             assert got == model_names
         elif isinstance(rec, MetricRecord):
             train = (P.METRICS, P.LOCAL_METRICS, P.PERSONAL_METRICS)
-            allowed = P.TRAIN_METRICS if key in train else P.EVAL_METRICS
-            assert key in train or key.startswith(P.EVAL_PREFIX)
+            allowed = (P.TRAIN_METRICS if key in train else
+                       P.stats_metrics(released()) if key == P.STATS else P.EVAL_METRICS)
+            assert key in (*train, P.STATS) or key.startswith(P.EVAL_PREFIX)
             assert set(rec.keys()) <= allowed, set(rec.keys()) - allowed
             assert all(isinstance(v, float) for v in rec.values())
         elif isinstance(rec, ConfigRecord):
@@ -242,7 +244,8 @@ def test_privacy_audit_every_reply_holds_only_weights_and_whitelisted_numbers(co
     model_names = {k: tuple(v.shape) for k, v in get_weights(build_model(ModelConfig(**MODEL))).items()}
     headers = set().union(*(_header_strings(cohort, s) for s in SITES))
     assert len(headers) > 100  # the cohort really carries fake PHI to catch
-    assert len(grid.received) == 2 * len(SITES)  # train + cross-site evaluate
+    assert len(grid.received) == 3 * len(SITES)  # feature statistics + train + cross-site evaluate
+    assert sum(P.STATS in r.content for r in grid.received) == len(SITES)
     for reply in grid.received:
         _audit_reply(reply, model_names, headers)
 

@@ -212,7 +212,7 @@ def test_site_status_reads_what_the_site_wrote_and_survives_damaged_files(cohort
     assert "DOE^JOHN" not in r.stdout and "\x1b" not in r.stdout and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("damage", ["run-list", "privacy-str", "latest-escape", "history-str"])
+@pytest.mark.parametrize("damage", ["run-list", "privacy-str", "latest-escape", "history-str", "stats-nan", "stats-gone"])
 def test_a_hostile_run_folder_is_one_line(damage, trained_run, cohort, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -225,6 +225,12 @@ def test_a_hostile_run_folder_is_one_line(damage, trained_run, cohort, tmp_path)
     if damage == "latest-escape":
         (run / "metrics.json").unlink()
         (run / "checkpoints" / "latest.json").write_text(json.dumps({"path": "../../../../etc", "round": "x"}))
+    if damage == "stats-nan":  # the run's feature standardization, checked as a site checks the coordinator's
+        st = json.loads((run / "feature_stats.json").read_text())
+        st["std"][3] = float("nan")
+        (run / "feature_stats.json").write_text(json.dumps(st))
+    if damage == "stats-gone":
+        (run / "feature_stats.json").unlink()
     if damage == "history-str":
         m = json.loads((run / "metrics.json").read_text())
         m["history"] = "oops"

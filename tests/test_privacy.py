@@ -161,6 +161,8 @@ def test_privacy_cli(cohort):
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     assert plan["epsilon_at_end"] == pytest.approx(plan["target_epsilon"], rel=0.02)
+    # the run's feature statistics are one Gaussian release before round 1, planned for (fedstats)
+    assert plan["feature_stats_noise"] == 4.0 and plan["epsilon_of_feature_stats_alone"] == pytest.approx(1.013, abs=1e-3)
     assert plan["total_steps"] == plan["rounds"] * plan["local_epochs"] * steps_per_epoch(plan["train_images"], plan["batch_size"])
     r = _cli("model", str(cohort / "run.yaml"))
     assert r.returncode == 0 and "parameters: total" in r.stdout and "ok" in r.stdout

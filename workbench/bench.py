@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dicomfl.common.config import FEDERATED_STRATEGIES, ConfigError, ModelConfig, load_site_config, run_config_dict, validate_file
 
 from dicomfl.common import protocol as P
+from dicomfl.common.fedstats import FeatureTransform
 from dicomfl.server.checkpoint import clean, write_json
 
 
@@ -49,6 +50,9 @@ class BenchConfig(BaseModel):
     dp_strategies: list[str] = ["fedavg"]
     leave_one_site_out: bool = True
     ablation: bool = True
+    # With the ablation: one more FedAvg run of the fused model with these schema features dropped
+    # (model.drop_features; e.g. the generated cohort's per-site constants). Empty: no such run.
+    ablation_drop_features: list[str] = Field(default_factory=list, max_length=64)
     seeds: list[int] = [0, 1, 2]
     rounds: int = Field(default=10, ge=1)
     local_epochs: int = Field(default=1, ge=1)
@@ -73,6 +77,12 @@ def load_bench_config(path: Path) -> BenchConfig:
     for i, p in enumerate(cfg.sites):
         if not p.is_file():
             raise ConfigError(f"{path}: sites.{i}: file not found: {p}")
+    from dicomfl.common.fedstats import check_drop_features
+
+    try:
+        cfg.ablation_drop_features = check_drop_features(cfg.ablation_drop_features)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: ablation_drop_features: {exc}") from None
     unknown = set(cfg.strategies) - set(BASELINES) - set(FEDERATED_STRATEGIES)
     if unknown:
         raise ConfigError(f"{path}: strategies: unknown {sorted(unknown)}")
@@ -93,6 +103,7 @@ class Job:
     epsilon: float | None = None
     mode: str = "fused"
     holdout: str | None = None
+    drop: tuple[str, ...] = ()  # extra model.drop_features of this job (the proxy-feature ablation)
 
     @property
     def config(self) -> str:
@@ -124,6 +135,9 @@ def plan(cfg: BenchConfig, site_names: list[str]) -> list[Job]:
         if cfg.ablation:
             for mode in ("image", "metadata"):
                 add(f"fedavg[{mode}-only]", kind="federated", strategy="fedavg", mode=mode)
+            if cfg.ablation_drop_features:
+                add("fedavg[fused-without-proxies]", kind="federated", strategy="fedavg",
+                    drop=tuple(cfg.ablation_drop_features))
         if cfg.leave_one_site_out:
             for h in site_names:
                 add(f"loso(-{h})", kind="loso", strategy="fedavg", holdout=h)
@@ -166,7 +180,7 @@ class Bench:
         cfg = run_config_dict(name, rounds=rounds or self.cfg.rounds, strategy=job.strategy, proximal_mu=job.mu,
                               min_sites=1, local_epochs=self.cfg.local_epochs, out_dir=out, seed=job.seed,
                               server_lr=self.cfg.server_lr, local_baseline=local_baseline,
-                              model={**self.cfg.model.model_dump(exclude_none=True), "mode": job.mode},
+                              model=self._model(job),
                               dp=job.epsilon is not None, target_epsilon=job.epsilon or 8.0, sites=sites)
         out.mkdir(parents=True, exist_ok=True)
         # A benchmark run starts from a clean privacy ledger and no SCAFFOLD control (a re-run is a
@@ -182,6 +196,27 @@ class Bench:
         path = out.parent / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
+
+    def _model(self, job: Job) -> dict:
+        model = {**self.cfg.model.model_dump(exclude_none=True), "mode": job.mode}
+        if job.drop:
+            model["drop_features"] = sorted(set(model.get("drop_features", [])) | set(job.drop))
+        return model
+
+    def _standardization(self, trainers: dict) -> "FeatureTransform":
+        """The pooled baselines' feature transform: exact statistics of every site's training split
+        (what a federation without DP computes), the bench model's drops."""
+        from dicomfl.common.fedstats import combine, global_standardization, iter_blocks, released, sums
+        from dicomfl.common.splits import TRAIN
+
+        m = self.cfg.model
+        if not m.standardize_features or m.mode == "image":
+            return FeatureTransform(drop=tuple(m.drop_features))
+        feats = released(m.drop_features)
+        stats = [sums(iter_blocks(t.split(TRAIN).features), feats) for t in trainers.values()]
+        mean, std = global_standardization(combine(stats, feats))
+        return FeatureTransform(mean=np.asarray(mean, np.float32), std=np.asarray(std, np.float32),
+                                drop=tuple(m.drop_features))
 
     def _federate(self, job: Job, sites: list[Path], **kw) -> dict:
         from dicomfl.common.config import load_run_config
@@ -260,7 +295,8 @@ class Bench:
         from dicomfl.common.train import SplitData, TrainSettings, train_local
 
         trainers = {n: SiteTrainer(load_site_config(self.site_cfgs[n]), self.cfg.model) for n in self.names}
-        pooled = SplitData.concat([t.split(TRAIN) for t in trainers.values()])
+        features = self._standardization(trainers)
+        pooled = SplitData.concat([t.view(TRAIN, features) for t in trainers.values()])
         first = load_site_config(self.site_cfgs[self.names[0]])
         epochs = self.cfg.rounds * self.cfg.local_epochs
         dp = None
@@ -278,7 +314,7 @@ class Bench:
             settings.class_weights = p.class_weights == "noisy"
         model = build_model(self.cfg.model, seed=job.seed)
         res = train_local(model, pooled, settings, dp=dp, global_weights=get_weights(model))
-        out = {"per_site": {n: _pick(t.evaluate(res.weights)) for n, t in trainers.items()}}
+        out = {"per_site": {n: _pick(t.evaluate(res.weights, features=features)) for n, t in trainers.items()}}
         if dp is not None:
             from dicomfl.client.privacy import epsilon
 
@@ -292,7 +328,11 @@ class Bench:
         rest = [self.site_cfgs[n] for n in self.names if n != job.holdout]
         s = self._federate(job, rest)
         g = Checkpoints(Path(s["out_dir"])).latest().global_weights
-        held = SiteTrainer(load_site_config(self.site_cfgs[job.holdout]), self.cfg.model).evaluate(g)
+        st = s.get("feature_stats") or {}  # the federation's standardization, as its sites applied it
+        features = FeatureTransform(mean=np.asarray(st["mean"], np.float32) if st.get("mean") else None,
+                                    std=np.asarray(st["std"], np.float32) if st.get("std") else None,
+                                    drop=tuple(self.cfg.model.drop_features))
+        held = SiteTrainer(load_site_config(self.site_cfgs[job.holdout]), self.cfg.model).evaluate(g, features=features)
         inside = s["cross_site"]["matrix"]["global"]
         return {"holdout": job.holdout, "heldout": _pick(held),
                 "per_site": {**{k: _pick(v) for k, v in inside.items()}, job.holdout: _pick(held)}}

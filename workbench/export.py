@@ -47,6 +47,8 @@ from dicomfl.common import protocol as P
 from dicomfl.common.config import ModelConfig
 from dicomfl.common.errors import DicomflError, ModelMismatch, printable
 from dicomfl.common.features import N_FEATURES, SCHEMA_VERSION, feature_names
+from dicomfl.common.featurenet import with_transform
+from dicomfl.common.fedstats import FeatureTransform, check_standardization
 from dicomfl.common.model import build_model, load_weights, parameter_count
 from dicomfl.common.normalize import CLIP, HIGH_PCT, LOW_PCT
 from dicomfl.server.checkpoint import read_npz
@@ -78,7 +80,9 @@ LIMITATIONS = (
     "MONOCHROME1 inverted, middle frame, colour to BT.601 luminance), resized to the image size and "
     "robust-scaled per image (preprocess.pt), and the metadata feature vector of the named schema "
     "version computed from the de-identified header with dicomfl.common.features.extract (fixed "
-    "transforms, missing indicators, one-hot with 'other'/'missing'). Any other pipeline is "
+    "transforms, missing indicators, one-hot with 'other'/'missing'). The run's standardization "
+    "of the numeric features (its sites' federated mean and std) and its dropped features are "
+    "applied inside the model: give it the raw schema vector. Any other pipeline is "
     "out of distribution.",
     "The outputs are softmax probabilities; no operating threshold is exported (the cross-site "
     "evaluation chose one per site on validation data). Calibration at a new site is unknown.",
@@ -240,6 +244,7 @@ class RunInfo:
     privacy: dict
     metrics: dict | None  # metrics.json (None: the run did not finish)
     history: list
+    features: "FeatureTransform | None" = None  # the run's feature standardization and drops (fedstats)
 
 
 def find_run_dir(model_path: Path) -> Path:
@@ -300,7 +305,27 @@ def load_run(run_dir: Path) -> RunInfo:
             history = _read_json(ck[0] / "state.json").get("history", []) if ck and (ck[0] / "state.json").is_file() else []
             history = [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
     return RunInfo(dir=run_dir, model=model, run=run, privacy=dict(raw.get("privacy") or {}), metrics=metrics,
-                   history=history)
+                   history=history, features=_run_features(run_dir, model, raw.get("model") or {}))
+
+
+def _run_features(run_dir: Path, model: ModelConfig, raw_model: dict) -> "FeatureTransform | None":
+    """The feature transform the run's sites applied: ``feature_stats.json`` (written by the
+    coordinator before round 1) checked as a site checks the coordinator's numbers, and the
+    model's drops. A run from before federated statistics (no ``standardize_features`` in its
+    model) has none."""
+    drop = tuple(model.drop_features)
+    if not model.standardize_features or model.mode == "image" or "standardize_features" not in raw_model:
+        return FeatureTransform(drop=drop)
+    path = run_dir / "feature_stats.json"
+    if not path.is_file():
+        raise DicomflError(f"{printable(str(run_dir))}: no feature_stats.json (the run's model standardizes "
+                           "its features with them)")
+    raw = _read_json(path)
+    try:
+        mean, std = check_standardization(raw.get("mean"), raw.get("std"))
+    except ValueError as exc:
+        raise DicomflError(f"{printable(str(path))}: {exc}") from None
+    return FeatureTransform(mean=mean, std=std, drop=drop)
 
 
 def _same_arrays(a: dict, b: dict) -> bool:
@@ -517,6 +542,7 @@ def load_trained(model_path: Path, run_dir: Path | None = None) -> Trained:
         raise DicomflError(f"{printable(str(model_path))}: {exc} (run {printable(str(info.dir))}, "
                            f"feature schema v{SCHEMA_VERSION})") from None
     model_id, rnd = identify(model_path, weights, info)
+    net = with_transform(net.eval(), info.features)  # the features as the run's sites fed them
     return Trained(net=net.eval(), weights=weights, model_id=model_id, round=rnd, sha256=_sha256(model_path), info=info)
 
 
@@ -622,7 +648,10 @@ def build_card(info: RunInfo, model_path: Path, weights: dict, model_id: str, rn
                   "onnx": ONNX_FILE if "onnx" in formats else None},
         "verification": {"max_abs_difference": verified, "tolerance": VERIFY_TOLERANCE,
                          "against": "dicomfl's FusedNet with the same weights + softmax, on fixed random inputs"},
-        "features": {"schema_version": SCHEMA_VERSION, "n_features": N_FEATURES, "names": feature_names()},
+        "features": {"schema_version": SCHEMA_VERSION, "n_features": N_FEATURES, "names": feature_names(),
+                     # applied inside the exported model (the run's federated standardization, fedstats)
+                     "standardized": info.features is not None and info.features.mean is not None,
+                     "dropped": list(info.features.drop) if info.features is not None else []},
         "preprocessing": {
             "image_size": size,
             "image_size_note": None if size else "the run fixed none: each site's preprocess.image_size",
