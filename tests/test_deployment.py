@@ -375,7 +375,7 @@ def test_superlink_killed_mid_run_the_coordinator_resumes_it_by_itself(fed, tmp_
 
 def test_a_site_killed_during_a_run_is_left_out_and_named(fed, tmp_path):
     """Last in the module: site-c stays down afterwards."""
-    run_yaml = write_run(tmp_path, "killed", rounds=2, round_timeout_s=30)  # short: site-c will not answer
+    run_yaml = write_run(tmp_path, "killed", rounds=2, round_timeout_s=15)  # short: site-c will not answer
     out = tmp_path / "killed"
     proc = fed.run_async(run_yaml, log=tmp_path / "killed.log")
     try:

@@ -11,6 +11,7 @@ The end-to-end path (real SuperLink, SuperNodes, TLS, authentication) is in test
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -114,11 +116,13 @@ def test_the_socket_is_0600_in_a_0700_directory_of_this_user(tmp_path):
         assert w.path == (tmp_path / "state").resolve() / "run" / "worker.sock"
 
 
-def test_a_state_dir_too_long_for_a_socket_path_moves_to_a_short_private_one(tmp_path, monkeypatch):
+def test_a_state_dir_too_long_for_a_socket_path_moves_to_a_short_private_one(tmp_path, monkeypatch, request):
     deep = tmp_path / ("d" * 60) / ("e" * 60) / "state"
     assert len(str(deep / "run" / "worker.sock")) > worker.SUN_PATH_MAX
-    runtime = tmp_path / "xdg"
-    runtime.mkdir(mode=0o700)
+    # A short runtime dir of its own (tmp_path itself may be long, e.g. under pytest-xdist).
+    runtime = Path(tempfile.mkdtemp(prefix="xdg-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(runtime, ignore_errors=True))
+    os.chmod(runtime, 0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
     p = worker.socket_path(deep)
     assert len(os.fsencode(str(p))) <= worker.SUN_PATH_MAX and p.is_relative_to(runtime / "dicomfl")
@@ -371,6 +375,7 @@ def test_the_worker_s_replies_equal_the_in_process_handler_s(cohort, tmp_path):
 # -------------------------------------------------------------------------- supervision
 SUPERVISOR = """\
 import sys
+import tempfile
 from pathlib import Path
 from dicomfl.common.supervise import Child, child_env, supervise_all
 
