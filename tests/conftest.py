@@ -100,3 +100,14 @@ def trained_run(cohort, tmp_path_factory) -> Path:
     rc = load_run_config(tmp / "run.yaml")
     Federation(rc, InProcessGrid(rc.sites)).run()
     return rc.out_dir
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-for-bit comparisons of two training runs: one intra-op thread (no parallel reductions)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

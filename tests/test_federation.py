@@ -87,17 +87,6 @@ def test_rounds_change_the_model_and_cross_site_matrix_is_complete(cohort, tmp_p
     assert sent_lr == ([(1, 1.0), (2, pytest.approx(0.2))] if strategy == "fedprox" else [(1, 1.0), (2, 1.0)])
 
 
-@pytest.fixture
-def one_thread():
-    """Bit-for-bit comparisons of two training runs: one intra-op thread (no parallel reductions)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_resume_continues_from_the_checkpoint_to_the_same_round_count(cohort, tmp_path, one_thread):
     path = write_run(tmp_path, cohort, "resume", rounds=3)
     cfg = load_run_config(path)

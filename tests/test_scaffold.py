@@ -350,16 +350,6 @@ def _write_run(tmp_path, cohort, name, rounds=2, **run):
     return p
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_a_scaffold_federation_runs_and_its_server_control_is_the_mean_of_the_deltas(cohort, tmp_path, one_thread):
     from .test_federation import _audit_reply, _header_strings
 
