@@ -1,5 +1,6 @@
 """``python -m dicomfl.client.supernode --idle-s S -- <flower-supernode arguments>``: Flower's
-SuperNode, with its idle wait capped at ``S`` seconds (``federation.idle_poll_s``).
+SuperNode, with its idle wait capped at ``S`` seconds (``federation.idle_poll_s``) and a short
+back-off for message objects not yet at the SuperLink.
 
 Flower's SuperNode (flwr 1.41, ``flwr/supernode/start_client_internal.py``) asks the SuperLink
 for a message and, when there is none, sleeps a fixed 3 s (``time.sleep(3)``) before asking
@@ -8,10 +9,17 @@ or environment variable changes either. A round has a train phase and, with cros
 evaluation, an evaluate phase; each waits up to 3 s for every site to notice its message, so a
 small round costs several seconds of nothing.
 
+The SuperNode takes a message's head from the SuperLink and then pulls its objects; an object
+the coordinator has not finished pushing is asked for again after 1 s, then 2, 4, ... (Flower's
+``pull_objects`` defaults). The coordinator pushes one site's message after another, so with
+many sites the later objects are often not there yet at the first ask.
+
 This shell runs Flower's own ``flower-supernode`` entry point unchanged, after giving that one
-module a ``time`` whose ``sleep`` waits at most ``S`` seconds. Nothing else in Flower sees it. The
-cost: an idle site asks the SuperLink for messages ``1/S`` times a second instead of once every
-3 s (a small unary gRPC call; at the default 0.25 s, 4 calls a second per site).
+module a ``time`` whose ``sleep`` waits at most ``S`` seconds, and a ``pull_objects`` whose
+back-off starts at 0.05 s and stops growing at ``S`` (the same function, other keyword defaults).
+Nothing else in Flower sees either. The cost: an idle site asks the SuperLink for messages
+``1/S`` times a second instead of once every 3 s (a small unary gRPC call; at the default 0.25 s,
+4 calls a second per site).
 
 The shell checks that the module still has the shape it was written for (a module-level
 ``time`` and the function that runs the loop). If a later Flower changes it, the SuperNode runs
@@ -22,6 +30,9 @@ from __future__ import annotations
 
 import sys
 import time
+
+
+PULL_FIRST_BACKOFF_S = 0.05  # the first wait before asking the SuperLink again for an object not there yet
 
 
 class _CappedClock:
@@ -38,13 +49,22 @@ class _CappedClock:
 
 
 def cap_idle_wait(cap: float) -> bool:
-    """Cap the SuperNode loop's waits at ``cap`` seconds; False (and nothing changed) if this
-    Flower's SuperNode module does not have the expected shape."""
+    """Cap the SuperNode loop's waits at ``cap`` seconds, and start its object pulls' back-off at
+    ``cap``; False (and nothing changed) if this Flower's SuperNode module does not have the
+    expected shape."""
+    import functools
+    import inspect
+
     import flwr.supernode.start_client_internal as loop
 
     if getattr(loop, "time", None) is not time or not callable(getattr(loop, "start_client_internal", None)):
         return False
+    pull = getattr(loop, "pull_objects", None)
+    params = inspect.signature(pull).parameters if callable(pull) else {}
+    if not {"initial_backoff", "backoff_cap"} <= set(params):
+        return False
     loop.time = _CappedClock(cap)
+    loop.pull_objects = functools.partial(pull, initial_backoff=min(PULL_FIRST_BACKOFF_S, cap), backoff_cap=cap)
     return True
 
 
@@ -62,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         print("dicomfl supernode: error: --idle-s must be a number of seconds in [0.01, 3]", file=sys.stderr)
         return 2
     if cap_idle_wait(cap):
-        print(f"dicomfl supernode: idle wait capped at {cap:g} s", file=sys.stderr, flush=True)
+        print(f"dicomfl supernode: idle wait capped at {cap:g} s, also between asks for a message's objects",
+              file=sys.stderr, flush=True)
     else:
         print("dicomfl supernode: this Flower's SuperNode loop is not the one dicomfl knows; keeping its own "
               "3 s idle wait", file=sys.stderr, flush=True)

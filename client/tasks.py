@@ -6,8 +6,8 @@ process. The warm worker (:mod:`dicomfl.client.worker`) runs :class:`TaskLoop` i
 the SuperNode's Runtime API (HTTP on loopback, the site's ``federation.port``) for a ClientApp
 task every ``federation.task_poll_s`` seconds, and for each task it:
 
-1. pulls the message and the run's context with the task's token (Flower's own
-   ``pull_task_input``);
+1. pulls the message and the run's context with the task's token (what Flower's
+   ``pull_task_input`` does, with a short back-off, see below);
 2. hands the message to the worker's handler, the same call the forwarder path and the
    in-process path make (:class:`dicomfl.client.handler.SiteHandler`), one message at a time;
 3. pushes the reply and the task's status (Flower's own ``push_message`` / ``push_task_output``).
@@ -25,6 +25,13 @@ The Runtime API's ``AcquireTask`` call is signed with a secret the daemon writes
 (``<state_dir>/run/superexec.secret``, mode 0600, 32 random bytes) and passes to the SuperNode
 with ``--superexec-auth-secret-file``: another local user who can reach the port cannot take the
 site's tasks. (In Flower's default ``subprocess`` isolation that check is off.)
+
+The SuperNode offers a task as soon as it has a message's head, and only then pulls the
+message's objects from the SuperLink. Flower's ``pull_task_input`` waits for objects that are not
+there yet with a back-off that starts at 1 s and doubles (``PULL_INITIAL_BACKOFF``; no option):
+measured on loopback, the worker waited 1-3 s per message for objects that arrived a few tens of
+milliseconds later. :func:`pull_task_message` makes the same calls with a back-off that starts
+at 0.05 s (or ``federation.task_poll_s`` if less) and stops growing at :data:`PULL_BACKOFF_CAP_S`.
 
 A failure of the Runtime API (the SuperNode restarting) is logged and retried with a back-off;
 it never ends the worker. A message whose handling fails is answered by the handler's own error
@@ -48,6 +55,8 @@ SECRET_BYTES = 32
 _ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 _HEARTBEAT_S = 20.0  # Flower's own task heartbeat interval is 30 s less the call timeout, with jitter
 _MAX_BACKOFF_S = 5.0
+PULL_FIRST_BACKOFF_S = 0.05
+PULL_BACKOFF_CAP_S = 0.25  # the longest wait between two asks for a message object not yet at the SuperNode
 
 
 def write_secret(run_dir: Path) -> Path:
@@ -72,6 +81,33 @@ def read_secret(path: Path) -> bytes:
 
 
 Handle = Callable[[Message, Context], Message]
+
+
+def pull_task_message(client, initial_backoff: float) -> tuple[Message, Context]:
+    """The task's message and context from the Runtime API: Flower's ``pull_task_input`` (flwr
+    1.41), with a back-off for objects not yet at the SuperNode that starts at
+    ``initial_backoff`` seconds instead of 1 s and never exceeds :data:`PULL_BACKOFF_CAP_S`."""
+    from flwr.common.serde import context_from_proto
+    from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (make_confirm_message_received_fn_protobuf,
+                                                                     make_pull_object_fn_protobuf)
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    context = context_from_proto(res.context)
+    msgs = client.PullMessages(PullAppMessagesRequest())
+    if not msgs.messages_list:
+        raise RuntimeError("no message for this task from the Runtime API")
+    tree = msgs.message_object_trees[0]
+    node = Node(node_id=context.node_id)
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, initial_backoff=min(max(0.01, float(initial_backoff)), PULL_BACKOFF_CAP_S),
+        backoff_cap=PULL_BACKOFF_CAP_S)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # what pull_task_input does: not in the content
+    return message, context
 
 
 class TaskLoop:
@@ -150,7 +186,7 @@ class TaskLoop:
         """Pull one task's message, answer it, push the reply and the task's status. Never raises."""
         from flwr.common.constant import SubStatus
         from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor
-        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         client = self._client([RuntimeTokenHttpInterceptor(token)])
         beat = _Heartbeat(client, self.log)
@@ -158,7 +194,7 @@ class TaskLoop:
         status, details = SubStatus.FAILED, "dicomfl worker: task failed"
         try:
             beat.start()
-            message, context, _run, _fab = pull_task_input(client)
+            message, context = pull_task_message(client, min(PULL_FIRST_BACKOFF_S, self.poll_s))
             reply = self.handle(message, context)
             push_message(client, reply, context)
             status, details = SubStatus.COMPLETED, ""

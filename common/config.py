@@ -506,11 +506,11 @@ class RunSection(_Strict):
     fraction_evaluate: float = Field(default=1.0, gt=0, le=1)
     round_timeout_s: float = Field(default=600, gt=0)
     # How often the coordinator asks the SuperLink for replies while a round is out (Flower's
-    # send_and_receive waits a fixed 3 s). 0.5 s adds 0.25 s to a round on average. A failed pull
+    # send_and_receive waits a fixed 3 s). 0.25 s adds 0.125 s to a round on average. A failed pull
     # (e.g. "database is locked" from a busy SuperLink with its state in SQLite, seen at 0.2 s on a
     # loaded 2-core machine) doubles the wait, up to 5 s, until a pull succeeds again; with the
     # SuperLink's state in memory (the coordinator's default) there is no SQLite to lock.
-    poll_interval_s: float = Field(default=0.5, ge=0.01, le=10)
+    poll_interval_s: float = Field(default=0.25, ge=0.01, le=10)
     local_epochs: int = Field(default=1, ge=1)
     local_steps: int | None = Field(default=None, ge=1)  # if set: S optimizer steps per round instead of epochs
     # The sites' learning rate over the rounds: constant, or a cosine from train.lr down to

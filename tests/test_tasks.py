@@ -33,13 +33,29 @@ def test_the_secret_is_private_and_fresh(tmp_path):
 def test_the_shell_caps_only_the_supernode_loops_waits():
     import flwr.supernode.start_client_internal as loop
 
-    saved = loop.time
+    import flwr.supercore.inflatable.inflatable_utils as objects
+
+    saved, saved_pull = loop.time, loop.pull_objects
     try:
         assert shell.cap_idle_wait(0.2)  # the Flower this project pins has the loop dicomfl knows
         assert loop.time.cap == 0.2 and loop.time.monotonic is time.monotonic
         assert time.sleep is not loop.time.sleep  # nothing else in the process is touched
+        # Objects not yet at the SuperLink are asked for again after 0.05 s, at most 0.2 s apart
+        # (Flower's own: 1 s, doubling up to 10 s); the function is Flower's own.
+        assert loop.pull_objects.func is objects.pull_objects
+        assert loop.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.2}
+        assert objects.pull_objects is saved_pull  # other users of Flower's function are not touched
     finally:
-        loop.time = saved
+        loop.time, loop.pull_objects = saved, saved_pull
+
+
+def test_the_shell_changes_nothing_in_a_supernode_loop_of_another_shape(monkeypatch):
+    import flwr.supernode.start_client_internal as loop
+
+    saved = loop.time
+    monkeypatch.setattr(loop, "pull_objects", lambda object_ids, pull_object_fn: {})  # no back-off keywords
+    assert not shell.cap_idle_wait(0.2)
+    assert loop.time is saved
 
 
 @pytest.mark.parametrize("argv", [[], ["--idle-s", "0"], ["--idle-s", "nan", "--"], ["--idle-s", "0.2", "x"]])

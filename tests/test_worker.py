@@ -517,6 +517,37 @@ def test_a_failed_pull_is_asked_again_later_and_the_round_goes_on():
     assert len(gaps) == 3 and gaps[0] >= 0.09 and gaps[2] >= 0.35  # 0.1, 0.2, 0.4 s: backing off, not hammering
 
 
+def test_the_coordinator_asks_again_soon_for_reply_objects_not_yet_at_the_superlink():
+    """Flower's grid waits 1 s, 2 s, ... for a reply's objects that the SuperNode is still
+    pushing; the coordinator's grid module asks again after 0.05 s, never more than the poll
+    interval apart. Flower's own function, other keyword defaults, in this module only."""
+    import flwr.superlink.grid.http_grid as http_grid
+    import flwr.supercore.inflatable.inflatable_utils as objects
+
+    from dicomfl.server.gridpoll import quick_object_pulls
+
+    grid = http_grid.HttpGrid.__new__(http_grid.HttpGrid)  # the module is what matters, not a connection
+    saved = http_grid.pull_objects
+    try:
+        assert quick_object_pulls(grid, 0.25) and quick_object_pulls(grid, 0.25)  # once, idempotent
+        assert http_grid.pull_objects.func is objects.pull_objects
+        assert http_grid.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.25}
+        assert objects.pull_objects is saved
+        # It still pulls: an object missing twice comes on the third ask.
+        tries = []
+
+        def pull(object_id):
+            tries.append(object_id)
+            if len(tries) < 3:
+                raise objects.ObjectUnavailableError(object_id)
+            return b"x"
+
+        assert http_grid.pull_objects(["a"], pull) == {"a": b"x"} and len(tries) == 3
+    finally:
+        http_grid.pull_objects = saved
+    assert not quick_object_pulls(_PollGrid({1: 0.0}), 0.25)  # a grid whose module has no such function
+
+
 def test_send_and_collect_falls_back_to_send_and_receive_on_a_grid_without_push_pull():
     from dicomfl.server.gridpoll import send_and_collect
 
