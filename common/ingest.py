@@ -87,6 +87,8 @@ AS CD CF CP CS DD DF DM DS EC FA FS LP MA MS OPR ST VF
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 _HASH_CHUNK = 1 << 20
+#: Files a worker holds at most: the one it decodes and the next (common/workers.py, ``prefetch``).
+PREFETCH = 2
 
 
 @dataclass
@@ -300,9 +302,9 @@ def content_key(mm, key: bytes) -> str:
 
 
 class ReplySlots:
-    """Where a worker leaves its accepted images for the parent: two image-sized slots in a file
-    of its own (mode 0600, in a 0700 scratch folder under ``cache/`` that the parent removes),
-    used in turn.
+    """Where a worker leaves its accepted images for the parent: :data:`SLOTS` image-sized slots
+    in a file of its own (mode 0600, in a 0700 scratch folder under ``cache/`` that the parent
+    removes), used in turn.
 
     Sent through the worker's pipe, a 256 px float32 image is 256 KiB: pickled, cut into
     64 KiB pipe writes that each wait for the parent to read, and unpickled into a new array.
@@ -311,16 +313,20 @@ class ReplySlots:
     reply is a few hundred bytes and the parent copies the image from the slot straight into
     the cache's chunk (one ``pwrite``).
 
-    Two slots are enough: the pool hands a worker its next item only after it has read the
-    worker's reply, and :func:`ingest` copies each image before it asks the pool for the next
-    outcome, so by the time a worker writes its result ``k + 2`` into the slot of result ``k``,
-    that one has been copied. Each slot starts with the sequence number of the image in it;
+    ``2 * PREFETCH`` slots are enough. A worker holds at most :data:`PREFETCH` items, and the
+    pool hands it a new one only after reading a reply; it reads at most ``PREFETCH`` replies of
+    one worker before :func:`ingest` has copied their images (ingest copies each image before it
+    asks the pool for the next outcome). So at most ``PREFETCH`` images read but not yet copied
+    plus ``PREFETCH`` new ones are in a worker's slots at once, and by the time it writes its
+    result ``k + SLOTS`` into the slot of result ``k``, that one has been copied. Each slot
+    starts with the sequence number of the image in it;
     the reference carries it too, and the parent checks it before and after copying, so a
     broken promise rejects the file (``worker-error``, retried next time), never stores a
     wrong image.
     """
 
     HEADER = 16  # bytes before each slot's image: the sequence number (8 bytes) and padding
+    SLOTS = 2 * PREFETCH
 
     def __init__(self, path: str, image_size: int, mm: mmap.mmap) -> None:
         self.path, self.image_size, self._mm = path, int(image_size), mm
@@ -334,7 +340,7 @@ class ReplySlots:
         path = os.path.join(folder, f"w{os.getpid()}.slots")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            size = 2 * (cls.HEADER + image_size * image_size * 4)
+            size = cls.SLOTS * (cls.HEADER + image_size * image_size * 4)
             os.ftruncate(fd, size)
             mm = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
         finally:
@@ -346,7 +352,7 @@ class ReplySlots:
         """Map a worker's slot file read-only (parent side)."""
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            size = 2 * (cls.HEADER + image_size * image_size * 4)
+            size = cls.SLOTS * (cls.HEADER + image_size * image_size * 4)
             if os.fstat(fd).st_size != size:
                 raise ValueError("reply slot file size")
             mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
@@ -359,7 +365,7 @@ class ReplySlots:
         reference ``(file name, sequence number)`` for the reply."""
         seq = self._seq
         self._seq += 1
-        at = (seq % 2) * self.slot_bytes
+        at = (seq % self.SLOTS) * self.slot_bytes
         arr = np.ascontiguousarray(img, dtype=np.float32)
         if arr.shape != (self.image_size, self.image_size):
             raise ValueError("image shape")
@@ -370,7 +376,7 @@ class ReplySlots:
     def read(self, seq: int) -> np.ndarray:
         """A copy of the image of reference ``seq`` (parent side); the slot's sequence number is
         checked before and after the copy."""
-        at = (seq % 2) * self.slot_bytes
+        at = (seq % self.SLOTS) * self.slot_bytes
         self._check(seq, at)
         with memoryview(self._mm) as view:
             out = np.frombuffer(view[at + self.HEADER:at + self.slot_bytes], np.float32).copy()
@@ -574,7 +580,8 @@ def ingest(
         attached: dict[str, ReplySlots] = {}
         outcomes = imap_isolated(_work, [rels[i] for i in todo], workers=n_workers,
                                  timeout_s=cfg.ingest.file_timeout_s, memory_bytes=mem,
-                                 initializer=_init_worker, initargs=(cfg, key, known, slot_dir), env=WORKER_ENV)
+                                 initializer=_init_worker, initargs=(cfg, key, known, slot_dir), env=WORKER_ENV,
+                                 prefetch=PREFETCH)
         try:
             for j, outcome in outcomes:
                 i = todo[j]

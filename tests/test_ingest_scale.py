@@ -420,22 +420,25 @@ def test_chunk_store_rows_round_trip(tmp_path):
 
 
 def test_reply_slots_hand_images_over_and_refuse_an_overwritten_one(tmp_path):
-    """A worker's two reply slots: what it puts is what the parent reads; a slot written again
-    before its image was read is refused (the parent rejects that file), never misread."""
-    from dicomfl.common.ingest import ReplySlots
+    """A worker's reply slots (two per file it may hold): what it puts is what the parent reads;
+    a slot written again before its image was read is refused (the parent rejects that file),
+    never misread."""
+    from dicomfl.common.ingest import PREFETCH, ReplySlots
 
+    assert ReplySlots.SLOTS == 2 * PREFETCH
     rng = np.random.default_rng(1)
-    imgs = rng.normal(1000, 300, (3, 16, 16)).astype(np.float32)
+    imgs = rng.normal(1000, 300, (ReplySlots.SLOTS + 1, 16, 16)).astype(np.float32)
     worker = ReplySlots.create(str(tmp_path), 16)
     name, seq0 = worker.put(imgs[0])
     assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
     parent = ReplySlots.attach(str(tmp_path / name), 16)
-    _, seq1 = worker.put(imgs[1])
-    np.testing.assert_array_equal(parent.read(seq0), imgs[0])
-    np.testing.assert_array_equal(parent.read(seq1), imgs[1])
-    worker.put(imgs[2])  # into seq0's slot
+    seqs = [seq0] + [worker.put(img)[1] for img in imgs[1:ReplySlots.SLOTS]]
+    for seq, img in zip(seqs, imgs):
+        np.testing.assert_array_equal(parent.read(seq), img)
+    worker.put(imgs[-1])  # into seq0's slot
     with pytest.raises(RuntimeError):
         parent.read(seq0)
+    np.testing.assert_array_equal(parent.read(seqs[1]), imgs[1])  # the others are untouched
     with pytest.raises(ValueError):
         worker.put(imgs[0][:8])
     parent.close()

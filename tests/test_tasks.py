@@ -49,6 +49,22 @@ def test_the_shell_caps_only_the_supernode_loops_waits():
         loop.time, loop.pull_objects = saved, saved_pull
 
 
+def test_the_shells_clock_shortens_the_idle_wait_to_the_cap_and_the_local_waits_to_0_05_s(monkeypatch):
+    slept = []
+
+    class Recorder:
+        @staticmethod
+        def sleep(s):
+            slept.append(s)
+
+    monkeypatch.setattr(shell, "time", Recorder)
+    clock = shell._CappedClock(0.25)
+    clock.sleep(3)  # the loop's idle wait: it asks the SuperLink again after this
+    clock.sleep(0.5)  # the loop's wait for a reply in its own memory
+    clock.sleep(0.01)
+    assert slept == [0.25, 0.05, 0.01]
+
+
 def test_the_shell_changes_nothing_in_a_supernode_loop_of_another_shape(monkeypatch):
     import flwr.supernode.start_client_internal as loop
 

@@ -219,9 +219,30 @@ def test_results_stream_with_a_bounded_number_in_flight():
     for index, result in imap_isolated(C.behave, items(), workers=workers, timeout_s=60):
         seen += 1
         assert result == index
-        # in flight (one per worker) + one waiting to be handed out + replies not yet yielded
-        assert pulled[0] - seen <= 2 * workers + 1
+        # in flight (two per worker: prefetch) + one waiting to be handed out + replies not yet yielded
+        assert pulled[0] - seen <= 4 * workers + 1
     assert seen == 24
+
+
+def test_the_item_waiting_behind_a_crash_or_a_timeout_runs_on_another_worker():
+    """One worker holds two items (prefetch); when it dies or hangs on the first, only that
+    item fails: the second was never started and runs on the replacement."""
+    items = [("signal", "SIGSEGV"), ("pid",), ("sleep", 600), ("pid",), ("ok", 3)]
+    with IsolatedPool(C.behave, workers=1, timeout_s=2, prefetch=2) as pool:
+        outcomes = dict(pool.imap(items))
+        spawned = list(pool.spawned_pids)
+    assert outcomes[0] == WorkerFailure(DECODER_CRASH, "SIGSEGV")
+    assert outcomes[2] == WorkerFailure(TIMEOUT, "over 2 s")
+    assert outcomes[4] == 3 and len(outcomes) == 5
+    # The items behind the crash and the hang ran on the workers that replaced them.
+    assert outcomes[1] == spawned[1] and outcomes[3] == spawned[2] and len(spawned) == 3
+
+
+def test_the_timeout_counts_from_when_the_worker_could_start_the_item():
+    # Two items of 1.2 s each in one worker's pipe: 2.4 s from hand-over to the second reply,
+    # but each item took 1.2 s of its 2 s.
+    outcomes = dict(imap_isolated(C.behave, [("sleep", 1.2), ("sleep", 1.2)], workers=1, timeout_s=2, prefetch=2))
+    assert outcomes == {0: 1.2, 1: 1.2}
 
 
 def test_stopping_early_or_raising_leaves_no_process():
@@ -258,6 +279,8 @@ def test_arguments():
     assert default_workers() >= 1
     with pytest.raises(ValueError):
         IsolatedPool(C.behave, workers=0, timeout_s=1)
+    with pytest.raises(ValueError):
+        IsolatedPool(C.behave, workers=1, timeout_s=1, prefetch=0)
     with pytest.raises(ValueError):
         IsolatedPool(C.behave, workers=1, timeout_s=0)
     with pytest.raises(ValueError):
