@@ -15,9 +15,8 @@ the coordinator has not finished pushing is asked for again after 1 s, then 2, 4
 many sites the later objects are often not there yet at the first ask.
 
 This shell runs Flower's own ``flower-supernode`` entry point unchanged, after giving that one
-module a ``time`` whose ``sleep`` waits at most ``S`` seconds for the idle wait (Flower's 3 s) and
-at most 0.05 s for its other waits (Flower's 0.5 s, which only look at the SuperNode's own memory:
-is the reply there, is an object's content there), and a ``pull_objects`` whose back-off starts
+module a ``time`` whose ``sleep`` waits at most ``S`` seconds (its idle wait, and its 0.5 s looks
+at its own memory for a reply), and a ``pull_objects`` whose back-off starts
 at 0.05 s and stops growing at ``S`` (the same function, other keyword defaults). Nothing else in
 Flower sees either. The cost: an idle site asks the SuperLink for messages ``1/S`` times a second
 instead of once every 3 s (a small unary request; at the default 0.25 s, 4 a second per site).
@@ -36,21 +35,16 @@ import time
 
 
 PULL_FIRST_BACKOFF_S = 0.05  # the first wait before asking the SuperLink again for an object not there yet
-FLOWER_IDLE_S = 3.0  # the SuperNode loop's idle wait (flwr 1.41); its shorter waits are local
-LOCAL_WAIT_S = 0.05  # the longest of the loop's local waits (Flower's: 0.5 s)
 
 
 class _CappedClock:
-    """``time`` for one module: the same functions, with the idle ``sleep`` at most ``cap``
-    seconds and every shorter one (a look at the SuperNode's own memory) at most
-    :data:`LOCAL_WAIT_S`."""
+    """``time`` for one module: the same functions, with every ``sleep`` at most ``cap`` seconds."""
 
     def __init__(self, cap: float) -> None:
         self.cap = float(cap)
 
     def sleep(self, seconds: float) -> None:
-        seconds = float(seconds)
-        time.sleep(min(seconds, self.cap if seconds >= FLOWER_IDLE_S else min(self.cap, LOCAL_WAIT_S)))
+        time.sleep(min(float(seconds), self.cap))
 
     def __getattr__(self, name: str):
         return getattr(time, name)
