@@ -63,10 +63,13 @@ def cap_idle_wait(cap: float) -> bool:
         return False
     pull = getattr(loop, "pull_objects", None)
     params = inspect.signature(pull).parameters if callable(pull) else {}
-    if not {"initial_backoff", "backoff_cap"} <= set(params):
+    if not {"initial_backoff", "backoff_cap", "max_tries_per_object"} <= set(params):
         return False
     loop.time = _CappedClock(cap)
-    loop.pull_objects = functools.partial(pull, initial_backoff=min(PULL_FIRST_BACKOFF_S, cap), backoff_cap=cap)
+    # No limit on the number of asks (500 at this back-off would be about 2 min); Flower's overall
+    # limit (2 h) stays.
+    loop.pull_objects = functools.partial(pull, initial_backoff=min(PULL_FIRST_BACKOFF_S, cap), backoff_cap=cap,
+                                          max_tries_per_object=None)
     return True
 
 

@@ -86,7 +86,10 @@ Handle = Callable[[Message, Context], Message]
 def pull_task_message(client, initial_backoff: float) -> tuple[Message, Context]:
     """The task's message and context from the Runtime API: Flower's ``pull_task_input`` (flwr
     1.41), with a back-off for objects not yet at the SuperNode that starts at
-    ``initial_backoff`` seconds instead of 1 s and never exceeds :data:`PULL_BACKOFF_CAP_S`."""
+    ``initial_backoff`` seconds instead of 1 s and never exceeds :data:`PULL_BACKOFF_CAP_S`.
+    The number of asks is not limited (Flower's 500 asks would be 2 min at this back-off: a
+    large model still arriving over a slow hospital link would fail); Flower's overall limit
+    (``PULL_MAX_TIME``, 2 h) stays."""
     from flwr.common.serde import context_from_proto
     from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
     from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=no-name-in-module
@@ -105,7 +108,7 @@ def pull_task_message(client, initial_backoff: float) -> tuple[Message, Context]
         tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
         return_type=Message, initial_backoff=min(max(0.01, float(initial_backoff)), PULL_BACKOFF_CAP_S),
-        backoff_cap=PULL_BACKOFF_CAP_S)
+        backoff_cap=PULL_BACKOFF_CAP_S, max_tries_per_object=None)  # bounded by Flower's max_time (2 h), as before
     message.metadata.__dict__["_message_id"] = tree.object_id  # what pull_task_input does: not in the content
     return message, context
 

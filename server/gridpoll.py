@@ -14,6 +14,13 @@ loopback, that added 1-1.5 s to every round for objects that arrived millisecond
 :func:`quick_object_pulls` gives the grid's module a ``pull_objects`` whose back-off starts at
 0.05 s and never exceeds the poll interval (the same function with other keyword defaults; this
 process only). If Flower's module does not have that shape, nothing is changed.
+
+How long a reply's objects are waited for is the round's: before each pull, the limit is the
+time left until the round's timeout (Flower's own: up to 500 asks per object, or 2 h). A reply
+whose objects are still uploading over a slow link is not given up early, and a site that sends
+a reply's head and never its objects cannot hold the coordinator past the round's timeout: Flower
+returns an error reply of its own in place of that reply (``MESSAGE_UNAVAILABLE``, from the
+SuperLink's node, not the site's), and the site is left out of the round as missing.
 """
 
 from __future__ import annotations
@@ -34,20 +41,23 @@ MAX_BACKOFF_S = 5.0  # the longest wait between pulls after failed ones
 FIRST_OBJECT_BACKOFF_S = 0.05  # the first wait before asking again for a reply's object not there yet
 
 
-def quick_object_pulls(grid, cap: float) -> bool:
+def quick_object_pulls(grid, cap: float, max_time: float | None = None) -> bool:
     """Make ``grid``'s module pull objects not yet at the SuperLink again after 0.05 s, doubling up
-    to ``cap`` s (instead of 1 s up to 10 s). True if it is so (now or already)."""
+    to ``cap`` s (instead of 1 s up to 10 s), for at most ``max_time`` s in all (None: Flower's
+    2 h), with no limit on the number of asks. True if it is so (now or already)."""
     module = sys.modules.get(type(grid).__module__)
     pull = getattr(module, "pull_objects", None)
     if isinstance(pull, functools.partial) and getattr(pull, "_dicomfl", False):
-        return True
+        pull = pull.func  # ours from an earlier call: set again with this call's limits
     try:
         params = inspect.signature(pull).parameters if callable(pull) else {}
     except (TypeError, ValueError):
         return False
-    if not {"initial_backoff", "backoff_cap"} <= set(params):
+    if not {"initial_backoff", "backoff_cap", "max_time", "max_tries_per_object"} <= set(params):
         return False
-    quick = functools.partial(pull, initial_backoff=min(FIRST_OBJECT_BACKOFF_S, cap), backoff_cap=max(cap, 0.01))
+    limits = {} if max_time is None else {"max_time": max(0.1, float(max_time))}
+    quick = functools.partial(pull, initial_backoff=min(FIRST_OBJECT_BACKOFF_S, cap), backoff_cap=max(cap, 0.01),
+                              max_tries_per_object=None, **limits)
     quick._dicomfl = True  # type: ignore[attr-defined]
     module.pull_objects = quick
     return True
@@ -64,11 +74,13 @@ def send_and_collect(grid, messages: Iterable[Message], *, timeout: float | None
         yield from grid.send_and_receive(list(messages), timeout=timeout)
         return
     base = max(0.01, float(poll_interval))
-    quick_object_pulls(grid, base)
+    quick = quick_object_pulls(grid, base)
     pending = {mid for mid in push(list(messages)) if mid}  # Flower marks a message it could not push with None
     deadline = None if timeout is None else time.monotonic() + timeout
     interval = base
     while pending:
+        if quick and deadline is not None:  # a reply's objects are waited for until the round's end, no longer
+            quick_object_pulls(grid, base, max_time=deadline - time.monotonic())
         try:
             replies = list(pull(pending))
             interval = base

@@ -43,7 +43,7 @@ def test_the_shell_caps_only_the_supernode_loops_waits():
         # Objects not yet at the SuperLink are asked for again after 0.05 s, at most 0.2 s apart
         # (Flower's own: 1 s, doubling up to 10 s); the function is Flower's own.
         assert loop.pull_objects.func is objects.pull_objects
-        assert loop.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.2}
+        assert loop.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.2, "max_tries_per_object": None}
         assert objects.pull_objects is saved_pull  # other users of Flower's function are not touched
     finally:
         loop.time, loop.pull_objects = saved, saved_pull

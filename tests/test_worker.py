@@ -529,10 +529,19 @@ def test_the_coordinator_asks_again_soon_for_reply_objects_not_yet_at_the_superl
     grid = http_grid.HttpGrid.__new__(http_grid.HttpGrid)  # the module is what matters, not a connection
     saved = http_grid.pull_objects
     try:
-        assert quick_object_pulls(grid, 0.25) and quick_object_pulls(grid, 0.25)  # once, idempotent
+        assert quick_object_pulls(grid, 0.25) and quick_object_pulls(grid, 0.25)  # idempotent
         assert http_grid.pull_objects.func is objects.pull_objects
-        assert http_grid.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.25}
+        assert http_grid.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.25,
+                                                   "max_tries_per_object": None}
         assert objects.pull_objects is saved
+        # Before each pull of a round, the wait for a reply's objects is what is left of the round.
+        assert quick_object_pulls(grid, 0.25, max_time=0.6)
+        assert http_grid.pull_objects.func is objects.pull_objects and http_grid.pull_objects.keywords["max_time"] == 0.6
+        t0 = time.monotonic()
+        with pytest.raises(objects.ObjectPullError):  # a reply whose objects never come: given up at the limit
+            http_grid.pull_objects(["a"], lambda object_id: (_ for _ in ()).throw(objects.ObjectUnavailableError(object_id)))
+        assert time.monotonic() - t0 < 5
+        quick_object_pulls(grid, 0.25)
         # It still pulls: an object missing twice comes on the third ask.
         tries = []
 
