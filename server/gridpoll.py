@@ -20,7 +20,10 @@ time left until the round's timeout (Flower's own: up to 500 asks per object, or
 whose objects are still uploading over a slow link is not given up early, and a site that sends
 a reply's head and never its objects cannot hold the coordinator past the round's timeout: Flower
 returns an error reply of its own in place of that reply (``MESSAGE_UNAVAILABLE``, from the
-SuperLink's node, not the site's), and the site is left out of the round as missing.
+SuperLink's node, not the site's). :func:`send_and_collect` hands the round that error as the
+site's own (an error reply to the site's message, from the site's node), so the round names the
+site that sent no objects. Only an error reply can be re-addressed so: the SuperLink accepts a
+reply only from the node its message went to, so a reply from any other node is Flower's own.
 """
 
 from __future__ import annotations
@@ -63,6 +66,16 @@ def quick_object_pulls(grid, cap: float, max_time: float | None = None) -> bool:
     return True
 
 
+def _as_the_sites(reply: Message, sent: Message | None) -> Message:
+    """``reply``, or, if it is Flower's own error reply in place of a site's (from another node
+    than the one ``sent`` went to), the same error as a reply from that site."""
+    if sent is None or not reply.has_error() or reply.metadata.src_node_id == sent.metadata.dst_node_id:
+        return reply
+    log.warning("no usable reply from node %d (Flower error %s); counted as that site's error",
+                sent.metadata.dst_node_id, reply.error.code)
+    return Message(error=reply.error, reply_to=sent)
+
+
 def send_and_collect(grid, messages: Iterable[Message], *, timeout: float | None,
                      poll_interval: float = 0.25) -> Iterator[Message]:
     """Push ``messages`` and yield their replies as they arrive, for at most ``timeout`` seconds
@@ -75,7 +88,9 @@ def send_and_collect(grid, messages: Iterable[Message], *, timeout: float | None
         return
     base = max(0.01, float(poll_interval))
     quick = quick_object_pulls(grid, base)
-    pending = {mid for mid in push(list(messages)) if mid}  # Flower marks a message it could not push with None
+    messages = list(messages)
+    sent = {mid: m for mid, m in zip(push(messages), messages) if mid}  # Flower marks one it could not push with None
+    pending = set(sent)
     deadline = None if timeout is None else time.monotonic() + timeout
     interval = base
     while pending:
@@ -90,7 +105,7 @@ def send_and_collect(grid, messages: Iterable[Message], *, timeout: float | None
             replies = []
         for reply in replies:
             pending.discard(reply.metadata.reply_to_message_id)
-            yield reply
+            yield _as_the_sites(reply, sent.get(reply.metadata.reply_to_message_id))
         if not pending:
             return
         now = time.monotonic()

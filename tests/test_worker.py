@@ -517,6 +517,36 @@ def test_a_failed_pull_is_asked_again_later_and_the_round_goes_on():
     assert len(gaps) == 3 and gaps[0] >= 0.09 and gaps[2] >= 0.35  # 0.1, 0.2, 0.4 s: backing off, not hammering
 
 
+class _UnavailableGrid(_PollGrid):
+    """Flower's grid when a site sent a reply's head and never its objects: an error reply of
+    its own, from the coordinator's node, in place of the site's."""
+
+    def pull_messages(self, ids):
+        from flwr.app import Error
+        from flwr.common.constant import ErrorCode
+
+        out = []
+        for reply in super().pull_messages(ids):
+            if reply.metadata.src_node_id == 2:
+                err = Message(error=Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason="Reply message objects are unavailable"),
+                              reply_to=self.msgs[reply.metadata.reply_to_message_id])
+                err.metadata.__dict__["_src_node_id"] = 0  # as Flower's grid makes it: from its own node
+                reply = err
+            out.append(reply)
+        return out
+
+
+def test_flowers_own_error_in_place_of_a_sites_reply_is_counted_as_that_sites():
+    from dicomfl.server.gridpoll import send_and_collect
+
+    _task_identity()
+    grid = _UnavailableGrid({1: 0.0, 2: 0.0})
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2)]
+    got = {r.metadata.src_node_id: r for r in send_and_collect(grid, msgs, timeout=5, poll_interval=0.05)}
+    assert set(got) == {1, 2} and not got[1].has_error()
+    assert got[2].has_error() and got[2].error.code == 3  # MESSAGE_UNAVAILABLE, now from node 2
+
+
 def test_the_coordinator_asks_again_soon_for_reply_objects_not_yet_at_the_superlink():
     """Flower's grid waits 1 s, 2 s, ... for a reply's objects that the SuperNode is still
     pushing; the coordinator's grid module asks again after 0.05 s, never more than the poll
