@@ -89,15 +89,19 @@ def pull_task_message(client, initial_backoff: float) -> tuple[Message, Context]
     ``initial_backoff`` seconds instead of 1 s and never exceeds :data:`PULL_BACKOFF_CAP_S`.
     The number of asks is not limited (Flower's 500 asks would be 2 min at this back-off: a
     large model still arriving over a slow hospital link would fail); Flower's overall limit
-    (``PULL_MAX_TIME``, 2 h) stays."""
+    (``PULL_MAX_TIME``, 2 h) stays, and the SuperNode gives up sooner
+    (:data:`dicomfl.client.supernode.PULL_MAX_S`), which ends this wait too. Flower's
+    ``TaskIdentity`` is set as ``pull_task_input`` sets it."""
     from flwr.common.serde import context_from_proto
     from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
     from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=no-name-in-module
     from flwr.supercore.inflatable.inflatable_protobuf_utils import (make_confirm_message_received_fn_protobuf,
                                                                      make_pull_object_fn_protobuf)
     from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
 
     res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
     context = context_from_proto(res.context)
     msgs = client.PullMessages(PullAppMessagesRequest())
     if not msgs.messages_list:

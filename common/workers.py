@@ -59,10 +59,11 @@ Why a second item in the pipe: with one, a worker that has replied waits for the
 up, read the reply and hand it the next item. With two workers on two cores the parent is a
 third process competing for them, and that wait showed: two workers ingested only 1.3x the files
 of one. A worker works on its items in the order it got them, so the parent always knows which
-one it is on (the first not yet answered), and the guarantees stay per item:
+one it is on (the first not yet answered), and the guarantees stay per item (a busy worker gets
+its next item only if it is small, :data:`PREFETCH_MAX_BYTES`, so the hand-over never blocks):
 
 * the per-item timeout runs from when the worker could start the item (its hand-over, or the
-  reply to the item before it, whichever is later);
+  moment it sent its reply to the item before it, whichever is later);
 * a death or a timeout costs exactly the item the worker was on; the item waiting behind it was
   never started, and goes to another worker.
 
@@ -99,6 +100,7 @@ from collections.abc import Callable, Iterable, Iterator, Sized
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Generic, TypeVar
 
 from .errors import DECODER_CRASH, TIMEOUT, WORKER_ERROR, WORKER_MEMORY, RejectedFile
@@ -231,15 +233,17 @@ def _run_one(fn: Callable[[Any], Any], index: int, item: Any) -> tuple:
 
 
 def _send_reply(conn: Connection, reply: tuple) -> None:
-    """Send a reply; a result that cannot be pickled becomes a failure (nothing is half-sent)."""
+    """Send a reply, stamped with when it was sent (``time.monotonic()``, the same clock in every
+    process on Linux: the moment this worker can start its next item); a result that cannot be
+    pickled becomes a failure (nothing is half-sent)."""
     try:
-        conn.send(reply)
+        conn.send((*reply, time.monotonic()))
     except (KeyboardInterrupt, SystemExit, OSError):
         raise
     except MemoryError:
-        conn.send(("fail", reply[1], WORKER_MEMORY, "MemoryError"))
+        conn.send(("fail", reply[1], WORKER_MEMORY, "MemoryError", time.monotonic()))
     except Exception as exc:  # pickling the result failed before anything was written
-        conn.send(("fail", reply[1], WORKER_ERROR, f"result not picklable ({type(exc).__name__})"))
+        conn.send(("fail", reply[1], WORKER_ERROR, f"result not picklable ({type(exc).__name__})", time.monotonic()))
 
 
 def _worker_main(
@@ -281,6 +285,19 @@ def _worker_main(
 
 # --------------------------------------------------------------------------------------------
 # Parent side
+
+#: The largest pickled item handed to a worker that is still busy with another (the next item
+#: waits in its pipe). A pipe holds 64 KiB or more on Linux; a bigger item would block the send.
+PREFETCH_MAX_BYTES = 32 << 10
+
+
+def _pickled(item: tuple, cache: dict[int, bytes]) -> bytes:
+    """``(index, item)`` pickled as ``Connection.send`` would, once per item."""
+    index = item[0]
+    if index not in cache:
+        cache.clear()
+        cache[index] = bytes(ForkingPickler.dumps(item))
+    return cache[index]
 
 
 @dataclass(slots=True)
@@ -342,7 +359,8 @@ class IsolatedPool(Generic[T, R]):
         use). ``workers=1`` still runs every item in a separate process. Callers expose this
         as their own setting (a config key or CLI option) and pass it here.
     timeout_s : float
-        Wall-clock limit per item, counted from when the item is handed to a started worker.
+        Wall-clock limit per item, counted from when the worker could start it: when it was
+        handed over, or when the worker sent its reply to the item before it, whichever is later.
         Start-up (``initializer``) is not counted; lazy imports inside ``fn`` on the first
         item are, so warm them up in ``initializer``.
     memory_bytes : int, optional
@@ -460,6 +478,7 @@ class IsolatedPool(Generic[T, R]):
         source = enumerate(items)
         pending: tuple[int, T] | None = None
         exhausted = False
+        payloads: dict[int, bytes] = {}  # the pickled form of the item being handed out
 
         def fill() -> None:
             """Hand items to the workers with room (the least busy first; starting workers up
@@ -474,11 +493,16 @@ class IsolatedPool(Generic[T, R]):
                 if item is None:
                     return
                 self._top_up(target)
-                room = [w for w in self._workers if w.ready and len(w.tasks) < self._prefetch]
+                payload = _pickled(item, payloads)
+                # A busy worker gets a next item only if it fits in the pipe: a bigger one would
+                # block this send (and every timeout) until the worker has finished its item.
+                room = [w for w in self._workers if w.ready and len(w.tasks) < self._prefetch
+                        and (not w.tasks or len(payload) <= PREFETCH_MAX_BYTES)]
                 if not room:
                     return
-                if not self._dispatch(min(room, key=lambda w: len(w.tasks)), *item):
+                if not self._dispatch(min(room, key=lambda w: len(w.tasks)), *item, payload):
                     return  # that worker died since it last answered; _wait reaps it, the item waits
+                payloads.clear()
                 if requeued:
                     self._requeued.popleft()
                 else:
@@ -545,10 +569,11 @@ class IsolatedPool(Generic[T, R]):
         self.spawned_pids.append(process.pid)
         self._workers.append(_Worker(process, parent_conn, time.monotonic() + self._start_timeout_s))
 
-    def _dispatch(self, w: _Worker, index: int, item: T) -> bool:
-        """Hand ``item`` to ``w``; False (nothing handed) if ``w``'s pipe is closed: it died."""
+    def _dispatch(self, w: _Worker, index: int, item: T, payload: bytes) -> bool:
+        """Hand ``item`` (pickled: ``payload``) to ``w``; False (nothing handed) if ``w``'s pipe is
+        closed: it died."""
         try:
-            w.conn.send((index, item))
+            w.conn.send_bytes(payload)
         except OSError:
             return False
         if not w.tasks:  # it starts on this one now; a later one starts when the one before is answered
@@ -556,10 +581,13 @@ class IsolatedPool(Generic[T, R]):
         w.tasks.append((index, item))
         return True
 
-    def _answered(self, w: _Worker) -> int:
-        """The worker answered the item it was on: forget it, and start the clock of the next."""
+    def _answered(self, w: _Worker, sent_at: float) -> int:
+        """The worker answered the item it was on at ``sent_at`` (its own clock reading, the
+        moment it could start the next item): forget the item, start the clock of the next."""
         index, _item = w.tasks.popleft()
-        w.deadline = time.monotonic() + self._timeout_s
+        now = time.monotonic()
+        at = sent_at if isinstance(sent_at, float) and sent_at <= now else now
+        w.deadline = at + self._timeout_s
         return index
 
     def _requeue_waiting(self, w: _Worker) -> None:
@@ -606,9 +634,9 @@ class IsolatedPool(Generic[T, R]):
                     w.ready = True
                     self._start_failures = 0
                 elif kind == "ok" and msg[1] == w.task:
-                    out.append((self._answered(w), msg[2]))
+                    out.append((self._answered(w, msg[3]), msg[2]))
                 elif kind == "fail" and msg[1] == w.task:
-                    out.append((self._answered(w), WorkerFailure(msg[2], msg[3])))
+                    out.append((self._answered(w, msg[4]), WorkerFailure(msg[2], msg[3])))
                 elif kind == "init-failed":
                     self._kill(w)
                     raise PoolStartError(f"worker initializer raised {msg[1]}")

@@ -11,14 +11,17 @@ A reply's head reaches the SuperLink before its objects (the SuperNode sends the
 pushes the objects), and Flower's grid (flwr 1.41, ``HttpGrid.pull_messages``) waits for an object
 that is not there yet 1 s, then 2, 4, ... (``pull_objects``' defaults; no option). Measured on
 loopback, that added 1-1.5 s to every round for objects that arrived milliseconds later.
-:func:`quick_object_pulls` gives the grid's module a ``pull_objects`` whose back-off starts at
-0.05 s and never exceeds the poll interval (the same function with other keyword defaults; this
-process only). If Flower's module does not have that shape, nothing is changed.
+While a round is out, :func:`send_and_collect` gives the grid's module a ``pull_objects`` whose
+back-off starts at 0.05 s and never exceeds the poll interval (Flower's own function, called
+with other keyword defaults; this process only), and gives Flower's own back when the round's
+replies are in. If Flower's module does not have that shape, nothing is changed.
 
-How long a reply's objects are waited for is the round's: before each pull, the limit is the
-time left until the round's timeout (Flower's own: up to 500 asks per object, or 2 h). A reply
-whose objects are still uploading over a slow link is not given up early, and a site that sends
-a reply's head and never its objects cannot hold the coordinator past the round's timeout: Flower
+How long a reply's objects are waited for is the round's: every call's limit ends at the round's
+timeout (Flower's own: up to 500 asks per object, or 2 h per reply). The grid pulls the replies
+of one pull one after the other; each gets what is left of the round, so several sites that
+stall do not add up. A reply whose objects are still uploading over a slow link is not given up
+early, and a site that sends a reply's head and never its objects cannot hold the coordinator
+past the round's timeout: Flower
 returns an error reply of its own in place of that reply (``MESSAGE_UNAVAILABLE``, from the
 SuperLink's node, not the site's). :func:`send_and_collect` hands the round that error as the
 site's own (an error reply to the site's message, from the site's node), so the round names the
@@ -44,26 +47,51 @@ MAX_BACKOFF_S = 5.0  # the longest wait between pulls after failed ones
 FIRST_OBJECT_BACKOFF_S = 0.05  # the first wait before asking again for a reply's object not there yet
 
 
-def quick_object_pulls(grid, cap: float, max_time: float | None = None) -> bool:
+class _QuickPulls:
+    """Flower's ``pull_objects`` with a short back-off, no limit on the number of asks, and, while
+    a round is out, an overall limit that ends at the round's ``deadline`` (``time.monotonic()``)
+    however many replies the grid pulls one after the other."""
+
+    def __init__(self, func, cap: float) -> None:
+        self.func, self.cap, self.deadline = func, cap, None
+
+    def __call__(self, *args, **kwargs):
+        kwargs.setdefault("initial_backoff", min(FIRST_OBJECT_BACKOFF_S, self.cap))
+        kwargs.setdefault("backoff_cap", self.cap)
+        kwargs.setdefault("max_tries_per_object", None)
+        if self.deadline is not None:
+            kwargs.setdefault("max_time", max(0.1, self.deadline - time.monotonic()))
+        return self.func(*args, **kwargs)
+
+
+def quick_object_pulls(grid, cap: float, deadline: float | None = None) -> _QuickPulls | None:
     """Make ``grid``'s module pull objects not yet at the SuperLink again after 0.05 s, doubling up
-    to ``cap`` s (instead of 1 s up to 10 s), for at most ``max_time`` s in all (None: Flower's
-    2 h), with no limit on the number of asks. True if it is so (now or already)."""
+    to ``cap`` s (instead of 1 s up to 10 s), with no limit on the number of asks and, if
+    ``deadline`` is given, none after it (else Flower's 2 h). Returns what was installed (None:
+    the module does not have the expected shape; nothing was changed). Undo with
+    :func:`restore_object_pulls`."""
     module = sys.modules.get(type(grid).__module__)
     pull = getattr(module, "pull_objects", None)
-    if isinstance(pull, functools.partial) and getattr(pull, "_dicomfl", False):
-        pull = pull.func  # ours from an earlier call: set again with this call's limits
+    if isinstance(pull, _QuickPulls):
+        pull = pull.func
     try:
         params = inspect.signature(pull).parameters if callable(pull) else {}
     except (TypeError, ValueError):
-        return False
+        return None
     if not {"initial_backoff", "backoff_cap", "max_time", "max_tries_per_object"} <= set(params):
-        return False
-    limits = {} if max_time is None else {"max_time": max(0.1, float(max_time))}
-    quick = functools.partial(pull, initial_backoff=min(FIRST_OBJECT_BACKOFF_S, cap), backoff_cap=max(cap, 0.01),
-                              max_tries_per_object=None, **limits)
-    quick._dicomfl = True  # type: ignore[attr-defined]
+        return None
+    quick = _QuickPulls(pull, max(float(cap), 0.01))
+    quick.deadline = deadline
     module.pull_objects = quick
-    return True
+    return quick
+
+
+def restore_object_pulls(grid) -> None:
+    """Give ``grid``'s module back Flower's own ``pull_objects``."""
+    module = sys.modules.get(type(grid).__module__)
+    pull = getattr(module, "pull_objects", None)
+    if isinstance(pull, _QuickPulls):
+        module.pull_objects = pull.func
 
 
 def _as_the_sites(reply: Message, sent: Message | None) -> Message:
@@ -87,15 +115,21 @@ def send_and_collect(grid, messages: Iterable[Message], *, timeout: float | None
         yield from grid.send_and_receive(list(messages), timeout=timeout)
         return
     base = max(0.01, float(poll_interval))
-    quick = quick_object_pulls(grid, base)
     messages = list(messages)
     sent = {mid: m for mid, m in zip(push(messages), messages) if mid}  # Flower marks one it could not push with None
     pending = set(sent)
     deadline = None if timeout is None else time.monotonic() + timeout
+    # A reply's objects are waited for until the round's end, no longer; Flower's own afterwards.
+    quick_object_pulls(grid, base, deadline)
+    try:
+        yield from _collect(pull, sent, pending, deadline, base)
+    finally:
+        restore_object_pulls(grid)
+
+
+def _collect(pull, sent: dict, pending: set, deadline: float | None, base: float) -> Iterator[Message]:
     interval = base
     while pending:
-        if quick and deadline is not None:  # a reply's objects are waited for until the round's end, no longer
-            quick_object_pulls(grid, base, max_time=deadline - time.monotonic())
         try:
             replies = list(pull(pending))
             interval = base

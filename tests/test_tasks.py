@@ -43,7 +43,8 @@ def test_the_shell_caps_only_the_supernode_loops_waits():
         # Objects not yet at the SuperLink are asked for again after 0.05 s, at most 0.2 s apart
         # (Flower's own: 1 s, doubling up to 10 s); the function is Flower's own.
         assert loop.pull_objects.func is objects.pull_objects
-        assert loop.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.2, "max_tries_per_object": None}
+        assert loop.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.2, "max_tries_per_object": None,
+                                              "max_time": shell.PULL_MAX_S}
         assert objects.pull_objects is saved_pull  # other users of Flower's function are not touched
     finally:
         loop.time, loop.pull_objects = saved, saved_pull
@@ -74,7 +75,8 @@ def test_the_shell_changes_nothing_in_a_supernode_loop_of_another_shape(monkeypa
     assert loop.time is saved
 
 
-@pytest.mark.parametrize("argv", [[], ["--idle-s", "0"], ["--idle-s", "nan", "--"], ["--idle-s", "0.2", "x"]])
+@pytest.mark.parametrize("argv", [[], ["--idle-s", "0"], ["--idle-s", "0.01", "--"], ["--idle-s", "nan", "--"],
+                                  ["--idle-s", "0.2", "x"]])
 def test_the_shell_refuses_bad_arguments(argv, capsys):
     assert shell.main(argv) == 2
     assert "\n" == capsys.readouterr().err[-1:]

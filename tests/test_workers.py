@@ -245,6 +245,34 @@ def test_the_timeout_counts_from_when_the_worker_could_start_the_item():
     assert outcomes == {0: 1.2, 1: 1.2}
 
 
+def test_a_big_item_waits_for_a_free_worker_so_a_hang_still_times_out():
+    """An item too big for the pipe is not queued behind a busy worker's item: the parent's
+    send would block until that item ended, and with it every timeout."""
+    from dicomfl.common.workers import PREFETCH_MAX_BYTES
+
+    big = "x" * (8 * PREFETCH_MAX_BYTES)
+    t0 = time.monotonic()
+    outcomes = dict(imap_isolated(C.behave, [("sleep", 120), ("ok", big)], workers=1, timeout_s=2, prefetch=2))
+    assert outcomes == {0: WorkerFailure(TIMEOUT, "over 2 s"), 1: big}
+    assert time.monotonic() - t0 < 60  # not the 120 s of the hang
+
+
+def test_a_queued_item_is_timed_from_when_its_worker_started_it():
+    """The consumer holds the generator for 8 s after the first outcome; the worker went on with
+    the items it held. The third item (a hang) started at about 0.3 s, so it is past its 2 s when
+    the consumer comes back, and times out at once, not 2 s after the parent read the reply
+    before it."""
+    t0 = time.monotonic()
+    seen = {}
+    for index, outcome in imap_isolated(C.behave, [("ok", 1), ("sleep", 0.3), ("sleep", 120)], workers=1,
+                                        timeout_s=2, prefetch=2):
+        seen[index] = (outcome, time.monotonic() - t0)
+        if index == 0:
+            time.sleep(8)
+    assert seen[1][0] == 0.3 and seen[2][0] == WorkerFailure(TIMEOUT, "over 2 s")
+    assert seen[2][1] < 9.5  # from the reply's own time: at once; from the parent's reading of it: 10 s
+
+
 def test_stopping_early_or_raising_leaves_no_process():
     items = [("ok", 1), ("sleep", 600), ("sleep", 600)]
     before, start = children(), time.monotonic()
