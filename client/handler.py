@@ -81,8 +81,19 @@ class InMemorySites(SiteResolver):
 
 
 def _numbers(d: dict, allowed: frozenset) -> MetricRecord:
-    return MetricRecord({k: float(v) for k, v in d.items()
-                         if k in allowed and isinstance(v, (int, float, np.floating, np.integer))})
+    """The whitelisted scalars of ``d`` (and its list metrics, :data:`~dicomfl.common.protocol.LIST_METRICS`,
+    when allowed: sent whole or not at all; a list with a non-finite value is left out, and its id too)."""
+    out = {k: float(v) for k, v in d.items() if k in allowed and isinstance(v, (int, float, np.floating, np.integer))}
+    for k in P.LIST_METRICS & allowed:
+        v = d.get(k)
+        if v is None:
+            continue
+        arr = np.asarray(v, dtype=np.float64).reshape(-1)
+        if 0 < len(arr) <= P.MAX_REPLICATES and np.isfinite(arr).all():
+            out[k] = [float(x) for x in arr]
+        elif k == P.AUROC_REPLICATES:
+            out.pop(P.AUROC_REPLICATES_ID, None)
+    return MetricRecord(out)
 
 
 # What a site accepts from the coordinator, key by key: (type, lowest, highest). Every string and
@@ -94,6 +105,7 @@ PLAN_BOUNDS: dict[str, tuple[str, float, float]] = {
     "local-steps": (_INT, 0, 10_000_000), "seed": (_INT, -(2**62), 2**62), "proximal-mu": (_NUM, 0.0, 1e6),
     "target-epsilon": (_NUM, 0.0, 1e6), "delta": (_NUM, 1e-300, 0.999), "lr-scale": (_NUM, 1e-3, 1.0),
     "personalize-steps": (_INT, 0, 100_000), "personalize-lr-scale": (_NUM, 1e-3, 1.0), "personalize-checks": (_INT, 1, 20),
+    P.REPLICATES_REQUEST: (_INT, 0, P.MAX_REPLICATES),
 }
 
 
@@ -248,10 +260,15 @@ class SiteHandler:
         content[P.METRICS] = _numbers(metrics, P.TRAIN_METRICS)
         if P.LOCAL_ARRAYS in msg.content and site.cfg.privacy.share_local_model:  # the site's opt-in, never the coordinator's
             local_plan = RoundPlan(**{**plan.__dict__, "run": f"{plan.run}.local", "proximal_mu": 0.0})
-            lo = site.train(_weights(msg, P.LOCAL_ARRAYS), local_plan)
+            local_weights = _weights(msg, P.LOCAL_ARRAYS)
+            # the incoming local model on validation data, as for the global model (its learning curve)
+            lval = site.evaluate(local_weights, split=VAL, features=plan.features)
+            lo = site.train(local_weights, local_plan)
             if lo.weights is not None:
                 content[P.LOCAL_ARRAYS] = P.to_record(lo.weights)
-            content[P.LOCAL_METRICS] = _numbers(lo.metrics, P.TRAIN_METRICS)
+            content[P.LOCAL_METRICS] = _numbers({**{f"val-{k}": lval.get(k, math.nan) for k in
+                                                    ("auroc", "loss", "balanced_accuracy", "num-examples")},
+                                                 **lo.metrics}, P.TRAIN_METRICS)
         return Message(content=content, reply_to=msg)
 
     # ---------------------------------------------------------------- personalize
@@ -274,15 +291,18 @@ class SiteHandler:
         with ``personal: true`` also the site's own personalized model, if it has one for the run."""
         content = RecordDict({P.SITE: ConfigRecord({"name": site.name})})
         features = transform_from(cfg, site.model_cfg)
+        # replicate AUROCs: as many as the coordinator asks, at most what the site allows (default none)
+        reps = min(_bounded(cfg, P.REPLICATES_REQUEST, 0), site.cfg.privacy.eval_replicates)
         for key in list(msg.content.keys()):
             if key.startswith(P.MODEL_PREFIX):
                 model_id = key[len(P.MODEL_PREFIX):]
-                metrics = site.evaluate(_weights(msg, key), features=features)
+                metrics = site.evaluate(_weights(msg, key), features=features, replicates=reps)
                 content[P.EVAL_PREFIX + model_id] = _numbers(metrics, P.EVAL_METRICS)
         if _flag(cfg, "personal"):  # under a fixed id: the coordinator names it by the authenticated site
             stored = stored_personal_model(site, run_name(cfg.get("run", "run")))
             if stored is not None:
-                content[P.EVAL_PREFIX + P.OWN_PERSONAL] = _numbers(site.evaluate(stored, features=features), P.EVAL_METRICS)
+                content[P.EVAL_PREFIX + P.OWN_PERSONAL] = _numbers(
+                    site.evaluate(stored, features=features, replicates=reps), P.EVAL_METRICS)
         return Message(content=content, reply_to=msg)
 
     # ---------------------------------------------------------------------- query

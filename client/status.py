@@ -55,7 +55,7 @@ def last_ingest(state_dir: Path) -> dict[str, Any] | None:
 
 def site_status(cfg: SiteConfig) -> dict[str, Any]:
     """The site's status: intake counters (when ``site.intake`` is configured), the last
-    ingestion and the privacy budget spent."""
+    ingestion, the privacy budget spent, and the opt-in releases its config allows."""
     state = cfg.site.state_dir
     intake = cfg.site.intake
     p = cfg.privacy
@@ -71,4 +71,6 @@ def site_status(cfg: SiteConfig) -> dict[str, Any]:
                                               "tls": intake.tls is not None, **intake_status(state)},
         "ingest": last_ingest(state),
         "privacy": privacy,
+        # what the site's config lets leave it beyond weights and whitelisted numbers (site's opt-ins)
+        "releases": {"local_model": bool(p.share_local_model), "eval_replicates": int(p.eval_replicates)},
     }

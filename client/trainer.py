@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dicomfl.common import protocol as P
 from dicomfl.common.config import SiteConfig
 from dicomfl.common.errors import NoTrainingData
 from dicomfl.common.ingest import SiteData, ingest
@@ -79,6 +80,7 @@ class SiteTrainer:
         self.model_cfg = model_cfg
         self._data = data
         self._splits: dict[int, SplitData] = {}
+        self._resamples: "tuple[list[np.ndarray], int] | None" = None
 
     @property
     def name(self) -> str:
@@ -186,13 +188,37 @@ class SiteTrainer:
 
     # --------------------------------------------------------------- evaluate
     def evaluate(self, arrays: "dict[str, np.ndarray]", split: int = TEST,
-                 features: "FeatureTransform | None" = None) -> dict[str, float]:
+                 features: "FeatureTransform | None" = None, replicates: int = 0) -> dict:
         """Metrics of the model with these weights on ``split`` (test: threshold from validation),
-        its feature rows transformed by ``features`` (the run's standardization and drops)."""
+        its feature rows transformed by ``features`` (the run's standardization and drops).
+
+        ``replicates`` > 0 (test split, binary model): also ``auroc-boot``, the AUROC on each of
+        that many resamples of the test split (the same resamples for every model: see
+        :meth:`test_resamples`), and ``auroc-boot-id``, the split's id. Whether they may leave the
+        site is the caller's business (the handler asks ``privacy.eval_replicates``)."""
         m = self.model()
         load_weights(m, arrays)
         test = self.view(split, features)
         val = self.view(VAL, features) if split == TEST else None
-        out = evaluate(m, test, val)
+        boot, split_id = self.test_resamples(replicates) if replicates and split == TEST else (None, None)
+        out = evaluate(m, test, val, replicates=boot)
+        if P.AUROC_REPLICATES in out:
+            out[P.AUROC_REPLICATES_ID] = float(split_id)
         out["num-examples"] = float(len(test))
         return out
+
+    def test_resamples(self, n: int) -> "tuple[list[np.ndarray], int]":
+        """The first ``n`` resamples of the test split (by patient, stratified by label) and the
+        split's id. They depend only on the site's name and the split (its labels and pseudonymous
+        patients), never on a model or a run: :func:`dicomfl.common.stats.replicate_indices`."""
+        from dicomfl.common.stats import replicate_indices, split_seed
+
+        have = self._resamples
+        if have is None or len(have[0]) < n:
+            data = self.data()
+            idx = data.subset(TEST)
+            labels = self.split(TEST).labels
+            groups = [data.patients[i] for i in idx]
+            seed, split_id = split_seed(self.name, labels, groups)
+            have = self._resamples = (replicate_indices(labels, groups, n, seed), split_id)
+        return have[0][:n], have[1]

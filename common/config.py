@@ -237,6 +237,11 @@ class PrivacySection(_Strict):
     # other site (cross-site validation): off unless the site opts in. Under DP it is charged to
     # the same budget as everything else.
     share_local_model: bool = False
+    # Replicate AUROCs (dicomfl.common.protocol.AUROC_REPLICATES): at most this many per evaluated
+    # model, when the coordinator asks (run.yaml cross_site.replicates). They are B AUROCs of each
+    # model on resamples of this site's test split, for paired comparisons between models; 0 (the
+    # default) sends none, whatever the coordinator asks.
+    eval_replicates: int = Field(default=0, ge=0, le=5000)
 
 
 class AugmentSection(_Strict):
@@ -559,6 +564,9 @@ class RunSection(_Strict):
 class CrossSiteSection(_Strict):
     every: int = Field(default=0, ge=0)  # 0 = at the end only
     local_baseline: bool = True
+    # Ask each site for this many replicate AUROCs per model (paired comparisons; a site sends at
+    # most its own privacy.eval_replicates, by default none). 0: ask for none.
+    replicates: int = Field(default=0, ge=0, le=5000)
 
 
 class RunPrivacySection(_Strict):
@@ -603,7 +611,7 @@ def run_config_dict(name: str, *, model: "ModelConfig | dict", sites: list = (),
                     rounds: int = 5, strategy: str = "fedavg", proximal_mu: float = 0.0, min_sites: int = 2,
                     local_epochs: int = 1, seed: int = 0, server_lr: float = 0.01, round_timeout_s: float = 600,
                     local_baseline: bool = True, cross_site_every: int = 0, dp: bool = False,
-                    target_epsilon: float | None = 8.0, delta: float = 1.0e-5) -> dict[str, Any]:
+                    target_epsilon: float | None = 8.0, delta: float = 1.0e-5, replicates: int = 0) -> dict[str, Any]:
     """A run config as a plain mapping, ready for ``yaml.safe_dump`` (the one builder of run configs:
     ``dicomfl synth``, ``dicomfl demo`` and the benchmark use it). It is validated here, so a bad
     value fails where it is made, not where it is read.
@@ -611,7 +619,8 @@ def run_config_dict(name: str, *, model: "ModelConfig | dict", sites: list = (),
     raw = {"run": {"name": name, "rounds": rounds, "strategy": strategy, "proximal_mu": proximal_mu,
                    "min_sites": min_sites, "local_epochs": local_epochs, "round_timeout_s": round_timeout_s,
                    "seed": seed, "server_lr": server_lr},
-           "cross_site": {"every": cross_site_every, "local_baseline": local_baseline},
+           "cross_site": {"every": cross_site_every, "local_baseline": local_baseline,
+                          **({"replicates": replicates} if replicates else {})},
            "model": model.model_dump(exclude_none=True) if isinstance(model, BaseModel) else dict(model),
            "privacy": {"dp": dp, "target_epsilon": target_epsilon, "delta": delta},
            "sites": [str(p) for p in sites]}

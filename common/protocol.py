@@ -18,7 +18,8 @@ reviewers can check it in one place:
   and, only if the site's ``privacy.share_local_model`` says so, ``personal-arrays``
   (ArrayRecord: its personalized model, the model's names and shapes).
 * evaluate reply: ``site`` and one MetricRecord ``metrics.<model-id>`` per model (keys in
-  :data:`EVAL_METRICS`); when the message's config has ``personal: true``, also
+  :data:`EVAL_METRICS`; all scalars except the replicate AUROCs :data:`AUROC_REPLICATES`, a list
+  sent only when the site's ``privacy.eval_replicates`` allows it); when the message's config has ``personal: true``, also
   ``metrics.personal`` for the site's own personalized model (kept at the site when it does not
   share it). The coordinator files it as ``personal:<site>`` under the site's authenticated name:
   the id a site answers with never names it.
@@ -66,8 +67,31 @@ TRAIN_METRICS = frozenset({
 EVAL_METRICS = frozenset({
     "num-examples", "n", "threshold", "prevalence", "auroc", "auroc_lo", "auroc_hi", "auprc", "accuracy",
     "balanced_accuracy", "sensitivity", "specificity", "brier", "ece", "loss",
-    "val-auroc",  # the same model on the site's validation split (model selection, never the test split)
+    # the same model on the site's validation split (model selection, never the test split)
+    "val-auroc", "val-loss",
+    "auroc-boot", "auroc-boot-id",  # replicate AUROCs (below): only when the site allows them
 })
+
+# ------------------------------------------------------------------ replicate AUROCs (evaluate)
+# With the site's consent (site.yaml ``privacy.eval_replicates: B``, default 0 = never) and when the
+# evaluate message asks (config ``replicates``: the run's ``cross_site.replicates``), a site adds to
+# each model's metrics:
+#   auroc-boot     a list of min(asked, allowed) AUROCs, each in [0, 1], of the model on resamples of
+#                  the site's test split (by patient, stratified by label; see dicomfl.common.stats).
+#                  Replicate r is the same resample for every model the site ever evaluates on that
+#                  split (seeded by the site's name and the split's content, never by the model or
+#                  run), so the coordinator can pair replicates of two models and bootstrap their
+#                  difference. They say no more about the test data than the AUROC itself does about
+#                  B subsets of it; the resamples are keyed by the patients' pseudonyms, which the
+#                  coordinator cannot compute.
+#   auroc-boot-id  a 36-bit id of the test split (an integer), so that replicates from different
+#                  runs are paired only when they come from the same split.
+AUROC_REPLICATES = "auroc-boot"
+AUROC_REPLICATES_ID = "auroc-boot-id"
+REPLICATES_REQUEST = "replicates"  # evaluate message config: how many the coordinator asks for
+MAX_REPLICATES = 5000  # the most a site sends and the coordinator accepts per model
+REPLICATES_ID_BITS = 36  # auroc-boot-id is below 2**36: exact as a float, and below replies.MAX_METRIC_ABS
+LIST_METRICS = frozenset({AUROC_REPLICATES})  # the only list-valued metrics on the wire
 
 # ------------------------------------------------------------ federated feature statistics
 # Query message (Flower "query") before round 1: the coordinator asks each site for counts, sums and

@@ -37,6 +37,7 @@ import copy
 import secrets
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -231,6 +232,10 @@ class TrainSettings:
     optimizer: Literal["adam", "sgd"] = "adam"
     # SCAFFOLD's gradient correction c - c_i by parameter name (added after the privacy step); None: off.
     correction: "dict[str, np.ndarray] | None" = None
+    # Called as on_epoch(epoch, model) after each full epoch (1, 2, ...) with the model being trained
+    # (e.g. to score it on validation data for a learning curve); it may switch the model to eval mode
+    # and run it under no_grad, training resumes in train mode. None: nothing is called.
+    on_epoch: "Callable[[int, nn.Module], None] | None" = None
 
 
 @dataclass
@@ -336,7 +341,7 @@ def train_local(
         total_loss, seen, steps = 0.0, 0, 0
         done = False
         aug_gen = torch.Generator().manual_seed(settings.seed + 0x9E3779B9) if settings.augment else None
-        for _ in range(settings.epochs):
+        for epoch in range(settings.epochs):
             for images, feats, y in loader:
                 if settings.max_steps is not None and steps >= settings.max_steps:
                     done = True
@@ -372,6 +377,9 @@ def train_local(
                 steps += 1
             if done:
                 break
+            if settings.on_epoch is not None:
+                settings.on_epoch(epoch + 1, work)
+                work.train()
         history = list(engine.accountant.history) if engine is not None else []
         sample_rate = (1.0 / len(loader)) if engine is not None else None
     out = get_weights(work)
@@ -462,17 +470,32 @@ def predict(model: nn.Module, data: SplitData, batch_size: int | None = None,
     return np.concatenate(outs) if outs else np.zeros((0, n_classes), np.float32)
 
 
-def evaluate(model: nn.Module, test: SplitData, val: SplitData | None = None) -> dict[str, float]:
-    """Metrics on ``test`` with the binary threshold chosen on ``val`` (see :mod:`.metrics`), plus loss."""
+def evaluate(model: nn.Module, test: SplitData, val: SplitData | None = None,
+             replicates: "list[np.ndarray] | None" = None) -> dict:
+    """Metrics on ``test`` with the binary threshold chosen on ``val`` (see :mod:`.metrics`), plus loss.
+
+    ``replicates``: resamples of ``test`` (:func:`~dicomfl.common.stats.replicate_indices`); for a
+    binary model the AUROC on each is added as ``auroc-boot`` (an array; NaN where a resample lacks
+    a class)."""
     probs = predict(model, test)
     pv = predict(model, val) if val is not None and len(val) else None
     out = evaluate_predictions(test.labels, probs, val.labels if pv is not None else None, pv)
+    if replicates and len(test) and probs.ndim == 2 and probs.shape[1] == 2:
+        from .protocol import AUROC_REPLICATES
+        from .stats import replicate_aurocs
+
+        out[AUROC_REPLICATES] = replicate_aurocs(test.labels, probs[:, 1], replicates)
     if pv is not None:  # the model's score on validation data, for choosing between models
         out["val-auroc"] = auroc(val.labels, pv)
-    if len(test):
-        p = np.clip(probs[np.arange(len(test)), test.labels], 1e-7, 1.0)
-        out["loss"] = float(-np.log(p).mean())
-    else:
-        out["loss"] = float("nan")
+        out["val-loss"] = _nll(pv, val.labels)
+    out["loss"] = _nll(probs, test.labels)
     return out
+
+
+def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the labels (NaN without samples)."""
+    if not len(labels):
+        return float("nan")
+    p = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
+    return float(-np.log(p).mean())
 

@@ -52,6 +52,7 @@ class RoundRecord(TypedDict, total=False):
     round: int
     sampled: int  # sites the strategy sent a train message to
     sites: dict[str, dict[str, float]]  # site -> its train metrics (whitelisted numbers only)
+    local: dict[str, dict[str, float]]  # site -> its local-only baseline's train metrics (incl. val-auroc before training)
     rejected: dict[str, str]  # site -> why its update was not aggregated
     errors: dict[str, str]  # site -> the error code it replied with
     declined: list[str]  # sites that declined to train (privacy budget)
@@ -289,6 +290,8 @@ class Federation:
             rec["sites"][site] = res.metrics
             if res.local_arrays is not None:
                 state.local_weights[site] = res.local_arrays
+            if res.local_metrics is not None:
+                rec.setdefault("local", {})[site] = res.local_metrics
             if res.declined:
                 rec["declined"].append(site)
                 log.warning("round %d: %s declined to train (privacy budget)", rnd, site)
@@ -397,6 +400,9 @@ class Federation:
         nodes = list(self.grid.get_node_ids())
         config = self._base_config(0)
         config["personal"] = personal
+        replicates = self.cfg.cross_site.replicates
+        if replicates:  # a site sends at most its own privacy.eval_replicates (default none)
+            config[P.REPLICATES_REQUEST] = replicates
         content = RecordDict({P.CONFIG: config})
         for mid, arr in models.items():
             content[P.MODEL_PREFIX + mid] = P.to_record(arr)
@@ -407,7 +413,8 @@ class Federation:
         errors = {}
         for msg in replies:
             site = self.name(msg.metadata.src_node_id)
-            res = validate_eval_reply(msg, list(models) + ([P.OWN_PERSONAL] if personal else []))
+            res = validate_eval_reply(msg, list(models) + ([P.OWN_PERSONAL] if personal else []),
+                                      max_replicates=replicates)
             if isinstance(res, Rejection):
                 errors[site] = res.reason
                 log.warning("cross-site (%s): %s: %s", tag, site, res.reason)

@@ -31,7 +31,9 @@ TRAIN_METRICS), optionally ``personal-arrays`` (same checks as arrays) and ``sit
 
 Evaluate reply (:func:`validate_eval_reply`): ``site`` and ``metrics.<model-id>`` MetricRecords
 (keys in EVAL_METRICS) for model ids that were sent (and ``personal`` for the replying site's own
-personalized model, when the coordinator asked for it).
+personalized model, when the coordinator asked for it). Only when replicates were asked for, a
+record may hold ``auroc-boot`` (a list of at most that many numbers, each finite and in [0, 1])
+and with it ``auroc-boot-id`` (an integer below 2**36).
 """
 
 from __future__ import annotations
@@ -215,14 +217,41 @@ def _metric_value(key: str, v: Any, must_be_finite: bool) -> float:
     return f
 
 
-def _metrics(rec: Any, where: str, allowed: frozenset[str], finite: frozenset[str]) -> dict[str, float]:
+def _metrics(rec: Any, where: str, allowed: frozenset[str], finite: frozenset[str],
+             max_list: int = 0) -> dict[str, Any]:
+    """The record's metrics: scalars, and the protocol's list metrics (:data:`P.LIST_METRICS`) when
+    ``max_list`` > 0 (at most that many entries each)."""
     if not isinstance(rec, MetricRecord):
         raise _Invalid(f"record {where} is not a MetricRecord")
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     for k, v in rec.items():
         if not isinstance(k, str) or k not in allowed:
             raise _Invalid(f"record {where} has a metric outside the protocol")
-        out[k] = _metric_value(k, v, k in finite)
+        if k in P.LIST_METRICS:
+            out[k] = _replicates(k, v, max_list)
+        else:
+            out[k] = _metric_value(k, v, k in finite)
+    return out
+
+
+def _replicates(key: str, v: Any, max_len: int) -> list[float]:
+    """A list of replicate AUROCs: asked for, 1 to ``max_len`` numbers, each finite and in [0, 1]."""
+    if max_len <= 0:
+        raise _Invalid(f"metric {key} was not asked for")
+    if not isinstance(v, list):
+        raise _Invalid(f"metric {key} is not a list")
+    if not 1 <= len(v) <= max_len:
+        raise _Invalid(f"metric {key} has {len(v)} values, expected 1 to {max_len}")
+    out = []
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise _Invalid(f"metric {key} holds a value that is not a number")
+        f = float(x) if not isinstance(x, int) or abs(x) <= 2**63 else math.inf
+        if not math.isfinite(f):
+            raise _Invalid(f"metric {key} holds NaN or infinite values")
+        if not 0.0 <= f <= 1.0:
+            raise _Invalid(f"metric {key} holds values outside [0, 1]")
+        out.append(f)
     return out
 
 
@@ -526,7 +555,7 @@ def validate_personal_reply(msg: Message, reference_arrays: Mapping[str, np.ndar
     return _guarded(_validate_personal)(msg, reference_arrays)
 
 
-def _validate_eval(msg: Message, node: int, model_ids: Iterable[str]) -> ValidEval:
+def _validate_eval(msg: Message, node: int, model_ids: Iterable[str], max_replicates: int = 0) -> ValidEval:
     ids = [m for m in model_ids]
     content = _content(msg)
     expected = {P.EVAL_PREFIX + m: m for m in ids}
@@ -538,18 +567,25 @@ def _validate_eval(msg: Message, node: int, model_ids: Iterable[str]) -> ValidEv
             out.claimed_name = _site_name(content[k])
         elif k in expected:
             mid = expected[k]
-            out.metrics[mid] = _metrics(content[k], P.EVAL_PREFIX + "<model>", P.EVAL_METRICS, FINITE_EVAL_METRICS)
-            for cnt in FINITE_EVAL_METRICS & set(out.metrics[mid]):
-                v = out.metrics[mid][cnt]
+            m = out.metrics[mid] = _metrics(content[k], P.EVAL_PREFIX + "<model>", P.EVAL_METRICS,
+                                            FINITE_EVAL_METRICS, max_list=max_replicates)
+            for cnt in FINITE_EVAL_METRICS & set(m):
+                v = m[cnt]
                 if v < 0 or v != math.floor(v):
                     raise _Invalid(f"metric {cnt} is not a count")
+            if (P.AUROC_REPLICATES in m) != (P.AUROC_REPLICATES_ID in m):
+                raise _Invalid(f"metrics {P.AUROC_REPLICATES} and {P.AUROC_REPLICATES_ID} come only together")
+            if P.AUROC_REPLICATES_ID in m:
+                sid = m[P.AUROC_REPLICATES_ID]
+                if not (0 <= sid < 2 ** P.REPLICATES_ID_BITS) or sid != math.floor(sid):
+                    raise _Invalid(f"metric {P.AUROC_REPLICATES_ID} is not a split id")
         else:
             raise _Invalid("reply has an unexpected record")
     out.missing = [m for m in ids if m not in out.metrics]
     return out
 
 
-def validate_eval_reply(msg: Message, model_ids: Iterable[str]) -> ValidEval | Rejection:
+def validate_eval_reply(msg: Message, model_ids: Iterable[str], max_replicates: int = 0) -> ValidEval | Rejection:
     """Check an evaluate (cross-site) reply. Never raises.
 
     Parameters
@@ -559,13 +595,17 @@ def validate_eval_reply(msg: Message, model_ids: Iterable[str]) -> ValidEval | R
     model_ids : iterable of str
         The model ids that were sent (``model.<id>`` records); the reply may answer each once
         as ``metrics.<id>``.
+    max_replicates : int, optional
+        How many replicate AUROCs the coordinator asked for (``auroc-boot``: a list of at most this
+        many numbers in [0, 1], with its ``auroc-boot-id``); 0: a reply with replicates is refused.
 
     Returns
     -------
     ValidEval or Rejection
         The metrics per model (and the ids not answered), or why the reply cannot be used.
     """
-    return _guarded(_validate_eval)(msg, list(model_ids) if model_ids is not None else [])
+    return _guarded(_validate_eval)(msg, list(model_ids) if model_ids is not None else [],
+                                    max_replicates=int(max_replicates))
 
 
 @dataclass

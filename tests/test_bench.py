@@ -4,6 +4,7 @@ the shared federation of tests/test_deployment.py."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -47,6 +48,32 @@ def test_bench_grid_tables_plots_and_resume(cohort, tmp_path):
         assert (out / f).stat().st_size > 0
     md = (out / "results.md").read_text()
     assert "| fedavg+dp(eps=8) |" in md and "Leave one site out" in md and "12 simulated sites" in md
+    # The headline table: paired comparisons over the same sites, test images and seed, from the
+    # replicate AUROCs every site sent (bench default: 1000 per model).
+    assert "## Headline comparisons" in md
+    assert "| comparison (A vs B) | mean difference in AUROC | 95% interval | sites x seeds | verdict |" in md
+    head = {h["comparison"]: h for h in payload["headline"]}
+    for want in ("fedavg vs local (each site's own model, at home)", "fedavg vs pooled", "pooled vs local at home",
+                 "fused (pixels + metadata) vs image-only, fedavg", "DP-SGD (eps=8) vs no DP, fedavg"):
+        h = head[want]
+        assert h["sites"] == 3 and h["seeds"] == 1 and h["replicates"] == 1000 and h["unpaired_dropped"] == 0
+        assert h["lo"] <= h["hi"] and h["verdict"] in ("better", "worse", "not separable")
+        assert f"| {want} | {h['diff']:+.3f} | [{h['lo']:+.3f}, {h['hi']:+.3f}] | 3 x 1 | {h['verdict']} |" in md
+    # the point estimate is the mean over sites of the paired AUROC differences on the whole test splits
+    fedavg = json.loads((out / "results" / "fedavg@seed0.json").read_text())["per_site"]
+    pooled = json.loads((out / "results" / "pooled@seed0.json").read_text())["per_site"]
+    assert head["fedavg vs pooled"]["diff"] == pytest.approx(
+        sum(fedavg[s]["auroc"] - pooled[s]["auroc"] for s in SITES) / 3)
+    assert len({fedavg[s]["auroc-boot-id"] for s in SITES}) == 3  # one test split per site
+    assert all(fedavg[s]["auroc-boot-id"] == pooled[s]["auroc-boot-id"] for s in SITES)
+    # Learning curves of pooled and local training: CSV and plot, validation AUROC and loss per epoch
+    assert "## Learning curves (pooled and local training)" in md
+    rows = list(csv.DictReader((out / "bench_learning_curves.csv").open()))
+    for training in ("pooled", "local"):
+        mine = [r for r in rows if r["training"] == training and r["seed"] == "0" and r["site"] == "mean"]
+        assert [r["epoch"] for r in mine] == ["0", "1"] and all(0 <= float(r["val_auroc"]) <= 1 for r in mine)
+        assert all(float(r["val_loss"]) > 0 for r in mine)
+    assert (out / "bench_learning_curves.png").stat().st_size > 0
     # Resume: a second run finds every result on disk and recomputes nothing.
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
     Bench(cfg).run()

@@ -209,6 +209,7 @@ def test_site_status_reads_what_the_site_wrote_and_survives_damaged_files(cohort
     assert r.returncode == 0, r.stderr
     assert "received 7, written 6, duplicates 1" in r.stdout and "12 files" in r.stdout
     assert "ledger.json cannot be read" in r.stdout
+    assert "replicate AUROCs none (privacy.eval_replicates)" in r.stdout  # off unless the site's config says so
     assert "DOE^JOHN" not in r.stdout and "\x1b" not in r.stdout and "Traceback" not in r.stderr
 
 

@@ -314,6 +314,44 @@ def test_eval_reply():
     assert err.kind == "error" and err.reason == "site-config-error"
 
 
+def test_eval_reply_replicates_are_bounded_and_checked():
+    """Replicate AUROCs: accepted only when asked for, as a list of at most that many numbers in
+    [0, 1] with their split id; anything else is refused with a one-line reason naming the key."""
+    ins = instruction(5, MessageType.EVALUATE)
+
+    def reply(**extra):
+        m = {"auroc": 0.8, "num-examples": 40, "n": 40, **extra}
+        return Message(content=RecordDict({"metrics.global": MetricRecord(m)}), reply_to=ins)
+
+    reps = [0.7, 0.75, 0.8, 0.9]
+    ok = validate_eval_reply(reply(**{P.AUROC_REPLICATES: reps, P.AUROC_REPLICATES_ID: 12345.0}), ["global"],
+                             max_replicates=4)
+    assert isinstance(ok, ValidEval) and ok.metrics["global"][P.AUROC_REPLICATES] == reps
+    assert ok.metrics["global"][P.AUROC_REPLICATES_ID] == 12345.0
+    sid = {P.AUROC_REPLICATES_ID: 1.0}
+    cases = [
+        ({P.AUROC_REPLICATES: reps, **sid}, 0, "auroc-boot was not asked for"),
+        ({P.AUROC_REPLICATES: [0.5] * 5, **sid}, 4, "auroc-boot has 5 values, expected 1 to 4"),
+        ({P.AUROC_REPLICATES: [0.5] * (P.MAX_REPLICATES + 1), **sid}, P.MAX_REPLICATES, "auroc-boot has 5001 values"),
+        ({P.AUROC_REPLICATES: [0.5, float("nan")], **sid}, 4, "auroc-boot holds NaN"),
+        ({P.AUROC_REPLICATES: [0.5, float("inf")], **sid}, 4, "auroc-boot holds NaN or infinite"),
+        ({P.AUROC_REPLICATES: [0.5, 1.5], **sid}, 4, "auroc-boot holds values outside [0, 1]"),
+        ({P.AUROC_REPLICATES: [-0.1], **sid}, 4, "auroc-boot holds values outside [0, 1]"),
+        ({P.AUROC_REPLICATES: [], **sid}, 4, "auroc-boot has 0 values"),
+        ({P.AUROC_REPLICATES: 0.5, **sid}, 4, "auroc-boot is not a list"),
+        ({P.AUROC_REPLICATES: reps}, 4, "come only together"),
+        ({P.AUROC_REPLICATES_ID: 3.0}, 4, "come only together"),
+        ({P.AUROC_REPLICATES: reps, P.AUROC_REPLICATES_ID: 2.0 ** 37}, 4, "auroc-boot-id is not a split id"),
+        ({P.AUROC_REPLICATES: reps, P.AUROC_REPLICATES_ID: 1.5}, 4, "auroc-boot-id is not a split id"),
+        ({P.AUROC_REPLICATES: reps, P.AUROC_REPLICATES_ID: float("nan")}, 4, "auroc-boot-id"),
+        ({"auroc_lo": [0.1, 0.2]}, 4, "auroc_lo is a list"),  # no other metric may be a list
+    ]
+    for extra, asked, why in cases:
+        res = validate_eval_reply(reply(**extra), ["global"], max_replicates=asked)
+        reason = rejected(res, why)
+        assert "\n" not in reason and len(reason) < 120
+
+
 def test_duplicate_replies_count_once():
     first, second, other = train_reply(node=3), train_reply(node=3, metrics={"num-examples": 5}), train_reply(node=4)
     d = dedupe_replies([first, second, other, train_reply(node=3)])

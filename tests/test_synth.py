@@ -120,6 +120,23 @@ def test_same_seed_same_pixels_and_labels(tmp_path):
     assert digest(c) != digest(a)
 
 
+def test_test_fraction_is_written_to_each_site_config(tmp_path):
+    """A benchmark cohort: big test splits (the precision of a site's AUROC), from --test-fraction."""
+    from dicomfl.common.config import load_site_config
+    from dicomfl.common.ingest import ingest
+    from dicomfl.common.splits import TEST
+
+    synth(tmp_path / "big", sites=1, per_site=90, seed=2, image_size=16, test_fraction=0.6)
+    cfg = load_site_config(tmp_path / "big" / "site-a" / "site.yaml")
+    assert (cfg.splits.val, cfg.splits.test) == (0.15, 0.6)
+    data = ingest(cfg).data
+    assert 0.45 < len(data.subset(TEST)) / len(data.labels) < 0.75  # patients are split, not images
+    synth(tmp_path / "plain", sites=1, per_site=6, seed=2)
+    assert "splits" not in (tmp_path / "plain" / "site-a" / "site.yaml").read_text()  # the site default
+    with pytest.raises(ValueError, match="--test-fraction"):
+        synth(tmp_path / "bad", sites=1, per_site=6, test_fraction=0.9)
+
+
 def test_single_site_model_leans_on_its_confounder(tmp_path):
     """A simple classifier on image statistics (not the CNN): trained on one site it scores high at
     home and loses clearly at the other sites; trained on all sites it holds up everywhere."""

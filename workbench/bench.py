@@ -57,11 +57,17 @@ class BenchConfig(BaseModel):
     rounds: int = Field(default=10, ge=1)
     local_epochs: int = Field(default=1, ge=1)
     server_lr: float = 0.01
+    # The sites' learning rate in every benchmark training (local, pooled, federated, LOSO, scale);
+    # None: each site's own train.lr. (SCAFFOLD's sites use scaffold_lr.)
+    lr: float | None = Field(default=None, gt=0)
     # SCAFFOLD (strategies: [..., scaffold]) trains with plain SGD at every site: the sites' own
     # train.lr suits their optimizer (Adam by default), so SCAFFOLD's sites use this one instead.
     # Its server step eta_g is 1 (server_lr is the server optimizers').
     scaffold_lr: float = Field(default=0.05, gt=0)
     model: ModelConfig = ModelConfig(image_size=64, width=16)
+    # Replicate AUROCs per model and site (paired headline comparisons, workbench/headline.py): every
+    # site scores every model on the same resamples of its test split. 0: none (no headline table).
+    replicates: int = Field(default=1000, ge=0, le=5000)
     scale_sites: int = Field(default=100, ge=0)  # 0 = no scale run
     scale_rounds: int = Field(default=2, ge=1)
     out_dir: Path = Path("runs/bench")
@@ -180,7 +186,7 @@ class Bench:
         cfg = run_config_dict(name, rounds=rounds or self.cfg.rounds, strategy=job.strategy, proximal_mu=job.mu,
                               min_sites=1, local_epochs=self.cfg.local_epochs, out_dir=out, seed=job.seed,
                               server_lr=self.cfg.server_lr, local_baseline=local_baseline,
-                              model=self._model(job),
+                              model=self._model(job), replicates=0 if job.kind == "scale" else self.cfg.replicates,
                               dp=job.epsilon is not None, target_epsilon=job.epsilon or 8.0, sites=sites)
         out.mkdir(parents=True, exist_ok=True)
         # A benchmark run starts from a clean privacy ledger and no SCAFFOLD control (a re-run is a
@@ -228,7 +234,7 @@ class Bench:
             run_cfg, grid = self._sgd_sites(load_run_config(self._run_yaml(job, sites, **kw), check_files=False))
         else:
             run_cfg = load_run_config(self._run_yaml(job, sites, **kw))
-            grid = InProcessGrid(run_cfg.sites)
+            grid = InProcessGrid(run_cfg.sites, resolver=_BenchSites(self.cfg.replicates, self.cfg.lr))
         shutil.rmtree(run_cfg.out_dir / "checkpoints", ignore_errors=True)
         summary = Federation(run_cfg, grid).run()
         summary["out_dir"] = str(run_cfg.out_dir)
@@ -245,6 +251,7 @@ class Bench:
         for p in run_cfg.sites:
             sc = load_site_config(p)
             sc.train.optimizer, sc.train.lr = "sgd", self.cfg.scaffold_lr
+            sc.privacy.eval_replicates = self.cfg.replicates
             key = f"mem:{sc.site.name}"
             sims[key] = SiteTrainer(sc, run_cfg.model)
             keys.append(Path(key))
@@ -282,17 +289,27 @@ class Bench:
         s = self._federate(Job(id=job.id, kind="federated", seed=job.seed), [self.site_cfgs[n] for n in self.names],
                            local_baseline=True)
         mat = s["cross_site"]["matrix"]
-        per_model = {home: {site: _pick(mat.get(P.local_model_id(home), {}).get(site)) for site in self.names}
-                     for home in self.names}
-        return {"per_model": per_model, "per_site": {site: per_model[site][site] for site in self.names}}
+        per_model = {home: {site: _pick(mat.get(P.local_model_id(home), {}).get(site), replicates=site == home)
+                            for site in self.names} for home in self.names}
+        # Learning curves of the local models: validation AUROC / loss of each site's local model
+        # before each round's training (after r - 1 rounds), and after the last round (cross-site).
+        epochs = [i * self.cfg.local_epochs for i in range(len(s["history"]) + 1)]
+        auroc, loss = {}, {}
+        for site in self.names:
+            before = [h.get("local", {}).get(site, {}) for h in s["history"]]
+            final = mat.get(P.local_model_id(site), {}).get(site) or {}
+            auroc[site] = [m.get("val-auroc") for m in before] + [final.get("val-auroc")]
+            loss[site] = [m.get("val-loss") for m in before] + [final.get("val-loss")]
+        return {"per_model": per_model, "per_site": {site: per_model[site][site] for site in self.names},
+                "learning_curve": {"epochs": epochs, "val-auroc": auroc, "val-loss": loss}}
 
     def _pooled(self, job: Job) -> dict:
         from dicomfl.client.privacy import Ledger, PrivacySession
         from dicomfl.client.trainer import SiteTrainer
         from dicomfl.common.model import build_model, get_weights
-        from dicomfl.common.splits import TRAIN
+        from dicomfl.common.splits import TRAIN, VAL
         from dicomfl.common.augment import AugmentSettings
-        from dicomfl.common.train import SplitData, TrainSettings, train_local
+        from dicomfl.common.train import SplitData, TrainSettings, evaluate, train_local
 
         trainers = {n: SiteTrainer(load_site_config(self.site_cfgs[n]), self.cfg.model) for n in self.names}
         features = self._standardization(trainers)
@@ -300,7 +317,8 @@ class Bench:
         first = load_site_config(self.site_cfgs[self.names[0]])
         epochs = self.cfg.rounds * self.cfg.local_epochs
         dp = None
-        settings = TrainSettings(epochs=epochs, batch_size=first.train.batch_size, lr=first.train.lr, seed=job.seed,
+        settings = TrainSettings(epochs=epochs, batch_size=first.train.batch_size, lr=self.cfg.lr or first.train.lr,
+                                 seed=job.seed,
                                  augment=AugmentSettings.of(first.train.augment))
         if job.epsilon is not None:
             # The same mechanism a site runs (PrivacySession): a noisy label-count release for the
@@ -313,8 +331,22 @@ class Bench:
             dp, settings.class_counts = session.settings(pooled.labels, self.cfg.model.n_classes)
             settings.class_weights = p.class_weights == "noisy"
         model = build_model(self.cfg.model, seed=job.seed)
+        curve = {"epochs": [], "val-auroc": {n: [] for n in self.names}, "val-loss": {n: [] for n in self.names}}
+
+        def score(epoch: int, m) -> None:  # each site's validation split, as a site scores the global model
+            curve["epochs"].append(epoch)
+            for n, t in trainers.items():
+                v = evaluate(m, t.view(VAL, features))
+                curve["val-auroc"][n].append(v.get("auroc"))
+                curve["val-loss"][n].append(v.get("loss"))
+
+        if dp is None:  # the learning curve of pooled training (non-private: the upper bound)
+            score(0, model)
+            settings.on_epoch = score
         res = train_local(model, pooled, settings, dp=dp, global_weights=get_weights(model))
-        out = {"per_site": {n: _pick(t.evaluate(res.weights, features=features)) for n, t in trainers.items()}}
+        out = {"per_site": {n: _pick(t.evaluate(res.weights, features=features, replicates=self.cfg.replicates))
+                            for n, t in trainers.items()},
+               **({"learning_curve": curve} if curve["epochs"] else {})}
         if dp is not None:
             from dicomfl.client.privacy import epsilon
 
@@ -332,7 +364,8 @@ class Bench:
         features = FeatureTransform(mean=np.asarray(st["mean"], np.float32) if st.get("mean") else None,
                                     std=np.asarray(st["std"], np.float32) if st.get("std") else None,
                                     drop=tuple(self.cfg.model.drop_features))
-        held = SiteTrainer(load_site_config(self.site_cfgs[job.holdout]), self.cfg.model).evaluate(g, features=features)
+        held = SiteTrainer(load_site_config(self.site_cfgs[job.holdout]), self.cfg.model).evaluate(
+            g, features=features, replicates=self.cfg.replicates)
         inside = s["cross_site"]["matrix"]["global"]
         return {"holdout": job.holdout, "heldout": _pick(held),
                 "per_site": {**{k: _pick(v) for k, v in inside.items()}, job.holdout: _pick(held)}}
@@ -358,6 +391,7 @@ class Bench:
             shard = SiteData(images=d.images[idx], features=d.features[idx], labels=d.labels[idx], split=d.split[idx],
                              patients=[d.patients[j] for j in idx])
             sc = src.model_copy(deep=True)
+            sc.train.lr = self.cfg.lr or sc.train.lr
             sc.site.name = f"sim-{i:03d}"
             sc.site.state_dir = self.out / "scale-state" / sc.site.name
             key = f"mem:{sc.site.name}"
@@ -397,6 +431,36 @@ class Bench:
         return write_bench_report(self.out, self.cfg, self.names, results)
 
 
-def _pick(m: dict | None) -> dict[str, Any]:
+def _pick(m: dict | None, replicates: bool = True) -> dict[str, Any]:
+    """What a result keeps of one site's metrics: the scores, the test size, the AUROC's interval,
+    the validation AUROC (model selection) and, with ``replicates``, the replicate AUROCs (rounded
+    to 6 decimals) with their split id."""
     m = m or {}
-    return {"auroc": m.get("auroc"), "balanced_accuracy": m.get("balanced_accuracy")}
+    out = {"auroc": m.get("auroc"), "balanced_accuracy": m.get("balanced_accuracy")}
+    for k in ("n", "auroc_lo", "auroc_hi", "val-auroc"):
+        if k in m:
+            out[k] = m[k]
+    if replicates and m.get(P.AUROC_REPLICATES) is not None:
+        out[P.AUROC_REPLICATES] = [round(float(v), 6) for v in m[P.AUROC_REPLICATES]]
+        out[P.AUROC_REPLICATES_ID] = m.get(P.AUROC_REPLICATES_ID)
+    return out
+
+
+def _BenchSites(replicates: int, lr: float | None = None):
+    """The sites of a benchmark run, from their site.yaml, with ``privacy.eval_replicates`` set to
+    ``replicates`` (and ``train.lr`` to ``lr`` when given): the benchmarker holds every site's data
+    in this process (the pooled baseline trains on all of it), so the sites' consent to send
+    replicate AUROCs is the benchmarker's; in a deployment it stays each site's (default: none)."""
+    from dicomfl.client.handler import SiteResolver
+
+    class BenchSites(SiteResolver):
+        def load(self, site_config: str, model_cfg):
+            trainer = super().load(site_config, model_cfg)
+            trainer.cfg = trainer.cfg.model_copy(deep=True)
+            trainer.cfg.privacy.eval_replicates = replicates
+            if lr is not None:
+                trainer.cfg.train.lr = lr
+            return trainer
+
+    return BenchSites()
+

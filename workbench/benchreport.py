@@ -11,6 +11,8 @@ import numpy as np
 from dicomfl.common import protocol as P
 from dicomfl.server.checkpoint import clean, write_json
 
+from .headline import best_federated, headline, markdown
+
 
 def _ms(vals: list) -> tuple[float | None, float | None]:
     v = [x for x in vals if x is not None and math.isfinite(x)]
@@ -73,7 +75,6 @@ def write_bench_report(out: Path, cfg, names: list[str], results: list[dict]) ->
     rows = summarize(names, results)
     payload = clean({"sites": names, "seeds": cfg.seeds, "rounds": cfg.rounds, "local_epochs": cfg.local_epochs,
                      "model": cfg.model.model_dump(), "configs": rows})
-    write_json(out / "results.json", payload)
     lines = [f"# dicomfl bench: {len(names)} sites, {cfg.rounds} rounds x {cfg.local_epochs} local epoch(s), "
              f"seeds {cfg.seeds}", "",
              "AUROC on each site's test split, mean ± std over seeds. For `local`, each site's column is its own model "
@@ -88,12 +89,22 @@ def write_bench_report(out: Path, cfg, names: list[str], results: list[dict]) ->
         eps = f"{r['epsilon']:.2f}" if r["epsilon"] is not None else "-"
         lines.append(f"| {c} | " + " | ".join(cells) + f" | {_fmt(*r['auroc_mean'])} | {_fmt(*r['balanced_accuracy_mean'])} | "
                      + " | ".join(extra) + f" | {eps} | {r['seconds']:.0f} |")
+    best = best_federated(results)
+    head = headline(results, getattr(cfg, "dp_epsilons", ()))
+    payload["headline"] = clean(head)
+    payload["best_federated"] = best
+    lines += ["", *markdown(head, best), "", *_precision(names, results)]
     loso = {c: r for c, r in rows.items() if r["kind"] == "loso"}
     if loso:
         lines += ["", "## Leave one site out (FedAvg on the others, tested on the unseen site)", "",
                   "| held-out site | AUROC at the unseen site | mean AUROC at the federated sites |", "| --- | ---: | ---: |"]
         for c, r in loso.items():
             lines.append(f"| {r['holdout']} | {_fmt(*r['heldout_auroc'])} | {_fmt(*r['inside_auroc'])} |")
+    curves = learning_curves(names, results)
+    payload["learning_curves"] = clean(curves)
+    if curves:
+        lines += ["", *_curve_lines(curves)]
+    write_json(out / "results.json", payload)
     for c, r in rows.items():
         if r["kind"] == "scale":
             lines += ["", f"## Scale: {r['sites']} simulated sites", "",
@@ -102,9 +113,158 @@ def write_bench_report(out: Path, cfg, names: list[str], results: list[dict]) ->
                       f"{r['seconds']:.0f} s."]
     lines += ["", "![cross-site heatmap](bench_heatmap.png)", "", "![learning curves](bench_curves.png)", "",
               "![privacy-utility](bench_privacy.png)", "", "![leave one site out](bench_loso.png)", ""]
+    if curves:
+        lines += ["![pooled and local learning curves](bench_learning_curves.png)", ""]
     (out / "results.md").write_text("\n".join(lines))
     _plots(out, names, rows)
+    if curves:
+        _write_curves(out, names, curves)
     return payload
+
+
+# ------------------------------------------------------------------ precision of one site's AUROC
+def _precision(names: list[str], results: list[dict]) -> list[str]:
+    """Each site's test-split size and the median half-width of its AUROC's 95% interval."""
+    n, half = defaultdict(list), defaultdict(list)
+    for r in results:
+        if r.get("kind") in ("scale", "loso"):
+            continue
+        for s, cell in (r.get("per_site") or {}).items():
+            if not isinstance(cell, dict):
+                continue
+            if cell.get("n") is not None:
+                n[s].append(cell["n"])
+            lo, hi = cell.get("auroc_lo"), cell.get("auroc_hi")
+            if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
+                half[s].append((hi - lo) / 2)
+    if not any(n.values()) and not any(half.values()):
+        return []
+    cells = [f"{s}: {int(np.median(n[s])) if n[s] else '?'} images, "
+             f"±{np.median(half[s]):.3f}" if half[s] else f"{s}: n/a" for s in names]
+    return ["Test split per site and the median half-width of one site's AUROC 95% interval "
+            "(stratified bootstrap over its test images): " + "; ".join(cells) + "."]
+
+
+# ----------------------------------------------------------------------------- learning curves
+CURVE_CONFIGS = ("pooled", "local")
+PLATEAU = 0.01  # "converged": the seed-mean of the site-mean validation AUROC is within this of its best
+
+
+def learning_curves(names: list[str], results: list[dict]) -> dict:
+    """Per curve config (pooled, local): epochs, and validation AUROC / loss per site and their mean
+    over sites, each averaged over seeds; plus where the mean AUROC plateaus."""
+    out = {}
+    for cfg in CURVE_CONFIGS:
+        rs = [r for r in results if r.get("config") == cfg and r.get("learning_curve")]
+        if not rs:
+            continue
+        L = min(len(r["learning_curve"]["epochs"]) for r in rs)
+        epochs = rs[0]["learning_curve"]["epochs"][:L]
+        row: dict = {"epochs": epochs, "seeds": [r["seed"] for r in rs], "per_seed": {}}
+        for key in ("val-auroc", "val-loss"):
+            per_site = {s: _nanmean_rows([[_num(v) for v in r["learning_curve"][key].get(s, [])[:L]] for r in rs], L)
+                        for s in names}
+            row[key] = per_site
+            row[key + "-mean"] = [float(np.nanmean([per_site[s][i] for s in names])) if any(
+                math.isfinite(per_site[s][i]) for s in names) else math.nan for i in range(L)]
+        for r in rs:
+            row["per_seed"][r["seed"]] = {key: {s: [_num(v) for v in r["learning_curve"][key].get(s, [])[:L]]
+                                                for s in names} for key in ("val-auroc", "val-loss")}
+        auc = np.array(row["val-auroc-mean"], dtype=float)
+        if np.isfinite(auc).any():
+            b = int(np.nanargmax(auc))
+            row["best_epoch"], row["best_val_auroc"] = epochs[b], float(auc[b])
+            within = np.flatnonzero(np.nan_to_num(auc, nan=-1) >= auc[b] - PLATEAU)
+            row["plateau_epoch"] = epochs[int(within[0])]
+        loss = np.array(row["val-loss-mean"], dtype=float)
+        if np.isfinite(loss).any():
+            row["lowest_loss_epoch"] = epochs[int(np.nanargmin(loss))]
+        out[cfg] = row
+    return out
+
+
+def _num(v) -> float:
+    return float(v) if isinstance(v, (int, float)) and v is not None and math.isfinite(v) else math.nan
+
+
+def _nanmean_rows(rows: list[list[float]], L: int) -> list[float]:
+    arr = np.full((len(rows), L), np.nan)
+    for i, r in enumerate(rows):
+        arr[i, :len(r)] = r[:L]
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return [float(x) for x in np.nanmean(arr, axis=0)]
+
+
+def _curve_lines(curves: dict) -> list[str]:
+    lines = ["## Learning curves (pooled and local training)", "",
+             "Validation AUROC and loss (each site's validation split; mean over sites and seeds) after each epoch "
+             f"(local: each site's own model). Converged: within {PLATEAU} of the best mean validation AUROC. "
+             "Data: `bench_learning_curves.csv`.", "",
+             "| training | epochs | val AUROC at 0 / mid / end | best (epoch) | within 0.01 of best from epoch | lowest val loss at epoch |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for cfg, c in curves.items():
+        a = c["val-auroc-mean"]
+        mid = len(a) // 2
+        f = lambda v: "n/a" if not math.isfinite(v) else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {cfg} | {c['epochs'][-1]} | {f(a[0])} / {f(a[mid])} / {f(a[-1])} | "
+                     f"{f(c.get('best_val_auroc', math.nan))} ({c.get('best_epoch', '-')}) | {c.get('plateau_epoch', '-')} | "
+                     f"{c.get('lowest_loss_epoch', '-')} |")
+    return lines
+
+
+def _write_curves(out: Path, names: list[str], curves: dict) -> None:
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(out / "bench_learning_curves.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["training", "seed", "site", "epoch", "val_auroc", "val_loss"])
+        for cfg, c in curves.items():
+            for seed, per in [*c["per_seed"].items(), ("mean", None)]:
+                for site in [*names, "mean"]:
+                    for i, e in enumerate(c["epochs"]):
+                        if per is None:
+                            a = c["val-auroc-mean"][i] if site == "mean" else c["val-auroc"][site][i]
+                            lo = c["val-loss-mean"][i] if site == "mean" else c["val-loss"][site][i]
+                        elif site == "mean":
+                            a = _mean_finite([per["val-auroc"][s][i] for s in names if i < len(per["val-auroc"][s])])
+                            lo = _mean_finite([per["val-loss"][s][i] for s in names if i < len(per["val-loss"][s])])
+                        else:
+                            a = per["val-auroc"][site][i] if i < len(per["val-auroc"][site]) else math.nan
+                            lo = per["val-loss"][site][i] if i < len(per["val-loss"][site]) else math.nan
+                        w.writerow([cfg, seed, site, e, "" if not math.isfinite(a) else f"{a:.4f}",
+                                    "" if not math.isfinite(lo) else f"{lo:.4f}"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"pooled": "black", "local": "tab:orange"}
+    for cfg, c in curves.items():
+        for ax, key, label in ((axes[0], "val-auroc", "validation AUROC"), (axes[1], "val-loss", "validation loss")):
+            ax.plot(c["epochs"], c[key + "-mean"], marker=".", color=colors.get(cfg), lw=2, label=f"{cfg}, mean over sites")
+            for s in names:
+                ax.plot(c["epochs"], c[key][s], color=colors.get(cfg), lw=0.7, alpha=0.45)
+            ax.set(xlabel="epoch (local: rounds x local epochs)", ylabel=label)
+        if "plateau_epoch" in c:
+            axes[0].axvline(c["plateau_epoch"], color=colors.get(cfg), ls=":", lw=1)
+    axes[0].set_title("learning curves (thin: each site; dotted: converged)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "bench_learning_curves.png", dpi=110)
+    plt.close(fig)
+
+
+def _mean_finite(vals: list[float]) -> float:
+    v = [x for x in vals if math.isfinite(x)]
+    return float(np.mean(v)) if v else math.nan
 
 
 def _plots(out: Path, names: list[str], rows: dict) -> None:

@@ -168,6 +168,9 @@ def synth(
     per_site: int = typer.Option(120, "--per-site", min=2, help="Good images per site."),
     seed: int = typer.Option(0, "--seed", help="Same seed, same pixel data and labels."),
     image_size: int = typer.Option(64, "--image-size", min=8, help="preprocess.image_size written to each site.yaml."),
+    test_fraction: Optional[float] = typer.Option(None, "--test-fraction", min=0.01, max=0.8,
+                                                  help="splits.test written to each site.yaml (default: the site default, 0.15); "
+                                                       "a benchmark cohort wants big test splits."),
 ) -> None:
     """Generate a multicenter DICOM cohort with fake PHI, labels, site keys and configs.
 
@@ -179,7 +182,7 @@ def synth(
     with progress_bar("synth") as bar:
         task = bar.add_task("synth", total=None)
         result = run_synth(out_dir, sites=sites, per_site=per_site, seed=seed, image_size=image_size,
-                           progress=lambda i, n: bar.update(task, completed=i, total=n))
+                           progress=lambda i, n: bar.update(task, completed=i, total=n), test_fraction=test_fraction)
     t = Table(title=f"cohort: {out_dir}")
     for col in ("site", "manufacturer", "syntax", "photometric", "images", "patients", "positives", "confounder"):
         t.add_column(col)
@@ -412,6 +415,11 @@ def site_status(
         say(f"privacy: {p['error']} (budget {budget})")
     else:
         say(f"privacy: epsilon {p['epsilon_total']:.4f} spent over {p['runs']} run(s) of a budget of {budget}")
+    r = st["releases"]
+    say(f"opt-in releases: local-only model {'shared' if r['local_model'] else 'kept at the site'} "
+        f"(privacy.share_local_model); replicate AUROCs "
+        f"{'up to ' + str(r['eval_replicates']) + ' per evaluated model' if r['eval_replicates'] else 'none'} "
+        f"(privacy.eval_replicates)")
 
 
 @app.command()

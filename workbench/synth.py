@@ -356,8 +356,12 @@ class SynthResult:
 
 
 def synth(out_dir: Path, sites: int = 3, per_site: int = 120, seed: int = 0, image_size: int = 64,
-          progress=None) -> SynthResult:
+          progress=None, test_fraction: float | None = None) -> SynthResult:
     """Write the cohort; returns what was written. Deterministic for a given (sites, per_site, seed).
+
+    ``test_fraction``: the share of patients in each site's test split, written to each site.yaml
+    (``splits.test``; None: the site default, 0.15). A benchmark cohort wants big test splits: the
+    precision of a site's AUROC depends on its test size, not on its training size.
 
     pydicom's value validation is switched off while writing (every value is made here, and the
     tests check every file with pydicom and with dcmtk); it is restored afterwards.
@@ -366,14 +370,18 @@ def synth(out_dir: Path, sites: int = 3, per_site: int = 120, seed: int = 0, ima
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
     try:
-        return _synth(out_dir, sites, per_site, seed, image_size, progress)
+        return _synth(out_dir, sites, per_site, seed, image_size, progress, test_fraction)
     finally:
         pydicom_config.settings.reading_validation_mode, pydicom_config.settings.writing_validation_mode = saved
 
 
-def _synth(out_dir: Path, sites: int, per_site: int, seed: int, image_size: int, progress) -> SynthResult:
+def _synth(out_dir: Path, sites: int, per_site: int, seed: int, image_size: int, progress,
+           test_fraction: float | None = None) -> SynthResult:
     if not 1 <= sites <= len(PROFILES):
         raise ValueError(f"--sites must be between 1 and {len(PROFILES)}")
+    if test_fraction is not None and not 0 < test_fraction < 0.85:
+        raise ValueError("--test-fraction must be above 0 and below 0.85 (validation keeps 0.15)")
+    splits = "" if test_fraction is None else f"splits: {{val: 0.15, test: {test_fraction:g}}}\n"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = []
@@ -457,6 +465,7 @@ def _synth(out_dir: Path, sites: int, per_site: int, seed: int, image_size: int,
             f"  secret_file: site.key\n  state_dir: state\n"
             f"deid: {{retain_patient_characteristics: true, retain_longitudinal_modified_dates: false}}\n"
             f"preprocess: {{image_size: {image_size}}}\n"
+            f"{splits}"
             f"privacy: {{dp: false, target_epsilon: 8.0, delta: 1.0e-5, max_grad_norm: 1.0, share_local_model: true}}\n"
             f"train: {{batch_size: 32, lr: 1.0e-3}}\n"
         )
