@@ -56,7 +56,9 @@ class BenchConfig(BaseModel):
     # (model.drop_features; e.g. the generated cohort's per-site constants). Empty: no such run.
     ablation_drop_features: list[str] = Field(default_factory=list, max_length=64)
     seeds: list[int] = [0, 1, 2]
-    rounds: int = Field(default=10, ge=1)
+    # 25 rounds x 1 local epoch: where pooled and local training have converged on the generated
+    # cohort at train.lr 1e-3 (README: learning curves; bench_learning_curves.csv shows it per run).
+    rounds: int = Field(default=25, ge=1)
     local_epochs: int = Field(default=1, ge=1)
     server_lr: float = 0.01
     # The sites' learning rate in every benchmark training (local, pooled, federated, LOSO, scale);
