@@ -32,13 +32,29 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 
 def epsilon(history: list, delta: float, accountant: str = "rdp") -> float:
-    """Epsilon spent by a history of (noise_multiplier, sample_rate, steps) entries."""
+    """Epsilon spent by a history of (noise_multiplier, sample_rate, steps) entries.
+
+    RDP: Opacus's own arithmetic (``RDPAccountant.get_privacy_spent``: the sum over entries of
+    ``compute_rdp(q, sigma, steps)``, which is ``steps`` times the one-step RDP at each order), with
+    the one-step RDP of each (q, sigma) computed once per process: a site asks for its epsilon
+    several times a round over a growing history, and Opacus recomputes every entry's series each
+    time (about 0.35 s per call on this machine). Same numbers, bit for bit."""
     if not history:
         return 0.0
+    if accountant == "rdp":
+        import numpy as np
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+
+        rdp = sum([np.asarray(_rdp_one_step(float(q), float(sigma))) * steps for sigma, q, steps in history])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "optimal order is the largest alpha" (a looser bound, still valid)
+            eps, _ = get_privacy_spent(orders=_rdp_orders(), rdp=rdp, delta=delta)
+        return float(eps)
     from opacus.accountants import create_accountant  # imported on use: a ClientApp without DP never pays for it
 
     acc = create_accountant(accountant)
@@ -46,6 +62,20 @@ def epsilon(history: list, delta: float, accountant: str = "rdp") -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # RDP: "optimal order is the largest alpha" (a looser bound, still valid)
         return float(acc.get_epsilon(delta=delta))
+
+
+def _rdp_orders() -> list:
+    from opacus.accountants import RDPAccountant
+
+    return RDPAccountant.DEFAULT_ALPHAS
+
+
+@lru_cache(maxsize=4096)
+def _rdp_one_step(q: float, sigma: float) -> tuple:
+    """RDP of one step of the subsampled Gaussian mechanism at every default order (Opacus's function)."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    return tuple(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=_rdp_orders()))
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -149,6 +179,24 @@ def _write_site_ledger(state_dir: Path, data: dict) -> None:
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh, indent=2)
     os.replace(tmp, folder / LEDGER_FILE)
+
+
+def forget_runs(state_dir: Path, prefix: str) -> list[str]:
+    """Remove the ledger entries of every run whose name starts with ``prefix``; return their names.
+
+    For simulations only (the benchmark, whose run names all start with ``bench-``): each of its
+    configurations is a separate experiment on the same data, so one configuration's spend must not
+    count against the next one's budget. Nothing in a deployment calls this.
+    """
+    with ledger_lock(state_dir):
+        data = read_site_ledger(state_dir)
+        runs = data.get("runs", {})
+        gone = sorted(n for n in runs if n.startswith(prefix))
+        if gone:
+            for n in gone:
+                del runs[n]
+            _write_site_ledger(state_dir, data)
+    return gone
 
 
 def site_spend(state_dir: Path, accountant: str, delta: float) -> dict:

@@ -102,3 +102,23 @@ def test_bench_runs_scaffold_when_listed_and_not_by_default(cohort, tmp_path):
     # SCAFFOLD's sites trained with SGD at scaffold_lr; the server step is 1 (the run config has no server_lr)
     raw = yaml.safe_load((cfg.out_dir / "runs" / "bench-scaffold-seed0.yaml").read_text())
     assert "server_lr" not in raw["run"]
+
+
+def test_every_dp_configuration_and_seed_gets_its_own_budget(cohort, tmp_path):
+    """The site's ledger holds one budget across runs; each benchmark configuration and seed is its
+    own experiment, so none may find the budget spent by the one before (they would decline)."""
+    from dicomfl.client.privacy import read_site_ledger
+
+    state = cohort / "site-a" / "state"
+    before = read_site_ledger(state)
+    before.setdefault("runs", {})["not-a-bench-run"] = {"history": [[5.0, 0.1, 3]]}  # a real run's spend stays
+    (state / "privacy").mkdir(parents=True, exist_ok=True)
+    (state / "privacy" / "ledger.json").write_text(json.dumps(before))
+    cfg = load_bench_config(_bench_yaml(cohort, tmp_path, strategies=["fedavg"], dp_epsilons=[8.0, 1.0], seeds=[0, 1],
+                                        leave_one_site_out=False, ablation=False, scale_sites=0, replicates=0))
+    Bench(cfg).run()
+    for eps in (8.0, 1.0):
+        for seed in (0, 1):
+            r = json.loads((cfg.out_dir / "results" / f"fedavg+dp(eps={eps:g})@seed{seed}.json").read_text())
+            assert r["declined"] == 0 and 0.5 * eps < r["epsilon"] <= eps * 1.0001, (eps, seed, r["epsilon"])
+    assert "not-a-bench-run" in read_site_ledger(state)["runs"]

@@ -38,6 +38,12 @@ def test_epsilon_matches_opacus_accountants_and_their_reference_values():
     assert epsilon([[0.9, 0.2, 30], [1.3, 0.1, 40]], 1e-5, "prv") == pytest.approx(p.get_epsilon(1e-5))
     # A history split into rounds spends the same as one block of the same steps.
     assert epsilon([[1.5, 0.04, 1000], [1.5, 0.04, 1250]], 1e-5, "rdp") == pytest.approx(rdp)
+    # RDP with the one-step RDP kept per (q, sigma): exactly Opacus's number, on a site-like history
+    # (a label-count release, then rounds of training, the last one at another noise), every call
+    history = [[10.0, 1.0, 1], *[[1.3, 0.1, 10]] * 5, [0.9, 0.2, 7]]
+    ref = RDPAccountant()
+    ref.history = [tuple(h) for h in history]
+    assert epsilon(history, 1e-5, "rdp") == ref.get_epsilon(1e-5) == epsilon(history, 1e-5, "rdp")
 
 
 def test_prv_matches_the_analytic_gaussian_mechanism():

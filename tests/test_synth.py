@@ -44,6 +44,10 @@ def test_layout_and_configs(cohort):
             assert (cohort / s / f).is_file()
         load_site_config(cohort / s / "site.yaml")
     assert (cohort / "run.yaml").is_file() and (cohort / "coordinator.yaml").is_file()
+    from dicomfl.workbench.bench import load_bench_config
+
+    bench = load_bench_config(cohort / "bench.yaml")  # the default grid: converged budget, paired comparisons
+    assert (bench.rounds, bench.replicates, bench.seeds) == (25, 1000, [0, 1, 2]) and len(bench.sites) == 3
     readme = (cohort / "README.md").read_text()
     assert "| site-b | Borealis Imaging |" in readme and "MONOCHROME1" in readme
     files = _good_files(cohort)
