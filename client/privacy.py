@@ -181,24 +181,6 @@ def _write_site_ledger(state_dir: Path, data: dict) -> None:
     os.replace(tmp, folder / LEDGER_FILE)
 
 
-def forget_runs(state_dir: Path, prefix: str) -> list[str]:
-    """Remove the ledger entries of every run whose name starts with ``prefix``; return their names.
-
-    For simulations only (the benchmark, whose run names all start with ``bench-``): each of its
-    configurations is a separate experiment on the same data, so one configuration's spend must not
-    count against the next one's budget. Nothing in a deployment calls this.
-    """
-    with ledger_lock(state_dir):
-        data = read_site_ledger(state_dir)
-        runs = data.get("runs", {})
-        gone = sorted(n for n in runs if n.startswith(prefix))
-        if gone:
-            for n in gone:
-                del runs[n]
-            _write_site_ledger(state_dir, data)
-    return gone
-
-
 def site_spend(state_dir: Path, accountant: str, delta: float) -> dict:
     """What a site has spent: per run and in total (all runs' histories composed), for
     ``dicomfl privacy status`` and the budget check."""

@@ -120,6 +120,26 @@ class Job:
         return self.id.rsplit("@seed", 1)[0]
 
 
+def forget_bench_spend(state_dir: Path) -> list[str]:
+    """Remove the benchmark's runs (names starting with ``bench-``) from a site's privacy ledger.
+
+    Each benchmark configuration and seed is a separate experiment on the same data, so one
+    configuration's spend must not count against the next one's budget. The site's own modules
+    have no such function: nothing in a deployment can erase spend. Runs of other names stay.
+    """
+    from dicomfl.client.privacy import _write_site_ledger, ledger_lock, read_site_ledger
+
+    with ledger_lock(state_dir):
+        data = read_site_ledger(state_dir)
+        runs = data.get("runs", {})
+        gone = sorted(n for n in runs if n.startswith(BENCH_RUN_PREFIX))
+        if gone:
+            for n in gone:
+                del runs[n]
+            _write_site_ledger(state_dir, data)
+    return gone
+
+
 def plan(cfg: BenchConfig, site_names: list[str]) -> list[Job]:
     jobs: list[Job] = []
     for seed in cfg.seeds:
@@ -197,11 +217,9 @@ class Bench:
         # and seed is its own experiment on the data; the site's ledger keeps one budget across all
         # runs, so without this every DP run after the first would find the site's budget spent and
         # decline) and no SCAFFOLD control (a re-run is a new experiment).
-        from dicomfl.client.privacy import forget_runs
-
         for p in sites:
             sc = load_site_config(p)
-            forget_runs(sc.site.state_dir, BENCH_RUN_PREFIX)
+            forget_bench_spend(sc.site.state_dir)
             for ctl in (sc.site.state_dir / "scaffold").glob(f"{name}.npz"):  # and SCAFFOLD controls
                 ctl.unlink()
         if job.strategy == "scaffold":
