@@ -34,6 +34,7 @@ returns the new weights (plain parameter names) with numbers only. Options:
 from __future__ import annotations
 
 import copy
+import math
 import secrets
 import time
 import warnings
@@ -216,7 +217,7 @@ class DPSettings:
 @dataclass
 class TrainSettings:
     epochs: int = 1
-    max_steps: int | None = None  # stop after S optimizer steps (across epochs)
+    max_steps: int | None = None  # if set: exactly S optimizer steps (as many passes as needed; epochs ignored)
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -341,7 +342,10 @@ def train_local(
         total_loss, seen, steps = 0.0, 0, 0
         done = False
         aug_gen = torch.Generator().manual_seed(settings.seed + 0x9E3779B9) if settings.augment else None
-        for epoch in range(settings.epochs):
+        epochs = settings.epochs
+        if settings.max_steps is not None:  # S steps whatever the split's size: as many passes as that takes
+            epochs = max(1, math.ceil(settings.max_steps / max(1, len(loader))))
+        for epoch in range(epochs):
             for images, feats, y in loader:
                 if settings.max_steps is not None and steps >= settings.max_steps:
                     done = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import yaml
 
@@ -122,3 +123,62 @@ def test_every_dp_configuration_and_seed_gets_its_own_budget(cohort, tmp_path):
             r = json.loads((cfg.out_dir / "results" / f"fedavg+dp(eps={eps:g})@seed{seed}.json").read_text())
             assert r["declined"] == 0 and 0.5 * eps < r["epsilon"] <= eps * 1.0001, (eps, seed, r["epsilon"])
     assert "not-a-bench-run" in read_site_ledger(state)["runs"]
+
+
+def test_recipe_runs_turn_each_item_on_and_are_compared_with_fedavg(cohort, tmp_path):
+    """``recipes:`` adds one FedAvg run per recipe with its items on; the headline compares each with
+    plain FedAvg on the same test images, and personalized recipes also with the local models."""
+    from dicomfl.common import protocol as P
+
+    cfg = load_bench_config(_bench_yaml(cohort, tmp_path, strategies=["local", "fedavg"], dp_epsilons=[None],
+                                        recipes=["augment", "cosine+steps", "personalize", "local-norm"],
+                                        recipe_local_steps=3, rounds=2, leave_one_site_out=False,
+                                        ablation=False, scale_sites=0, replicates=50))
+    payload = Bench(cfg).run()
+    assert set(payload["configs"]) == {"local", "fedavg", "fedavg+augment", "fedavg+cosine+steps",
+                                       "fedavg+personalize", "fedavg+local-norm"}
+    runs = cfg.out_dir / "runs"
+
+    def run_section(job):
+        return yaml.safe_load((runs / f"bench-{job}-seed0.yaml").read_text())["run"]
+
+    assert run_section("fedavg-cosine-steps")["lr_schedule"] == "cosine"
+    assert run_section("fedavg-cosine-steps")["local_steps"] == 3
+    assert run_section("fedavg-personalize")["personalize"] == {}
+    assert run_section("fedavg-local-norm")["local_norm"] is True
+    assert "lr_schedule" not in run_section("fedavg") and "personalize" not in run_section("fedavg")
+    # Steps instead of epochs: every site made exactly 3 optimizer steps a round.
+    hist = json.loads((runs / "bench-fedavg-cosine-steps-seed0" / "metrics.json").read_text())["history"]
+    assert {m.get("steps") for h in hist for m in h["sites"].values()} == {3}
+    # Augmentation on (at the sites, in training) makes another model than plain FedAvg with the
+    # same seed (training is seeded and deterministic on CPU).
+    from dicomfl.server.checkpoint import read_npz
+
+    plain, aug = (read_npz(runs / f"bench-{j}-seed0" / "checkpoints" / "round-0002" / "global.npz")
+                  for j in ("fedavg", "fedavg-augment"))
+    assert any(not np.array_equal(plain[k], aug[k]) for k in plain)
+    results = {p.stem: json.loads(p.read_text()) for p in (cfg.out_dir / "results").glob("*.json")}
+    # The personalized recipes' result is each site's personalized model at home, next to the global one.
+    for c in ("fedavg+personalize", "fedavg+local-norm"):
+        r = results[f"{c}@seed0"]
+        assert r["personalized"] is True and set(r["per_site"]) == set(SITES) == set(r["global_per_site"])
+        for site in SITES:
+            assert r["per_site"][site]["auroc"] is not None and len(r["per_site"][site][P.AUROC_REPLICATES]) == 50
+    assert "personalized" not in results["fedavg+cosine+steps@seed0"]
+    head = {h["comparison"]: h for h in payload["headline"]}
+    for want in ("recipe fedavg+augment (global) vs fedavg", "recipe fedavg+cosine+steps (global) vs fedavg",
+                 "recipe fedavg+personalize (personalized at home) vs fedavg",
+                 "recipe fedavg+personalize (personalized at home) vs local at home",
+                 "recipe fedavg+local-norm (personalized at home) vs local at home"):
+        assert head[want]["sites"] == 3 and head[want]["replicates"] == 50, want
+    # A personalized recipe is never "the best federated strategy" (that is one global model).
+    assert all("personalize" not in h["comparison"].split(" vs ")[0] or h["comparison"].startswith("recipe")
+               for h in payload["headline"])
+
+
+def test_a_recipe_names_only_known_items(cohort, tmp_path):
+    from dicomfl.common.config import ConfigError
+
+    for bad in (["augment+flip"], ["cosine+cosine"], [""]):
+        with pytest.raises(ConfigError, match="recipes.0"):
+            load_bench_config(_bench_yaml(cohort, tmp_path, recipes=bad))

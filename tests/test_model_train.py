@@ -179,6 +179,14 @@ def test_local_steps_limit(train_a):
     assert r.steps == 3
 
 
+def test_local_steps_are_exactly_s_even_when_that_is_more_than_one_pass(train_a):
+    """A step budget makes sites of different sizes contribute evenly: a small split takes as many
+    passes as S steps need (the DP plan charges S steps a round)."""
+    per_pass = -(-len(train_a) // 16)
+    r = train_local(build_model(MC), train_a, TrainSettings(epochs=1, max_steps=2 * per_pass + 1, batch_size=16))
+    assert r.steps == 2 * per_pass + 1
+
+
 @pytest.mark.parametrize("private", [False, True])
 def test_fedprox_pulls_weights_toward_the_global_model(train_a, private):
     m = build_model(MC)

@@ -40,6 +40,11 @@ BASELINES = ("local", "pooled")
 OPT_IN_STRATEGIES = ("scaffold",)
 # Every benchmark run's name starts with this (its privacy spend is the benchmark's to forget).
 BENCH_RUN_PREFIX = "bench-"
+# The training recipe's items (README: "Recipe for acquisition shift", personalization), each
+# measured on by a FedAvg run with it (``recipes:``) against FedAvg without it.
+RECIPE_ITEMS = ("augment", "cosine", "steps", "personalize", "local-norm")
+# Recipes whose result is each site's personalized model at home, not one global model.
+PERSONAL_ITEMS = frozenset({"personalize", "local-norm"})
 
 
 class BenchConfig(BaseModel):
@@ -55,6 +60,10 @@ class BenchConfig(BaseModel):
     # With the ablation: one more FedAvg run of the fused model with these schema features dropped
     # (model.drop_features; e.g. the generated cohort's per-site constants). Empty: no such run.
     ablation_drop_features: list[str] = Field(default_factory=list, max_length=64)
+    # Recipe runs: FedAvg with these items of the training recipe on (RECIPE_ITEMS; several joined
+    # by '+', e.g. "augment+cosine"), each compared with plain FedAvg in the headline table.
+    recipes: list[str] = Field(default_factory=list, max_length=32)
+    recipe_local_steps: int = Field(default=10, ge=1)  # S of the "steps" item (run.local_steps)
     seeds: list[int] = [0, 1, 2]
     # 25 rounds x 1 local epoch: where pooled and local training have converged on the generated
     # cohort at train.lr 1e-3 (README: learning curves; bench_learning_curves.csv shows it per run).
@@ -93,6 +102,10 @@ def load_bench_config(path: Path) -> BenchConfig:
         cfg.ablation_drop_features = check_drop_features(cfg.ablation_drop_features)
     except ValueError as exc:
         raise ConfigError(f"{path}: ablation_drop_features: {exc}") from None
+    for i, r in enumerate(cfg.recipes):
+        items = r.split("+")
+        if not r or any(i not in RECIPE_ITEMS for i in items) or len(set(items)) != len(items):
+            raise ConfigError(f"{path}: recipes.{i}: not a '+'-joined list of distinct items of {list(RECIPE_ITEMS)}")
     unknown = set(cfg.strategies) - set(BASELINES) - set(FEDERATED_STRATEGIES)
     if unknown:
         raise ConfigError(f"{path}: strategies: unknown {sorted(unknown)}")
@@ -114,6 +127,7 @@ class Job:
     mode: str = "fused"
     holdout: str | None = None
     drop: tuple[str, ...] = ()  # extra model.drop_features of this job (the proxy-feature ablation)
+    recipe: tuple[str, ...] = ()  # RECIPE_ITEMS on in this job
 
     @property
     def config(self) -> str:
@@ -168,6 +182,8 @@ def plan(cfg: BenchConfig, site_names: list[str]) -> list[Job]:
             if cfg.ablation_drop_features:
                 add("fedavg[fused-without-proxies]", kind="federated", strategy="fedavg",
                     drop=tuple(cfg.ablation_drop_features))
+        for r in cfg.recipes:
+            add(f"fedavg+{r}", kind="federated", strategy="fedavg", recipe=tuple(r.split("+")))
         if cfg.leave_one_site_out:
             for h in site_names:
                 add(f"loso(-{h})", kind="loso", strategy="fedavg", holdout=h)
@@ -222,6 +238,15 @@ class Bench:
             forget_bench_spend(sc.site.state_dir)
             for ctl in (sc.site.state_dir / "scaffold").glob(f"{name}.npz"):  # and SCAFFOLD controls
                 ctl.unlink()
+        items = set(job.recipe)
+        if "cosine" in items:
+            cfg["run"]["lr_schedule"] = "cosine"
+        if "steps" in items:
+            cfg["run"]["local_steps"] = self.cfg.recipe_local_steps
+        if "personalize" in items:
+            cfg["run"]["personalize"] = {}
+        if "local-norm" in items:
+            cfg["run"]["local_norm"] = True
         if job.strategy == "scaffold":
             cfg["run"].pop("server_lr")  # eta_g = 1, the paper's and FedAvg's step
         path = out.parent / f"{name}.yaml"
@@ -259,7 +284,8 @@ class Bench:
             run_cfg, grid = self._sgd_sites(load_run_config(self._run_yaml(job, sites, **kw), check_files=False))
         else:
             run_cfg = load_run_config(self._run_yaml(job, sites, **kw))
-            grid = InProcessGrid(run_cfg.sites, resolver=_BenchSites(self.cfg.replicates, self.cfg.lr))
+            grid = InProcessGrid(run_cfg.sites, resolver=_BenchSites(self.cfg.replicates, self.cfg.lr,
+                                                                     augment="augment" in job.recipe))
         shutil.rmtree(run_cfg.out_dir / "checkpoints", ignore_errors=True)
         summary = Federation(run_cfg, grid).run()
         summary["out_dir"] = str(run_cfg.out_dir)
@@ -306,8 +332,17 @@ class Bench:
         eps = [m.get("epsilon") for h in s["history"] for m in h["sites"].values() if m.get("epsilon") is not None]
         curve = [float(np.nanmean([m.get("val-auroc", math.nan) if m.get("val-auroc") is not None else math.nan
                                    for m in h["sites"].values()])) for h in s["history"]]
-        return {"per_site": {site: _pick(g.get(site)) for site in self.names}, "epsilon": max(eps) if eps else None,
-                "curve": curve, "declined": sum(len(h["declined"]) for h in s["history"])}
+        res = {"per_site": {site: _pick(g.get(site)) for site in self.names}, "epsilon": max(eps) if eps else None,
+               "curve": curve, "declined": sum(len(h["declined"]) for h in s["history"]),
+               "selected": (s.get("selected") or {}).get("chosen")}
+        if PERSONAL_ITEMS & set(job.recipe):
+            # Each site's personalized model at home is this configuration's result; the global
+            # model it was made from is kept next to it.
+            mat = s["cross_site"]["matrix"]
+            res["global_per_site"] = res["per_site"]
+            res["per_site"] = {site: _pick(mat.get(P.personal_model_id(site), {}).get(site)) for site in self.names}
+            res["personalized"] = True
+        return res
 
     def _local(self, job: Job) -> dict:
         # The local-only models trained alongside a FedAvg run: same seed, same budget.
@@ -471,12 +506,13 @@ def _pick(m: dict | None, replicates: bool = True) -> dict[str, Any]:
     return out
 
 
-def _BenchSites(replicates: int, lr: float | None = None):
+def _BenchSites(replicates: int, lr: float | None = None, augment: bool = False):
     """The sites of a benchmark run, from their site.yaml, with ``privacy.eval_replicates`` set to
-    ``replicates`` (and ``train.lr`` to ``lr`` when given): the benchmarker holds every site's data
+    ``replicates`` (``train.lr`` to ``lr`` when given, ``train.augment`` on with ``augment``): the benchmarker holds every site's data
     in this process (the pooled baseline trains on all of it), so the sites' consent to send
     replicate AUROCs is the benchmarker's; in a deployment it stays each site's (default: none)."""
     from dicomfl.client.handler import SiteResolver
+    from dicomfl.common.config import AugmentSection
 
     class BenchSites(SiteResolver):
         def load(self, site_config: str, model_cfg):
@@ -485,6 +521,8 @@ def _BenchSites(replicates: int, lr: float | None = None):
             trainer.cfg.privacy.eval_replicates = replicates
             if lr is not None:
                 trainer.cfg.train.lr = lr
+            if augment and trainer.cfg.train.augment is None:  # the recipe's item: the site's defaults
+                trainer.cfg.train.augment = AugmentSection()
             return trainer
 
     return BenchSites()

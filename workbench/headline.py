@@ -51,8 +51,8 @@ def best_federated(results: list[dict]) -> str | None:
     scores: dict[str, list[float]] = defaultdict(list)
     for r in results:
         c = r.get("config", "")
-        if r.get("kind") != "federated" or "+dp" in c or "[" in c:
-            continue
+        if r.get("kind") != "federated" or "+dp" in c or "[" in c or r.get("personalized"):
+            continue  # DP, ablations and personalized models (one per site) are not a global model
         for cell in (r.get("per_site") or {}).values():
             v = (cell or {}).get("val-auroc")
             if _finite(v):
@@ -106,6 +106,14 @@ def headline(results: list[dict], dp_epsilons=(), alpha: float = 0.05) -> list[d
     for eps in dp_epsilons:
         if eps is not None:
             plan.append((f"DP-SGD (eps={eps:g}) vs no DP, {FEDAVG}", f"{FEDAVG}+dp(eps={eps:g})", FEDAVG))
+    personalized = {r["config"] for r in results if r.get("personalized")}
+    recipes = sorted({r["config"] for r in results if r.get("kind") == "federated"
+                      and r["config"].startswith(FEDAVG + "+") and "+dp" not in r["config"]})
+    for c in recipes:
+        what = "personalized at home" if c in personalized else "global"
+        plan.append((f"recipe {c} ({what}) vs {FEDAVG}", c, FEDAVG))
+        if c in personalized:
+            plan.append((f"recipe {c} (personalized at home) vs local at home", c, "local"))
     out = []
     for label, a, b in plan:
         res = compare(cells, a, b, alpha)
