@@ -132,7 +132,7 @@ def test_recipe_runs_turn_each_item_on_and_are_compared_with_fedavg(cohort, tmp_
 
     cfg = load_bench_config(_bench_yaml(cohort, tmp_path, strategies=["local", "fedavg"], dp_epsilons=[None],
                                         recipes=["augment", "cosine+steps", "personalize", "local-norm"],
-                                        recipe_local_steps=3, rounds=2, leave_one_site_out=False,
+                                        recipe_local_steps=3, recipe_personalize_steps=2, rounds=1, leave_one_site_out=False,
                                         ablation=False, scale_sites=0, replicates=50))
     payload = Bench(cfg).run()
     assert set(payload["configs"]) == {"local", "fedavg", "fedavg+augment", "fedavg+cosine+steps",
@@ -144,7 +144,7 @@ def test_recipe_runs_turn_each_item_on_and_are_compared_with_fedavg(cohort, tmp_
 
     assert run_section("fedavg-cosine-steps")["lr_schedule"] == "cosine"
     assert run_section("fedavg-cosine-steps")["local_steps"] == 3
-    assert run_section("fedavg-personalize")["personalize"] == {}
+    assert run_section("fedavg-personalize")["personalize"] == {"steps": 2}
     assert run_section("fedavg-local-norm")["local_norm"] is True
     assert "lr_schedule" not in run_section("fedavg") and "personalize" not in run_section("fedavg")
     # Steps instead of epochs: every site made exactly 3 optimizer steps a round.
@@ -154,7 +154,7 @@ def test_recipe_runs_turn_each_item_on_and_are_compared_with_fedavg(cohort, tmp_
     # same seed (training is seeded and deterministic on CPU).
     from dicomfl.server.checkpoint import read_npz
 
-    plain, aug = (read_npz(runs / f"bench-{j}-seed0" / "checkpoints" / "round-0002" / "global.npz")
+    plain, aug = (read_npz(runs / f"bench-{j}-seed0" / "checkpoints" / "round-0001" / "global.npz")
                   for j in ("fedavg", "fedavg-augment"))
     assert any(not np.array_equal(plain[k], aug[k]) for k in plain)
     results = {p.stem: json.loads(p.read_text()) for p in (cfg.out_dir / "results").glob("*.json")}

@@ -64,6 +64,7 @@ class BenchConfig(BaseModel):
     # by '+', e.g. "augment+cosine"), each compared with plain FedAvg in the headline table.
     recipes: list[str] = Field(default_factory=list, max_length=32)
     recipe_local_steps: int = Field(default=10, ge=1)  # S of the "steps" item (run.local_steps)
+    recipe_personalize_steps: int = Field(default=20, ge=0)  # fine-tuning steps of "personalize"
     seeds: list[int] = [0, 1, 2]
     # 25 rounds x 1 local epoch: where pooled and local training have converged on the generated
     # cohort at train.lr 1e-3 (README: learning curves; bench_learning_curves.csv shows it per run).
@@ -244,7 +245,7 @@ class Bench:
         if "steps" in items:
             cfg["run"]["local_steps"] = self.cfg.recipe_local_steps
         if "personalize" in items:
-            cfg["run"]["personalize"] = {}
+            cfg["run"]["personalize"] = {"steps": self.cfg.recipe_personalize_steps}
         if "local-norm" in items:
             cfg["run"]["local_norm"] = True
         if job.strategy == "scaffold":
