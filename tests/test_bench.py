@@ -182,3 +182,19 @@ def test_a_recipe_names_only_known_items(cohort, tmp_path):
     for bad in (["augment+flip"], ["cosine+cosine"], [""]):
         with pytest.raises(ConfigError, match="recipes.0"):
             load_bench_config(_bench_yaml(cohort, tmp_path, recipes=bad))
+
+
+def test_fedavgm_runs_with_server_momentum_at_fedavgs_effective_step(cohort, tmp_path):
+    """FedAvgM gets momentum beta and server learning rate 1 - beta (not the server optimizers'
+    0.01, which would leave the global model where it started)."""
+    from dicomfl.common.config import load_run_config
+    from dicomfl.server.federation import strategy_for
+    from dicomfl.workbench.bench import Job
+
+    cfg = load_bench_config(_bench_yaml(cohort, tmp_path, strategies=["fedavgm"], dp_epsilons=[None]))
+    b = Bench(cfg)
+    run = load_run_config(b._run_yaml(Job(id="fedavgm@seed0", kind="federated", seed=0, strategy="fedavgm"),
+                                      [b.site_cfgs[n] for n in b.names]))
+    assert run.run.server_lr == pytest.approx(0.1) and run.run.strategy_params == {"server_momentum": 0.9}
+    strategy = strategy_for(run)
+    assert strategy.server_learning_rate == pytest.approx(0.1) and strategy.server_momentum == pytest.approx(0.9)

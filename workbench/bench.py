@@ -78,6 +78,9 @@ class BenchConfig(BaseModel):
     # train.lr suits their optimizer (Adam by default), so SCAFFOLD's sites use this one instead.
     # Its server step eta_g is 1 (server_lr is the server optimizers').
     scaffold_lr: float = Field(default=0.05, gt=0)
+    # FedAvgM (Hsu et al. 2019): server momentum beta, with server learning rate 1 - beta, so that
+    # its effective step eta / (1 - beta) is FedAvg's (1): the momentum, not a larger step, is measured.
+    fedavgm_momentum: float = Field(default=0.9, ge=0, lt=1)
     model: ModelConfig = ModelConfig(image_size=64, width=16)
     # Replicate AUROCs per model and site (paired headline comparisons, workbench/headline.py): every
     # site scores every model on the same resamples of its test split. 0: none (no headline table).
@@ -248,6 +251,9 @@ class Bench:
             cfg["run"]["personalize"] = {"steps": self.cfg.recipe_personalize_steps}
         if "local-norm" in items:
             cfg["run"]["local_norm"] = True
+        if job.strategy == "fedavgm":
+            cfg["run"]["server_lr"] = round(1.0 - self.cfg.fedavgm_momentum, 12)
+            cfg["run"]["strategy_params"] = {"server_momentum": self.cfg.fedavgm_momentum}
         if job.strategy == "scaffold":
             cfg["run"].pop("server_lr")  # eta_g = 1, the paper's and FedAvg's step
         path = out.parent / f"{name}.yaml"
