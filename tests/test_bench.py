@@ -59,6 +59,9 @@ def test_bench_grid_tables_plots_and_resume(cohort, tmp_path):
         h = head[want]
         assert h["sites"] == 3 and h["seeds"] == 1 and h["replicates"] == 1000 and h["unpaired_dropped"] == 0
         assert h["lo"] <= h["hi"] and h["verdict"] in ("better", "worse", "not separable")
+        # ... and the same comparison at each site alone; with one seed the mean over sites is the row's.
+        assert set(h["per_site"]) == set(SITES)
+        assert h["diff"] == pytest.approx(sum(c["diff"] for c in h["per_site"].values()) / len(SITES), abs=1e-9)
         assert f"| {want} | {h['diff']:+.3f} | [{h['lo']:+.3f}, {h['hi']:+.3f}] | 3 x 1 | {h['verdict']} |" in md
     # the point estimate is the mean over sites of the paired AUROC differences on the whole test splits
     fedavg = json.loads((out / "results" / "fedavg@seed0.json").read_text())["per_site"]

@@ -24,7 +24,7 @@ from collections import defaultdict
 import numpy as np
 
 from dicomfl.common import protocol as P
-from dicomfl.common.stats import hierarchical_difference
+from dicomfl.common.stats import BETTER, UNSEPARABLE, WORSE, hierarchical_difference
 
 FEDAVG = "fedavg"
 
@@ -114,10 +114,19 @@ def headline(results: list[dict], dp_epsilons=(), alpha: float = 0.05) -> list[d
         plan.append((f"recipe {c} ({what}) vs {FEDAVG}", c, FEDAVG))
         if c in personalized:
             plan.append((f"recipe {c} (personalized at home) vs local at home", c, "local"))
+            plan.append((f"recipe {c} (personalized at home) vs pooled", c, "pooled"))
+    sites = sorted({unit[0] for by_unit in cells.values() for unit in by_unit})
     out = []
     for label, a, b in plan:
         res = compare(cells, a, b, alpha)
         if res is not None:
+            # The same comparison at each site alone (the goals are per site: "at every site").
+            res["per_site"] = {}
+            for site in sites:
+                one = {c: {u: v for u, v in by_unit.items() if u[0] == site} for c, by_unit in cells.items()}
+                r = compare(one, a, b, alpha)
+                if r is not None:
+                    res["per_site"][site] = {k: r[k] for k in ("diff", "lo", "hi", "verdict")}
             out.append({"comparison": label, **res})
     return out
 
@@ -135,6 +144,22 @@ def markdown(rows: list[dict], best: str | None = None) -> list[str]:
     if not rows:
         lines.append("| (no configuration pair with replicate AUROCs: `replicates: 0`?) | - | - | - | - |")
     for r in rows:
-        ci = f"[{r['lo']:+.3f}, {r['hi']:+.3f}]" if _finite(r["lo"]) and _finite(r["hi"]) else "n/a"
-        lines.append(f"| {r['comparison']} | {r['diff']:+.3f} | {ci} | {r['sites']} x {r['seeds']} | {r['verdict']} |")
+        lines.append(f"| {r['comparison']} | {r['diff']:+.3f} | {_ci(r)} | {r['sites']} x {r['seeds']} | {r['verdict']} |")
+    sites = sorted({s for r in rows for s in r.get("per_site", {})})
+    if sites:
+        lines += ["", "The same comparisons at each site alone (mean difference over seeds, 95% interval, verdict):", "",
+                  "| comparison (A vs B) | " + " | ".join(sites) + " |", "| --- | " + " | ".join("---" for _ in sites) + " |"]
+        for r in rows:
+            cells = []
+            for s in sites:
+                c = r.get("per_site", {}).get(s)
+                cells.append(f"{c['diff']:+.3f} {_ci(c)} {_SHORT.get(c['verdict'], c['verdict'])}" if c else "-")
+            lines.append(f"| {r['comparison']} | " + " | ".join(cells) + " |")
     return lines
+
+
+_SHORT = {BETTER: "better", WORSE: "worse", UNSEPARABLE: "n.s."}
+
+
+def _ci(r: dict) -> str:
+    return f"[{r['lo']:+.3f}, {r['hi']:+.3f}]" if _finite(r["lo"]) and _finite(r["hi"]) else "n/a"
