@@ -14,6 +14,10 @@ The verdict is ``better`` when the whole interval of A - B lies above 0, ``worse
 
 Which federated strategy is "best" is decided on the sites' *validation* splits (mean
 ``val-auroc`` over sites and seeds), never on the test splits the comparison is made on.
+
+Recipe runs (``fedavg+<items>``, bench ``recipes:``) are compared with FedAvg; a personalized
+recipe (each site's personalized model at home) also with the local models and pooled. Every
+comparison is also made at each site alone (``per_site``): the goals are per site.
 """
 
 from __future__ import annotations
