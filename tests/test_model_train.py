@@ -187,6 +187,16 @@ def test_local_steps_are_exactly_s_even_when_that_is_more_than_one_pass(train_a)
     assert r.steps == 2 * per_pass + 1
 
 
+def test_under_dp_s_steps_over_several_passes_are_what_the_accountant_records(train_a):
+    """The site's privacy plan charges S steps a round (client/privacy.py: planned_steps): with
+    Poisson sampling over several passes, the steps taken and the accountant's steps are both S."""
+    per_pass = -(-len(train_a) // 16)
+    s = 2 * per_pass + 1
+    r = train_local(build_model(MC), train_a, TrainSettings(epochs=1, max_steps=s, batch_size=16),
+                    dp=DPSettings(noise_multiplier=1.0, seed=3))
+    assert r.steps == s and sum(h[2] for h in r.history) == s
+
+
 @pytest.mark.parametrize("private", [False, True])
 def test_fedprox_pulls_weights_toward_the_global_model(train_a, private):
     m = build_model(MC)

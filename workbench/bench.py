@@ -38,7 +38,7 @@ from dicomfl.server.checkpoint import clean, write_json
 BASELINES = ("local", "pooled")
 # Strategies a benchmark runs only when its config lists them (not in the default grid).
 OPT_IN_STRATEGIES = ("scaffold",)
-# Every benchmark run's name starts with this (its privacy spend is the benchmark's to forget).
+# Every benchmark run's name starts with this.
 BENCH_RUN_PREFIX = "bench-"
 # The training recipe's items (README: "Recipe for acquisition shift", personalization), each
 # measured on by a FedAvg run with it (``recipes:``) against FedAvg without it.
@@ -138,26 +138,6 @@ class Job:
         return self.id.rsplit("@seed", 1)[0]
 
 
-def forget_bench_spend(state_dir: Path) -> list[str]:
-    """Remove the benchmark's runs (names starting with ``bench-``) from a site's privacy ledger.
-
-    Each benchmark configuration and seed is a separate experiment on the same data, so one
-    configuration's spend must not count against the next one's budget. The site's own modules
-    have no such function: nothing in a deployment can erase spend. Runs of other names stay.
-    """
-    from dicomfl.client.privacy import _write_site_ledger, ledger_lock, read_site_ledger
-
-    with ledger_lock(state_dir):
-        data = read_site_ledger(state_dir)
-        runs = data.get("runs", {})
-        gone = sorted(n for n in runs if n.startswith(BENCH_RUN_PREFIX))
-        if gone:
-            for n in gone:
-                del runs[n]
-            _write_site_ledger(state_dir, data)
-    return gone
-
-
 def plan(cfg: BenchConfig, site_names: list[str]) -> list[Job]:
     jobs: list[Job] = []
     for seed in cfg.seeds:
@@ -233,15 +213,6 @@ class Bench:
                               model=self._model(job), replicates=0 if job.kind == "scale" else self.cfg.replicates,
                               dp=job.epsilon is not None, target_epsilon=job.epsilon or 8.0, sites=sites)
         out.mkdir(parents=True, exist_ok=True)
-        # A benchmark run starts with no privacy spend from any benchmark run (each configuration
-        # and seed is its own experiment on the data; the site's ledger keeps one budget across all
-        # runs, so without this every DP run after the first would find the site's budget spent and
-        # decline) and no SCAFFOLD control (a re-run is a new experiment).
-        for p in sites:
-            sc = load_site_config(p)
-            forget_bench_spend(sc.site.state_dir)
-            for ctl in (sc.site.state_dir / "scaffold").glob(f"{name}.npz"):  # and SCAFFOLD controls
-                ctl.unlink()
         items = set(job.recipe)
         if "cosine" in items:
             cfg["run"]["lr_schedule"] = "cosine"
@@ -281,6 +252,19 @@ class Bench:
         return FeatureTransform(mean=np.asarray(mean, np.float32), std=np.asarray(std, np.float32),
                                 drop=tuple(m.drop_features))
 
+    def _job_state(self, job: Job) -> Path:
+        """The folder of this job's site state: ``<out_dir>/state/<job>/<site>`` (fresh each time).
+
+        Each benchmark configuration and seed is its own experiment, so every job starts with an
+        empty privacy ledger, no SCAFFOLD control and no personalized model of its own, kept under
+        the benchmark's output. The sites' own ``state_dir`` is only read, for their ingested data:
+        the benchmark never writes to a site's ledger (nor could a run name erase a site's spend).
+        """
+        root = self.out / "state" / "".join(c if c.isalnum() or c in "-_." else "-" for c in job.id)
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True, mode=0o700)
+        return root
+
     def _federate(self, job: Job, sites: list[Path], **kw) -> dict:
         from dicomfl.common.config import load_run_config
 
@@ -288,17 +272,18 @@ class Bench:
         from .inprocess import InProcessGrid
 
         if job.strategy == "scaffold":
-            run_cfg, grid = self._sgd_sites(load_run_config(self._run_yaml(job, sites, **kw), check_files=False))
+            run_cfg, grid = self._sgd_sites(load_run_config(self._run_yaml(job, sites, **kw), check_files=False),
+                                            self._job_state(job))
         else:
             run_cfg = load_run_config(self._run_yaml(job, sites, **kw))
-            grid = InProcessGrid(run_cfg.sites, resolver=_BenchSites(self.cfg.replicates, self.cfg.lr,
-                                                                     augment="augment" in job.recipe))
+            grid = InProcessGrid(run_cfg.sites, resolver=_BenchSites(self.cfg.replicates, self._job_state(job),
+                                                                     self.cfg.lr, augment="augment" in job.recipe))
         shutil.rmtree(run_cfg.out_dir / "checkpoints", ignore_errors=True)
         summary = Federation(run_cfg, grid).run()
         summary["out_dir"] = str(run_cfg.out_dir)
         return summary
 
-    def _sgd_sites(self, run_cfg):
+    def _sgd_sites(self, run_cfg, state: Path):
         """The run's sites held in memory with ``train.optimizer: sgd`` and ``scaffold_lr`` (SCAFFOLD)."""
         from dicomfl.client.handler import InMemorySites
         from dicomfl.client.trainer import SiteTrainer
@@ -311,7 +296,7 @@ class Bench:
             sc.train.optimizer, sc.train.lr = "sgd", self.cfg.scaffold_lr
             sc.privacy.eval_replicates = self.cfg.replicates
             key = f"mem:{sc.site.name}"
-            sims[key] = SiteTrainer(sc, run_cfg.model)
+            sims[key] = _with_state(SiteTrainer(sc, run_cfg.model), state)
             keys.append(Path(key))
         run_cfg.sites = keys
         return run_cfg, InProcessGrid(keys, resolver=InMemorySites(sims))
@@ -513,7 +498,17 @@ def _pick(m: dict | None, replicates: bool = True) -> dict[str, Any]:
     return out
 
 
-def _BenchSites(replicates: int, lr: float | None = None, augment: bool = False):
+def _with_state(trainer, state: Path):
+    """``trainer`` with its data loaded from the site's own ``state_dir`` (the ingest cache), then
+    ``state_dir`` moved to ``state/<site>``: what the job writes (ledger, controls) stays there."""
+    trainer.data()
+    trainer.cfg = trainer.cfg.model_copy(deep=True)
+    trainer.cfg.site.state_dir = state / trainer.cfg.site.name
+    trainer.cfg.site.state_dir.mkdir(mode=0o700, exist_ok=True)
+    return trainer
+
+
+def _BenchSites(replicates: int, state: Path, lr: float | None = None, augment: bool = False):
     """The sites of a benchmark run, from their site.yaml, with ``privacy.eval_replicates`` set to
     ``replicates`` (``train.lr`` to ``lr`` when given, ``train.augment`` on with ``augment``): the benchmarker holds every site's data
     in this process (the pooled baseline trains on all of it), so the sites' consent to send
@@ -523,8 +518,7 @@ def _BenchSites(replicates: int, lr: float | None = None, augment: bool = False)
 
     class BenchSites(SiteResolver):
         def load(self, site_config: str, model_cfg):
-            trainer = super().load(site_config, model_cfg)
-            trainer.cfg = trainer.cfg.model_copy(deep=True)
+            trainer = _with_state(super().load(site_config, model_cfg), state)
             trainer.cfg.privacy.eval_replicates = replicates
             if lr is not None:
                 trainer.cfg.train.lr = lr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -572,16 +573,23 @@ def demo(
     out_dir = out_dir.resolve()
     cohort = out_dir / "cohort"
     out.print(f"1/4 generating a {sites}-site cohort in {cohort}", markup=False, highlight=False)
+    made = {"sites": sites, "per_site": per_site, "seed": seed, "image_size": DEMO_IMAGE_SIZE,
+            "test_fraction": DEMO_TEST_FRACTION}
+    marker = cohort / "demo-cohort.json"
+    if (cohort / "run.yaml").exists() and (not marker.is_file() or marker.read_text() != json.dumps(made)):
+        shutil.rmtree(cohort)  # made by another version or other options of the demo: make it again
     if not (cohort / "run.yaml").exists():
         with progress_bar("synth") as bar:
             task = bar.add_task("synth", total=None)
             run_synth(cohort, sites=sites, per_site=per_site, seed=seed, image_size=DEMO_IMAGE_SIZE,
                       test_fraction=DEMO_TEST_FRACTION, progress=lambda i, n: bar.update(task, completed=i, total=n))
+        marker.write_text(json.dumps(made))
     names = sorted(p.parent.name for p in cohort.glob("site-*/site.yaml"))[:sites]
     run_cfg = run_config_dict("demo", rounds=rounds, local_epochs=local_epochs, out_dir=out_dir, seed=seed, dp=dp,
                               model={"mode": "fused", "image_size": DEMO_IMAGE_SIZE, "width": 16, "depth": 3},
                               sites=[cohort / n / "site.yaml" for n in names])
-    run_cfg["run"]["personalize"] = {}  # each site's fine-tuned global model, next to global and local
+    if not dp:  # each site's fine-tuned global model, next to global and local (under DP the
+        run_cfg["run"]["personalize"] = {}  # training spends the sites' whole budget: nothing is left for it)
     run_yaml = out_dir / "run.yaml"
     run_yaml.write_text(_yaml.safe_dump(run_cfg, sort_keys=False))
     out.print(f"2/4 starting a SuperLink and {len(names)} site daemons on loopback (TLS, SuperNode authentication)",

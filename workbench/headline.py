@@ -151,7 +151,9 @@ def markdown(rows: list[dict], best: str | None = None) -> list[str]:
         lines.append(f"| {r['comparison']} | {r['diff']:+.3f} | {_ci(r)} | {r['sites']} x {r['seeds']} | {r['verdict']} |")
     sites = sorted({s for r in rows for s in r.get("per_site", {})})
     if sites:
-        lines += ["", "The same comparisons at each site alone (mean difference over seeds, 95% interval, verdict):", "",
+        lines += ["", "The same comparisons at each site alone (mean difference over seeds, 95% interval, verdict). "
+                  "Descriptive: one site's interval resamples its test images and only that site's few seeds, and "
+                  "nothing is corrected for the number of cells.", "",
                   "| comparison (A vs B) | " + " | ".join(sites) + " |", "| --- | " + " | ".join("---" for _ in sites) + " |"]
         for r in rows:
             cells = []
