@@ -65,7 +65,9 @@ its next item only if it is small, :data:`PREFETCH_MAX_BYTES`, so the hand-over 
 * the per-item timeout runs from when the worker could start the item (its hand-over, or the
   moment it sent its reply to the item before it, whichever is later);
 * a death or a timeout costs exactly the item the worker was on; the item waiting behind it was
-  never started, and goes to another worker.
+  never started, and goes to another worker;
+* an item is charged with a death only when its worker dies on it twice: the first death may
+  belong to the end of the item before it, so the item runs once more on a fresh worker.
 
 Shutdown
 --------
@@ -425,6 +427,8 @@ class IsolatedPool(Generic[T, R]):
         #: Items handed to a worker that died or timed out while it was on an earlier item:
         #: never started, they go to the next free worker before any new item.
         self._requeued: deque = deque()
+        #: Items whose worker died while on them once already (see :meth:`_reap`).
+        self._died_on: set[int] = set()
         self._ctx = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
         self._start_failures = 0
@@ -522,6 +526,7 @@ class IsolatedPool(Generic[T, R]):
         finally:
             self._active = False
             self._requeued.clear()
+            self._died_on.clear()
             # Items abandoned by an early exit: their workers are killed so that no stale
             # result reaches a later imap.
             for w in [w for w in self._workers if w.tasks]:
@@ -655,7 +660,16 @@ class IsolatedPool(Generic[T, R]):
         self._forget(w)
         if w.tasks:
             self._requeue_waiting(w)
-            out.append((w.task, _death_failure(exitcode)))
+            # The parent cannot tell a death on an item from one just after the reply to the item
+            # before (tearing down its objects, a late signal): the first death on an item runs it
+            # once more, after the never-started ones, on a fresh worker; the second is its own.
+            # A file that crashes costs two workers, and a good file is never charged with the
+            # death of the one before it (its failure would be cached as its own).
+            if w.task not in self._died_on:
+                self._died_on.add(w.task)
+                self._requeued.append(w.tasks[0])
+            else:
+                out.append((w.task, _death_failure(exitcode)))
         elif not w.ready:
             self._start_failed(_death_failure(exitcode).detail)
 

@@ -223,7 +223,8 @@ def behave(spec: tuple) -> Any:
     ``("raise", "ValueError")`` raises it with :data:`LEAK` as its text; ``("panic",)`` raises
     :class:`FakePanic`; ``("reject", reason, detail)`` raises ``RejectedFile``; ``("signal",
     "SIGSEGV")`` kills the worker with that signal; ``("exit", n)`` raises ``SystemExit(n)``;
-    ``("alloc", nbytes)`` allocates and touches nothing but address space; ``("unpicklable",)``
+    ``("alloc", nbytes)`` allocates and touches nothing but address space; ``("die-after", v, s)``
+    returns ``v`` and kills the worker with SIGSEGV ``s`` seconds later; ``("unpicklable",)``
     returns a lambda; ``("pid",)`` returns the worker's pid; ``("print",)`` writes :data:`LEAK`
     to stdout, stderr and fd 2, then returns 0.
     """
@@ -252,6 +253,11 @@ def behave(spec: tuple) -> Any:
         return lambda: None
     if kind == "pid":
         return os.getpid()
+    if kind == "die-after":  # returns spec[1], and the worker dies spec[2] s later (on its next item)
+        import threading
+
+        threading.Timer(spec[2], os.kill, (os.getpid(), signal.SIGSEGV)).start()
+        return spec[1]
     if kind == "print":
         print(LEAK)
         print(LEAK, file=sys.stderr)

@@ -150,9 +150,10 @@ def test_pool_survives_every_crasher(files, good, capfd):
     for name in caught:
         assert got["check", files[name]].reason == CODESTREAM_MISMATCH, name
 
-    # Dead workers were replaced: 2 at the start, one per death (3 SIGABRT, 1 SIGSEGV; the
-    # PanicExceptions, the bomb and the rejections are caught in the worker, which lives on).
-    assert len(spawned) == 2 + 4
+    # Dead workers were replaced: 2 at the start, one per death (3 SIGABRT, 1 SIGSEGV, each file
+    # run twice before it is charged; the PanicExceptions, the bomb and the rejections are caught
+    # in the worker, which lives on).
+    assert len(spawned) == 2 + 2 * 4
     assert not set(spawned) & children()
     assert time.monotonic() - start < 90
     captured = capfd.readouterr()
@@ -234,8 +235,22 @@ def test_the_item_waiting_behind_a_crash_or_a_timeout_runs_on_another_worker():
     assert outcomes[0] == WorkerFailure(DECODER_CRASH, "SIGSEGV")
     assert outcomes[2] == WorkerFailure(TIMEOUT, "over 2 s")
     assert outcomes[4] == 3 and len(outcomes) == 5
-    # The items behind the crash and the hang ran on the workers that replaced them.
-    assert outcomes[1] == spawned[1] and outcomes[3] == spawned[2] and len(spawned) == 3
+    # The items behind the crash and the hang ran on the workers that replaced them (the crash
+    # killed two: its item runs once more before it is charged).
+    assert outcomes[1] == spawned[1] and outcomes[3] == spawned[3] and len(spawned) == 4
+
+
+def test_a_death_just_after_a_reply_is_not_charged_to_the_next_item():
+    """A worker that dies just after answering item k, while on item k+1 (here: a timer the
+    item k left behind), looks to the parent like a death on k+1. k+1 runs once more on a fresh
+    worker and succeeds; only an item that kills its worker twice is charged."""
+    items = [("die-after", 1, 0.3), ("sleep", 1.0), ("signal", "SIGSEGV"), ("ok", 2)]
+    with IsolatedPool(C.behave, workers=1, timeout_s=30, prefetch=2) as pool:
+        outcomes = dict(pool.imap(items))
+        spawned = list(pool.spawned_pids)
+    assert outcomes == {0: 1, 1: 1.0, 2: WorkerFailure(DECODER_CRASH, "SIGSEGV"), 3: 2}
+    # one to start, one after the timer's death, two after the crashing item's two deaths
+    assert len(spawned) == 4 and not set(spawned) & children()
 
 
 def test_the_timeout_counts_from_when_the_worker_could_start_the_item():
