@@ -67,7 +67,9 @@ its next item only if it is small, :data:`PREFETCH_MAX_BYTES`, so the hand-over 
 * a death or a timeout costs exactly the item the worker was on; the item waiting behind it was
   never started, and goes to another worker;
 * an item is charged with a death only when its worker dies on it twice: the first death may
-  belong to the end of the item before it, so the item runs once more on a fresh worker.
+  belong to the end of the item before it, so the item runs once more as the *first* item of a
+  fresh worker (an idle worker is stopped to make room when none is fresh), where nothing came
+  before it.
 
 Shutdown
 --------
@@ -312,6 +314,7 @@ class _Worker:
     #: ``(index, item)``; the first is the one it is on.
     tasks: deque = field(default_factory=deque)
     deadline: float = 0.0  # for the first of ``tasks``
+    handed: int = 0  # items ever handed to this worker (0: fresh)
 
     @property
     def task(self) -> int | None:
@@ -427,8 +430,10 @@ class IsolatedPool(Generic[T, R]):
         #: Items handed to a worker that died or timed out while it was on an earlier item:
         #: never started, they go to the next free worker before any new item.
         self._requeued: deque = deque()
-        #: Items whose worker died while on them once already (see :meth:`_reap`).
+        #: Items whose worker died while on them once already (see :meth:`_reap`), and those of
+        #: them waiting to run again: each goes to a fresh worker as its first item.
         self._died_on: set[int] = set()
+        self._retries: deque = deque()
         self._ctx = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
         self._start_failures = 0
@@ -488,6 +493,23 @@ class IsolatedPool(Generic[T, R]):
             """Hand items to the workers with room (the least busy first; starting workers up
             to ``target``)."""
             nonlocal pending, exhausted
+            while self._retries:  # first: items to run again, each the first item of a fresh worker
+                self._top_up(target)
+                fresh = [w for w in self._workers if w.handed == 0]
+                if not fresh:
+                    idle = [w for w in self._workers if w.ready and not w.tasks]
+                    if not idle:
+                        break  # the next worker to finish is replaced by a fresh one
+                    self._kill(idle[0])  # an idle worker makes way for a fresh one
+                    continue
+                ready = [w for w in fresh if w.ready]
+                if not ready:
+                    break  # still starting
+                if not self._dispatch(ready[0], *self._retries[0], _pickled(self._retries[0], payloads)):
+                    payloads.clear()
+                    break
+                payloads.clear()
+                self._retries.popleft()
             while True:
                 requeued = bool(self._requeued)  # items that were never started go first
                 if not requeued and pending is None and not exhausted:
@@ -515,7 +537,7 @@ class IsolatedPool(Generic[T, R]):
         try:
             while True:
                 fill()
-                if pending is None and exhausted and not self._requeued \
+                if pending is None and exhausted and not self._requeued and not self._retries \
                         and not any(w.tasks for w in self._workers):
                     return
                 outcomes = self._wait()
@@ -527,6 +549,7 @@ class IsolatedPool(Generic[T, R]):
             self._active = False
             self._requeued.clear()
             self._died_on.clear()
+            self._retries.clear()
             # Items abandoned by an early exit: their workers are killed so that no stale
             # result reaches a later imap.
             for w in [w for w in self._workers if w.tasks]:
@@ -584,6 +607,7 @@ class IsolatedPool(Generic[T, R]):
         if not w.tasks:  # it starts on this one now; a later one starts when the one before is answered
             w.deadline = time.monotonic() + self._timeout_s
         w.tasks.append((index, item))
+        w.handed += 1
         return True
 
     def _answered(self, w: _Worker, sent_at: float) -> int:
@@ -662,12 +686,12 @@ class IsolatedPool(Generic[T, R]):
             self._requeue_waiting(w)
             # The parent cannot tell a death on an item from one just after the reply to the item
             # before (tearing down its objects, a late signal): the first death on an item runs it
-            # once more, after the never-started ones, on a fresh worker; the second is its own.
+            # once more as the first item of a fresh worker, where a death can only be its own.
             # A file that crashes costs two workers, and a good file is never charged with the
             # death of the one before it (its failure would be cached as its own).
             if w.task not in self._died_on:
                 self._died_on.add(w.task)
-                self._requeued.append(w.tasks[0])
+                self._retries.append(w.tasks[0])
             else:
                 out.append((w.task, _death_failure(exitcode)))
         elif not w.ready:
