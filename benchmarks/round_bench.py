@@ -17,7 +17,10 @@ a few images per site, so the work is small and the overhead shows:
   message (``federation.message_path: forwarder``), SuperExec polling every 0.25 s, the SuperNode's
   own 3 s idle wait, the coordinator polling every ``run.poll_interval_s`` (default 0.5 s), the
   SuperLink's state in memory;
-* **direct**: dicomfl's default: the warm worker takes the SuperNode's tasks itself (no process per
+* **objects**: as direct, but with the messages in Flower's own form (``run.compact_messages:
+  false``): each record, Array and chunk is an object of its own, fetched with a request of its
+  own at every hop (a train reply with the local baseline is 11 objects);
+* **direct**: dicomfl's default, messages in the compact form (3 objects each, ``common/wire.py``): the warm worker takes the SuperNode's tasks itself (no process per
   message, ``dicomfl.client.tasks``) and the SuperNode's idle wait is capped at
   ``federation.idle_poll_s`` (0.25 s, ``dicomfl.client.supernode``).
 
@@ -111,6 +114,8 @@ def run_config(cohort, out, n: int, mode: str, rounds: int, before_state: str = 
         ingest(load_site_config(y))
     raw = run_config_dict(f"{mode}-{n}", rounds=rounds, local_epochs=1, min_sites=n, round_timeout_s=600,
                           out_dir=work / "run", model=MODEL, sites=sites)
+    if mode == "objects":
+        raw["run"]["compact_messages"] = False  # each record, array and chunk its own Flower object
     if mode == "before":
         raw["run"]["poll_interval_s"] = 3.0  # what HttpGrid.send_and_receive waits
     run_yaml = work / "run.yaml"
@@ -125,7 +130,7 @@ def run_config(cohort, out, n: int, mode: str, rounds: int, before_state: str = 
     before = mode == "before"
     site_fed = {"before": {"warm_worker": False, "idle_poll_s": 3.0},
                 "forwarder": {"message_path": "forwarder", "idle_poll_s": 3.0},
-                "direct": {}}[mode]
+                "objects": {}, "direct": {}}[mode]
     fed = LocalFederation(work / "federation", sites, site_federation=site_fed,
                           coordinator={"superlink_state": before_state if before else "memory"})
     try:
@@ -204,7 +209,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sites", type=int, nargs="+", default=[3, 10])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--per-site", type=int, default=40)
-    ap.add_argument("--modes", nargs="+", default=["before", "forwarder", "direct"], choices=["before", "forwarder", "direct"])
+    ap.add_argument("--modes", nargs="+", default=["before", "forwarder", "direct"], choices=["before", "forwarder", "objects", "direct"])
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--before-state", choices=["file", "memory"], default="file",
                     help="the SuperLink's state for 'before' (file: as it was; with 10 sites on 2 cores its SQLite "

@@ -28,6 +28,7 @@ from dicomfl.common.config import ModelConfig
 from dicomfl.common.errors import BadRequest, ConfigError
 from dicomfl.common.fedstats import released
 from dicomfl.common.splits import VAL
+from dicomfl.common.wire import WireError, is_packed, pack, unpack
 
 from .personal import keep_local_norms, personalize, stored_personal_model, with_local_norms
 from .scaffold import ScaffoldRound
@@ -188,9 +189,17 @@ class SiteHandler:
             handler = handlers.get(kind)
             if handler is None:
                 raise ConfigError(f"message type {kind!r} is not handled by a site")
+            packed = msg.has_content() and is_packed(msg.content)
+            if packed:  # the deployment's compact form (common/wire.py): read it, answer in it
+                try:
+                    msg.content = unpack(msg.content)
+                except WireError as exc:
+                    raise BadRequest(str(exc)) from None
             site, cfg = self._site(msg, context)
             site_log = site.log
             reply = handler(msg, site, cfg)
+            if packed and reply.has_content():
+                reply.content = pack(reply.content)
             site_log.info("%s message handled in %.2f s (handler up %.2f s)", kind, time.perf_counter() - t0,
                           time.perf_counter() - self._started)
             return reply

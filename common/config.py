@@ -516,6 +516,11 @@ class RunSection(_Strict):
     # loaded 2-core machine) doubles the wait, up to 5 s, until a pull succeeds again; with the
     # SuperLink's state in memory (the coordinator's default) there is no SQLite to lock.
     poll_interval_s: float = Field(default=0.25, ge=0.01, le=10)
+    # Messages in dicomfl's compact form (common/wire.py): 3 Flower objects a message instead of
+    # about 10, each a request at every hop. Sites read both forms and answer in the one they were
+    # asked in; a site on a dicomfl from before the form cannot read it, so during a rolling upgrade
+    # the coordinator sets this to false until every site has the new version.
+    compact_messages: bool = True
     local_epochs: int = Field(default=1, ge=1)
     local_steps: int | None = Field(default=None, ge=1)  # if set: S optimizer steps per round instead of epochs
     # The sites' learning rate over the rounds: constant, or a cosine from train.lr down to

@@ -156,7 +156,8 @@ class Federation:
         from .gridpoll import send_and_collect
 
         return list(send_and_collect(self.grid, messages, timeout=self.cfg.run.round_timeout_s,
-                                     poll_interval=self.cfg.run.poll_interval_s))
+                                     poll_interval=self.cfg.run.poll_interval_s,
+                                     compact=self.cfg.run.compact_messages))
 
     def _replies(self, messages: list[Message]) -> tuple[list[Message], dict[str, int]]:
         """Exchange, learn who the nodes are, and keep one reply per node (and per site)."""

@@ -7,6 +7,11 @@ seconds (the run config's ``run.poll_interval_s``, default 0.25), yielding each 
 until every message has its reply or ``timeout`` seconds have passed. A grid without push/pull
 (the in-process grid of the benchmark and the tests) is asked with its own ``send_and_receive``.
 
+Each message goes out in dicomfl's compact form (:mod:`dicomfl.common.wire`, unless the run sets
+``run.compact_messages: false``): 3 Flower objects instead of about 10, each of which is a request
+at every hop. The sites answer in the same form; ``server/replies.py`` reads it where it checks
+the reply.
+
 A reply's head reaches the SuperLink before its objects (the SuperNode sends the head, then
 pushes the objects), and Flower's grid (flwr 1.41, ``HttpGrid.pull_messages``) waits for an object
 that is not there yet 1 s, then 2, 4, ... (``pull_objects``' defaults; no option). Measured on
@@ -39,6 +44,8 @@ import time
 from collections.abc import Iterable, Iterator
 
 from flwr.app import Message
+
+from dicomfl.common.wire import is_packed, pack
 
 log = logging.getLogger("dicomfl.server")
 
@@ -105,10 +112,12 @@ def _as_the_sites(reply: Message, sent: Message | None) -> Message:
 
 
 def send_and_collect(grid, messages: Iterable[Message], *, timeout: float | None,
-                     poll_interval: float = 0.25) -> Iterator[Message]:
+                     poll_interval: float = 0.25, compact: bool = True) -> Iterator[Message]:
     """Push ``messages`` and yield their replies as they arrive, for at most ``timeout`` seconds
     (None: until every message has its reply, as Flower's ``send_and_receive``). A failed pull is
-    retried, after a wait that doubles with each failure in a row (at most :data:`MAX_BACKOFF_S`)."""
+    retried, after a wait that doubles with each failure in a row (at most :data:`MAX_BACKOFF_S`).
+    ``compact``: send each message's content in dicomfl's compact form (:mod:`dicomfl.common.wire`);
+    the replies come back in it and are read where they are checked (``server/replies.py``)."""
     push = getattr(grid, "push_messages", None)
     pull = getattr(grid, "pull_messages", None)
     if not (callable(push) and callable(pull)):
@@ -116,6 +125,9 @@ def send_and_collect(grid, messages: Iterable[Message], *, timeout: float | None
         return
     base = max(0.01, float(poll_interval))
     messages = list(messages)
+    for m in messages if compact else ():
+        if m.has_content() and not is_packed(m.content):
+            m.content = pack(m.content)
     sent = {mid: m for mid, m in zip(push(messages), messages) if mid}  # Flower marks one it could not push with None
     pending = set(sent)
     deadline = None if timeout is None else time.monotonic() + timeout

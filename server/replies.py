@@ -48,6 +48,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from dicomfl.common import protocol as P
+from dicomfl.common.wire import WireError, is_packed, unpack
 
 from .checks import dtype_problem
 
@@ -401,6 +402,12 @@ def _content(msg: Any) -> RecordDict:
     content = msg.content
     if not isinstance(content, RecordDict):
         raise _Invalid("reply content is not a RecordDict")
+    if is_packed(content):  # the deployment's compact form (common/wire.py): read it, then check as always
+        try:
+            content = unpack(content)
+        except WireError as exc:
+            raise _Invalid(str(exc)) from None
+        msg.content = content
     return content
 
 

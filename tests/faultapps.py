@@ -31,6 +31,7 @@ from flwr.clientapp import ClientApp
 
 from dicomfl.client import app as dicomfl_app
 from dicomfl.common import protocol as P
+from dicomfl.common import wire
 
 FAULTY_CLIENTAPP = "tests.faultapps:app"
 
@@ -93,8 +94,9 @@ def _kill_worker_while_it_holds(msg: Message, context: Context, call_next) -> Me
 def faulty(msg: Message, context: Context, call_next) -> Message:
     faults = _faults(context)
     rnd = None
-    if P.CONFIG in msg.content and isinstance(msg.content[P.CONFIG], ConfigRecord):
-        rnd = msg.content[P.CONFIG].get("server-round")
+    content = wire.unpack(msg.content) if wire.is_packed(msg.content) else msg.content  # as the site reads it
+    if P.CONFIG in content and isinstance(content[P.CONFIG], ConfigRecord):
+        rnd = content[P.CONFIG].get("server-round")
     kill = f"kill-worker:{rnd}"
     if msg.metadata.message_type == "train" and kill in faults:
         path = fault_file(str(context.node_config["site-config"]))
@@ -104,12 +106,15 @@ def faulty(msg: Message, context: Context, call_next) -> Message:
         reply = call_next(msg, context)
     if not reply.has_content():
         return reply
-    if "nan-weights" in faults and P.ARRAYS in reply.content:
-        weights = P.from_record(reply.content[P.ARRAYS])
-        reply.content[P.ARRAYS] = P.to_record({k: np.full_like(v, np.nan) for k, v in weights.items()})
+    packed = wire.is_packed(reply.content)
+    content = wire.unpack(reply.content) if packed else reply.content  # the faults change what the site says
+    if "nan-weights" in faults and P.ARRAYS in content:
+        weights = P.from_record(content[P.ARRAYS])
+        content[P.ARRAYS] = P.to_record({k: np.full_like(v, np.nan) for k, v in weights.items()})
     for f in faults:
         if f.startswith("claim:"):
-            reply.content[P.SITE] = ConfigRecord({"name": f[len("claim:"):]})
+            content[P.SITE] = ConfigRecord({"name": f[len("claim:"):]})
+    reply.content = wire.pack(content) if packed else content  # and the reply goes in the form it was in
     return reply
 
 
