@@ -50,7 +50,7 @@ def test_the_shell_caps_only_the_supernode_loops_waits():
         loop.time, loop.pull_objects = saved, saved_pull
 
 
-def test_the_shells_clock_caps_every_wait_of_the_supernode_loop(monkeypatch):
+def test_the_shells_clock_caps_the_idle_wait_and_shortens_the_looks_at_its_own_memory(monkeypatch):
     slept = []
 
     class Recorder:
@@ -61,9 +61,10 @@ def test_the_shells_clock_caps_every_wait_of_the_supernode_loop(monkeypatch):
     monkeypatch.setattr(shell, "time", Recorder)
     clock = shell._CappedClock(0.25)
     clock.sleep(3)  # the loop's idle wait: it asks the SuperLink again after this
-    clock.sleep(0.5)  # the loop's wait for a reply in its own memory
+    clock.sleep(0.5)  # the loop's wait for a reply in its own memory: no request, so short
     clock.sleep(0.01)
-    assert slept == [0.25, 0.25, 0.01]
+    clock.sleep(1.0)
+    assert slept == [0.25, shell.LOCAL_WAIT_S, 0.01, 0.25] and shell.LOCAL_WAIT_S <= 0.05
 
 
 def test_the_shell_changes_nothing_in_a_supernode_loop_of_another_shape(monkeypatch):
