@@ -89,7 +89,9 @@ def pack(content):
             scalars.update({f"{i}|{k}": v for k, v in rec.items()})
         records.append(entry)
     values = [a.numpy() for _, _, a in arrays] if arrays else []
-    inline = sum(int(v.nbytes) for v in values) <= INLINE_MAX_BYTES
+    # inline only what unpack reads inline: the form's dtypes and dimensions; the rest stays Flower's
+    inline = (sum(int(v.nbytes) for v in values) <= INLINE_MAX_BYTES
+              and all(v.dtype.str in DTYPES and v.ndim <= MAX_DIMS for v in values))
     if inline:
         listed: dict[int, list] = {}
         for (i, k, _), v in zip(arrays, values):
@@ -127,12 +129,12 @@ def _manifest(wire) -> tuple[list[dict], bool]:
         raise WireError("compact form: the manifest's record list is not a list or too long")
     names = set()
     for i, entry in enumerate(records):
-        if not isinstance(entry, dict) or entry.get("kind") not in KINDS or not isinstance(entry.get("name"), str):
+        if not isinstance(entry, dict) or entry.get("kind") not in KINDS or not _text(entry.get("name")):
             raise WireError(f"compact form: record {i} has no valid name or kind")
         if set(entry) != ({"name", "kind", "arrays"} if entry["kind"] == "arrays" else {"name", "kind"}):
             raise WireError(f"compact form: record {i} has fields other than the form's")
-        if not 0 < len(entry["name"]) <= MAX_NAME_CHARS or entry["name"] in names or entry["name"] in (WIRE, WIRE_ARRAYS):
-            raise WireError(f"compact form: record {i}'s name is empty, too long or repeated")
+        if entry["name"] in names or entry["name"] in (WIRE, WIRE_ARRAYS):
+            raise WireError(f"compact form: record {i}'s name is repeated or the form's own")
         names.add(entry["name"])
         if entry["kind"] == "arrays" and not isinstance(entry["arrays"], list):
             raise WireError(f"compact form: record {i}'s array list is not a list")
@@ -141,10 +143,29 @@ def _manifest(wire) -> tuple[list[dict], bool]:
     return records, doc["inline"]
 
 
+def _text(s: Any) -> bool:
+    """A non-empty, bounded string that UTF-8 (and so Flower's protobuf) can carry (JSON can carry a
+    lone surrogate; protobuf cannot)."""
+    if not isinstance(s, str) or not 0 < len(s) <= MAX_NAME_CHARS:
+        return False
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _key(i: int, key: Any) -> str:
-    if not isinstance(key, str) or not 0 < len(key) <= MAX_NAME_CHARS:
+    if not _text(key):
         raise WireError(f"compact form: record {i} has a key that is not a short string")
     return key
+
+
+def _index(text: str) -> int | None:
+    """A record number written the one way pack writes it (ASCII digits, no leading zero), or None."""
+    if not (text.isascii() and text.isdecimal() and len(text) <= 6 and text == str(int(text))):
+        return None
+    return int(text)
 
 
 def _inline_arrays(records: list[dict], blob: Any) -> dict[int, dict]:
@@ -154,6 +175,8 @@ def _inline_arrays(records: list[dict], blob: Any) -> dict[int, dict]:
 
     if not isinstance(blob, bytes):
         raise WireError("compact form: inline arrays without their bytes")
+    if len(blob) > INLINE_MAX_BYTES:  # pack inlines no more; larger arrays are Flower Arrays
+        raise WireError("compact form: more inline bytes than the form carries")
     plan, total = [], 0
     for i, entry in enumerate(records):
         if entry["kind"] != "arrays":
@@ -166,7 +189,7 @@ def _inline_arrays(records: list[dict], blob: Any) -> dict[int, dict]:
             if key in seen:
                 raise WireError(f"compact form: record {i} lists an array twice")
             seen.add(key)
-            if dtype not in DTYPES:
+            if not isinstance(dtype, str) or dtype not in DTYPES:
                 raise WireError(f"compact form: record {i} has an array of a dtype the form does not carry")
             if (not isinstance(shape, list) or len(shape) > MAX_DIMS
                     or not all(type(d) is int and 0 <= d < (1 << 40) for d in shape)):
@@ -181,8 +204,11 @@ def _inline_arrays(records: list[dict], blob: Any) -> dict[int, dict]:
     out: dict[int, dict] = {}
     view = memoryview(blob)
     for i, key, dtype, shape, at, n in plan:
-        a = np.frombuffer(view[at:at + n], dtype=np.dtype(dtype)).reshape(shape)
-        out.setdefault(i, {})[key] = Array(np.array(a))  # a copy: the record owns its bytes
+        try:  # e.g. a zero-size array whose other dimensions numpy cannot index
+            a = np.frombuffer(view[at:at + n], dtype=np.dtype(dtype)).reshape(shape)
+            out.setdefault(i, {})[key] = Array(np.array(a))  # a copy: the record owns its bytes
+        except (ValueError, TypeError, MemoryError):
+            raise WireError(f"compact form: record {i} has an array numpy cannot build") from None
     return out
 
 
@@ -212,7 +238,16 @@ def _flower_arrays(records: list[dict], content) -> dict[int, dict]:
 
 def unpack(content):
     """The RecordDict that ``content`` (compact form) was packed from; :class:`WireError` if it is
-    not well formed."""
+    not well formed (and for nothing else: any other failure of reading it becomes one too)."""
+    try:
+        return _unpack(content)
+    except WireError:
+        raise
+    except Exception:  # noqa: BLE001 - a backstop: no value of the form is quoted
+        raise WireError("compact form: not readable") from None
+
+
+def _unpack(content):
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
     wire = content.get(WIRE) if is_packed(content) else None
@@ -234,9 +269,9 @@ def unpack(content):
         if full in _FIXED:
             continue
         idx, sep, key = full.partition("|")
-        if not sep or not idx.isdigit() or len(idx) > 6 or int(idx) >= len(records):
+        i = _index(idx) if sep else None
+        if i is None or i >= len(records):
             raise WireError("compact form: a value that belongs to no record")
-        i = int(idx)
         if records[i]["kind"] == "arrays":
             raise WireError(f"compact form: record {i} is an array record with scalar values")
         scalars.setdefault(i, {})[_key(i, key)] = value

@@ -85,6 +85,14 @@ def test_every_value_type_and_dtype_survives():
     _same(W.unpack(W.pack(content)), content)
 
 
+def test_arrays_the_inline_form_does_not_carry_travel_as_flower_arrays():
+    odd = RecordDict({"a": ArrayRecord({"be": Array(np.arange(4, dtype=">f4")), "u2": Array(np.arange(3, dtype=np.uint16)),
+                                        "nine": Array(np.zeros([1] * 9, np.float32))})})
+    packed = W.pack(odd)
+    assert W.WIRE_ARRAYS in packed
+    _same(W.unpack(packed), odd)
+
+
 def test_large_arrays_stay_flower_arrays_and_a_model_shared_by_messages_is_one_object():
     n = W.INLINE_MAX_BYTES // 4 + 1  # one model over the inline limit
     shared = P.to_record(_weights(0, n))
@@ -180,6 +188,12 @@ HOSTILE = {
     "value-without-index": _set(SECRET, SECRET),
     "value-in-an-array-record": _set(f"1|{SECRET}", 1.0),
     "text-in-a-metric-record": _set(f"2|{SECRET}", SECRET),
+    "dtype-as-list": _first_arrays(lambda a: a.__setitem__(1, ["<f4"])),
+    "zero-size-huge-dims": _first_arrays(lambda a: a.__setitem__(2, [0, 2**40 - 1, 2**40 - 1])),
+    "index-in-other-digits": _set(f"\u00b2|{SECRET}", 1.0),
+    "index-with-leading-zero": _set("02|num-examples", 999999.0),
+    "name-with-a-lone-surrogate": _records(lambda rs: rs[0].update(name="site\ud800")),
+    "blob-over-the-inline-limit": lambda wire, doc: wire.__setitem__("blob", b"\0" * (W.INLINE_MAX_BYTES + 1)),
     "record-beside-the-form": _with_extra_record,
     "arrays-record-and-inline": _arrays_record_beside_inline,
     "not-the-form's-record": lambda wire, doc: RecordDict({W.WIRE: MetricRecord({"v": 1})}),
