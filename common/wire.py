@@ -88,30 +88,36 @@ def pack(content):
         if kind != "arrays":
             scalars.update({f"{i}|{k}": v for k, v in rec.items()})
         records.append(entry)
-    values = [a.numpy() for _, _, a in arrays] if arrays else []
-    # inline only what unpack reads inline: the form's dtypes and dimensions; the rest stays Flower's
-    inline = (sum(int(v.nbytes) for v in values) <= INLINE_MAX_BYTES
-              and all(v.dtype.str in DTYPES and v.ndim <= MAX_DIMS for v in values))
-    if inline:
-        listed: dict[int, list] = {}
-        for (i, k, _), v in zip(arrays, values):
-            listed.setdefault(i, []).append([k, v.dtype.str, list(v.shape)])
-        for i, entry in enumerate(records):
-            if entry["kind"] == "arrays":
-                entry["arrays"] = listed.get(i, [])
-        blob = b"".join(np.ascontiguousarray(v).tobytes() for v in values)
-    else:
-        for i, entry in enumerate(records):
-            if entry["kind"] == "arrays":
-                entry["arrays"] = [k for j, k, _ in arrays if j == i]
+    # Inline only what unpack reads inline (the form's dtypes and dimensions, 1 MiB in all), decided
+    # from the Arrays' own dtype and shape: a large model is not decoded just to be measured.
+    dtypes = [_dtype_str(a.dtype) for _, _, a in arrays]
+    inline = (all(d in DTYPES for d in dtypes) and all(len(a.shape) <= MAX_DIMS for _, _, a in arrays)
+              and sum(math.prod(a.shape) * np.dtype(d).itemsize for (_, _, a), d in zip(arrays, dtypes))
+              <= INLINE_MAX_BYTES)
+    # C order (np.asarray keeps a 0-d array 0-d; np.ascontiguousarray would make it 1-d)
+    values = [np.asarray(a.numpy(), order="C") for _, _, a in arrays] if inline else [None] * len(arrays)
+    for i, entry in enumerate(records):
+        if entry["kind"] == "arrays":
+            entry["arrays"] = [[k, v.dtype.str, list(v.shape)] if inline else k
+                               for (j, k, _), v in zip(arrays, values) if j == i]
     wire = ConfigRecord({"v": VERSION, "manifest": json.dumps({"records": records, "inline": inline},
                                                                separators=(",", ":")), **scalars})
     out = RecordDict({WIRE: wire})
     if inline:
-        wire["blob"] = blob
+        wire["blob"] = b"".join(v.tobytes() for v in values)
     else:
         out[WIRE_ARRAYS] = ArrayRecord({f"{i}|{k}": a for i, k, a in arrays})
     return out
+
+
+def _dtype_str(name: str) -> str | None:
+    """A Flower Array's dtype (numpy's name) as numpy's byte-order string, or None."""
+    import numpy as np
+
+    try:
+        return np.dtype(name).str
+    except TypeError:
+        return None
 
 
 def _manifest(wire) -> tuple[list[dict], bool]:
