@@ -12,7 +12,7 @@ demo: install
 	$(BIN)/dicomfl demo --out runs/demo
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: install
 	$(BIN)/python benchmarks/ingest_bench.py
