@@ -20,9 +20,12 @@ a few images per site, so the work is small and the overhead shows:
 * **objects**: as direct, but with the messages in Flower's own form (``run.compact_messages:
   false``): each record, Array and chunk is an object of its own, fetched with a request of its
   own at every hop (a train reply with the local baseline is 11 objects);
+* **polled**: as direct, but the worker is not woken by its SuperNode
+  (``federation.wake_worker: false``): it asks for a task every ``federation.task_poll_s`` (0.1 s);
 * **direct**: dicomfl's default, messages in the compact form (3 objects each, ``common/wire.py``): the warm worker takes the SuperNode's tasks itself (no process per
   message, ``dicomfl.client.tasks``) and the SuperNode's idle wait is capped at
-  ``federation.idle_poll_s`` (0.25 s, ``dicomfl.client.supernode``).
+  ``federation.idle_poll_s`` (0.25 s, ``dicomfl.client.supernode``), and the SuperNode wakes the
+  worker as soon as a message has arrived (``dicomfl.client.tasks.Wakeup``).
 
 The table also gives the spread of the moments the sites' workers received the same round's
 message (latest minus earliest): that is where the SuperNode's idle wait shows.
@@ -130,7 +133,7 @@ def run_config(cohort, out, n: int, mode: str, rounds: int, before_state: str = 
     before = mode == "before"
     site_fed = {"before": {"warm_worker": False, "idle_poll_s": 3.0},
                 "forwarder": {"message_path": "forwarder", "idle_poll_s": 3.0},
-                "objects": {}, "direct": {}}[mode]
+                "objects": {}, "polled": {"wake_worker": False}, "direct": {}}[mode]
     fed = LocalFederation(work / "federation", sites, site_federation=site_fed,
                           coordinator={"superlink_state": before_state if before else "memory"})
     try:
@@ -209,7 +212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sites", type=int, nargs="+", default=[3, 10])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--per-site", type=int, default=40)
-    ap.add_argument("--modes", nargs="+", default=["before", "forwarder", "direct"], choices=["before", "forwarder", "objects", "direct"])
+    ap.add_argument("--modes", nargs="+", default=["before", "forwarder", "direct"], choices=["before", "forwarder", "objects", "polled", "direct"])
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--before-state", choices=["file", "memory"], default="file",
                     help="the SuperLink's state for 'before' (file: as it was; with 10 sites on 2 cores its SQLite "

@@ -11,7 +11,8 @@ Two children (three with DICOM intake), each in its own process group, each rest
   key, no runtime dependency installation (its default) and a node config naming this site's
   config. With ``federation.message_path: direct`` (the default) it runs in ``process``
   isolation: no SuperExec, no per-message process; the worker takes its tasks over its Runtime
-  API (:mod:`dicomfl.client.tasks`), signed with a secret this daemon writes at each start. With
+  API (:mod:`dicomfl.client.tasks`), signed with a secret this daemon writes at each start, and
+  the SuperNode wakes it when a message has arrived (``wake.sock`` beside the worker's socket). With
   ``forwarder``, Flower's SuperExec starts a ClientApp per message that only forwards to the worker
   (:mod:`dicomfl.client.forwarder`); the SuperExec then looks for new messages every 0.25 s
   (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; an operator's own value in the environment wins) instead
@@ -40,7 +41,7 @@ from dicomfl.common.errors import ConfigError
 from dicomfl.common.supervise import Child, child_env, supervise_all
 
 from .forwarder import WORKER_SOCKET
-from .tasks import write_secret
+from .tasks import WAKE_NAME, write_secret
 from .worker import socket_path
 
 log = logging.getLogger("dicomfl.site")
@@ -50,18 +51,29 @@ SUPEREXEC_POLL_S = "0.25"
 WORKER_BACKOFF_S = 1.0  # a message may be waiting: the worker comes back fast (then backs off)
 
 
+def wake_path(cfg: SiteConfig, worker_socket: Path | None, secret: Path | None) -> Path | None:
+    """Where the SuperNode wakes the worker (message_path direct with ``federation.wake_worker``):
+    ``wake.sock`` in the worker socket's private directory."""
+    if worker_socket is None or secret is None or not cfg.federation.wake_worker:
+        return None
+    return Path(worker_socket).parent / WAKE_NAME
+
+
 def supernode_command(cfg: SiteConfig, worker_socket: Path | None = None, secret: Path | None = None) -> list[str]:
     """Flower's SuperNode (through :mod:`dicomfl.client.supernode`, which caps its idle wait).
 
     With ``secret`` (message_path direct) it runs in ``process`` isolation: no SuperExec, no
-    per-message process; the warm worker takes its tasks. Else Flower starts a ClientApp per
-    message, which forwards to ``worker_socket`` when one is given.
+    per-message process; the warm worker takes its tasks, woken by the SuperNode when a message has
+    arrived (``federation.wake_worker``). Else Flower starts a ClientApp per message, which
+    forwards to ``worker_socket`` when one is given.
     """
     f = cfg.federation
     node_config = f'site-config="{Path(cfg.source).resolve()}"'
     if worker_socket is not None and secret is None:
         node_config += f' {WORKER_SOCKET}="{worker_socket}"'
-    cmd = [sys.executable, "-m", "dicomfl.client.supernode", "--idle-s", f"{f.idle_poll_s:g}", "--",
+    wake = wake_path(cfg, worker_socket, secret)
+    cmd = [sys.executable, "-m", "dicomfl.client.supernode", "--idle-s", f"{f.idle_poll_s:g}",
+           *(["--wake", str(wake)] if wake is not None else []), "--",
            "--superlink", f.superlink, "--port", str(f.port), "--node-config", node_config]
     if secret is not None:
         cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
@@ -83,6 +95,9 @@ def worker_command(cfg: SiteConfig, sock: Path, secret: Path | None = None) -> l
     if secret is not None:
         f = cfg.federation
         cmd += ["--runtime-api", f"127.0.0.1:{f.port}", "--secret-file", str(secret), "--task-poll-s", f"{f.task_poll_s:g}"]
+        wake = wake_path(cfg, sock, secret)
+        if wake is not None:
+            cmd += ["--wake-socket", str(wake)]
     return cmd
 
 

@@ -1,6 +1,7 @@
-"""``python -m dicomfl.client.supernode --idle-s S -- <flower-supernode arguments>``: Flower's
-SuperNode, with its idle wait capped at ``S`` seconds (``federation.idle_poll_s``) and a short
-back-off for message objects not yet at the SuperLink.
+"""``python -m dicomfl.client.supernode --idle-s S [--wake PATH] -- <flower-supernode arguments>``:
+Flower's SuperNode, with its idle wait capped at ``S`` seconds (``federation.idle_poll_s``), a
+short back-off for message objects not yet at the SuperLink, and (``--wake``) a wake-up for the
+site's warm worker each time a message has arrived.
 
 Flower's SuperNode (flwr 1.41, ``flwr/supernode/start_client_internal.py``) asks the SuperLink
 for a message and, when there is none, sleeps a fixed 3 s (``time.sleep(3)``) before asking
@@ -25,6 +26,11 @@ Flower sees either. The cost: an idle site asks the SuperLink for messages ``1/S
 instead of once every 3 s (a small unary request; at the default 0.25 s, 4 a second per site).
 That load is on the SuperLink, and grows with the number of sites: with 10 sites on this 2-core
 machine it was a large part of the SuperLink's work (see the README's round overhead notes).
+
+With ``--wake PATH`` the shell also wraps the loop's ``_pull_and_store_message`` (flwr 1.41): when it
+has stored a message and pulled all of its objects, one datagram goes to the worker's wake-up
+socket at ``PATH`` (:func:`dicomfl.client.tasks.wake`: never blocks, never raises), and the worker
+asks for the task at once instead of at its next poll (:class:`dicomfl.client.tasks.Wakeup`).
 
 The shell checks that the module still has the shape it was written for (a module-level
 ``time`` and the function that runs the loop). If a later Flower changes it, the SuperNode runs
@@ -90,11 +96,39 @@ def cap_idle_wait(cap: float) -> bool:
     return True
 
 
+def wake_worker_on_message(path: str) -> bool:
+    """After the loop has stored a message and its objects, wake the worker at ``path``; False (and
+    nothing changed) if this Flower's SuperNode module does not have the expected function."""
+    import flwr.supernode.start_client_internal as loop
+
+    from .tasks import wake
+
+    pulled = getattr(loop, "_pull_and_store_message", None)
+    if not callable(pulled) or getattr(pulled, "_dicomfl_wakes", None) is not None:
+        return False
+
+    def pull_and_store_then_wake(*args, **kwargs):
+        run_id = pulled(*args, **kwargs)
+        if run_id is not None:  # a message is in the SuperNode's memory, with all of its objects
+            wake(path)
+        return run_id
+
+    pull_and_store_then_wake._dicomfl_wakes = path
+    loop._pull_and_store_message = pull_and_store_then_wake
+    return True
+
+
+USAGE = "usage: python -m dicomfl.client.supernode --idle-s SECONDS [--wake PATH] -- <flower-supernode arguments>"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) < 3 or args[0] != "--idle-s" or args[2] != "--":
-        print("usage: python -m dicomfl.client.supernode --idle-s SECONDS -- <flower-supernode arguments>",
-              file=sys.stderr)
+    wake_path = None
+    if len(args) >= 5 and args[2] == "--wake" and args[4] == "--":
+        wake_path = args[3]
+        args = args[:2] + args[4:]
+    if len(args) < 3 or args[0] != "--idle-s" or args[2] != "--" or (wake_path is not None and not wake_path):
+        print(USAGE, file=sys.stderr)
         return 2
     try:
         cap = float(args[1])
@@ -109,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("dicomfl supernode: this Flower's SuperNode loop is not the one dicomfl knows; keeping its own "
               "3 s idle wait", file=sys.stderr, flush=True)
+    if wake_path is not None:
+        if wake_worker_on_message(wake_path):
+            print("dicomfl supernode: wakes the worker when a message has arrived", file=sys.stderr, flush=True)
+        else:
+            print("dicomfl supernode: this Flower's SuperNode loop is not the one dicomfl knows; the worker "
+                  "finds its tasks by asking", file=sys.stderr, flush=True)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *args[3:]]

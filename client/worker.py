@@ -396,11 +396,13 @@ def same_site(a: str, b: str) -> bool:
 
 
 def run_worker(site_yaml: Path, sock_path: Path | None = None, stop: threading.Event | None = None,
-               runtime_api: str | None = None, secret_file: Path | None = None, task_poll_s: float = 0.1) -> int:
+               runtime_api: str | None = None, secret_file: Path | None = None, task_poll_s: float = 0.1,
+               wake_socket: Path | None = None) -> int:
     """Load the site, bind the socket, serve until SIGTERM/SIGINT (or ``stop``).
 
     With ``runtime_api`` (and the SuperExec ``secret_file``) the worker also takes the SuperNode's
-    ClientApp tasks itself (:mod:`dicomfl.client.tasks`), one at a time with the socket's requests.
+    ClientApp tasks itself (:mod:`dicomfl.client.tasks`), one at a time with the socket's requests;
+    with ``wake_socket`` the SuperNode wakes it there when a message has arrived.
     """
     from dicomfl.common.config import load_site_config
     from dicomfl.common.logs import site_logger
@@ -452,16 +454,26 @@ def run_worker(site_yaml: Path, sock_path: Path | None = None, stop: threading.E
 
         def handle_task(msg: Message, context: Context) -> Message:
             with server._busy:  # one message at a time, with the socket's requests
-                slog.info("worker (pid %d): %s message taken from the SuperNode", os.getpid(),
-                          str(msg.metadata.message_type)[:32])
+                slog.info("worker (pid %d): %s message taken from the SuperNode (%s)", os.getpid(),
+                          str(msg.metadata.message_type)[:32], "woken" if loop.woken else "asked")
                 resolver.for_run(int(msg.metadata.run_id))
                 local = Context(run_id=int(msg.metadata.run_id), node_id=int(msg.metadata.dst_node_id),
                                 node_config={"site-config": str(site_yaml)}, state=RecordDict(), run_config={})
                 return handler.handle(msg, local)
 
-        loop = TaskLoop(runtime_api, handle_task, read_secret(secret_file), task_poll_s, slog)
+        from .tasks import Wakeup
+
+        wakeup = None
+        if wake_socket is not None:
+            try:
+                wakeup = Wakeup(wake_socket)
+            except OSError as exc:  # the worker still finds its tasks by asking
+                slog.warning("worker: no wake-up socket at %s (%s); asking for tasks every %.2f s", wake_socket,
+                             type(exc).__name__, task_poll_s)
+        loop = TaskLoop(runtime_api, handle_task, read_secret(secret_file), task_poll_s, slog, wakeup=wakeup)
         threading.Thread(target=loop.serve_forever, args=(stop,), name="tasks", daemon=True).start()
-        slog.info("worker takes the SuperNode's tasks at %s every %.2f s when idle", runtime_api, task_poll_s)
+        slog.info("worker takes the SuperNode's tasks at %s every %.2f s when idle%s", runtime_api, task_poll_s,
+                  f", or when woken at {wake_socket}" if wakeup is not None else "")
     status = status_path(state)
     tmp = status.with_name(f".{status.name}.{os.getpid()}")
     tmp.write_text(json.dumps({"pid": os.getpid(), "socket": str(path), "started": time.time()}))
@@ -471,6 +483,8 @@ def run_worker(site_yaml: Path, sock_path: Path | None = None, stop: threading.E
         server.serve_forever(stop)
     finally:
         server.close()
+        if loop is not None and loop.wakeup is not None:
+            loop.wakeup.close()
         st = read_status(state)
         if st is not None and st.get("pid") == os.getpid():
             status.unlink(missing_ok=True)
@@ -487,14 +501,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime-api", default=None, help="take the SuperNode's tasks at this host:port")
     ap.add_argument("--secret-file", type=Path, default=None, help="the SuperExec secret (with --runtime-api)")
     ap.add_argument("--task-poll-s", type=float, default=0.1)
+    ap.add_argument("--wake-socket", type=Path, default=None, help="where the SuperNode wakes the worker (with --runtime-api)")
     args = ap.parse_args(argv)
     if (args.runtime_api is None) != (args.secret_file is None):
         ap.error("--runtime-api and --secret-file go together")
+    if args.wake_socket is not None and args.runtime_api is None:
+        ap.error("--wake-socket needs --runtime-api")
     from dicomfl.common.errors import DicomflError
 
     try:
         return run_worker(args.site_yaml, args.socket, runtime_api=args.runtime_api, secret_file=args.secret_file,
-                          task_poll_s=args.task_poll_s)
+                          task_poll_s=args.task_poll_s, wake_socket=args.wake_socket)
     except (DicomflError, PermissionError) as exc:
         print(f"dicomfl worker: error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -300,8 +300,13 @@ class FederationSection(_Strict):
     # message; dicomfl.client.tasks). forwarder: Flower starts a flwr-clientapp process per
     # message, which forwards it over the worker's socket (dicomfl.client.forwarder).
     message_path: Literal["direct", "forwarder"] = "direct"
-    # direct: how often an idle worker asks the SuperNode for a task (seconds).
+    # direct: how often an idle worker asks the SuperNode for a task (seconds), until the SuperNode
+    # first wakes it (wake_worker); from then on it is woken and asks only every second when idle.
     task_poll_s: float = Field(default=0.1, ge=0.01, le=60)
+    # direct: the SuperNode wakes the worker (a datagram on a private socket next to the worker's)
+    # as soon as a message has arrived. false: the worker only asks every task_poll_s (slower; for
+    # comparison, benchmarks/round_bench.py).
+    wake_worker: bool = True
     # The longest the SuperNode waits before asking the SuperLink again for a message (Flower's
     # own wait is a fixed 3 s with no option; dicomfl.client.supernode caps it). Each idle site asks
     # the SuperLink 1/idle_poll_s times a second.

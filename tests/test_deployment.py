@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 CLIENTAPP_LINE = re.compile(r"worker \(pid (\d+)\): (\w+) message from ClientApp pid (-?\d+) "
                             r"\(torch imported in the ClientApp: (\w+);")
-DIRECT_LINE = re.compile(r"worker \(pid (\d+)\): (\w+) message taken from the SuperNode")
+DIRECT_LINE = re.compile(r"worker \(pid (\d+)\): (\w+) message taken from the SuperNode \((woken|asked)\)")
 DIRECT = "site-a"  # its worker takes the SuperNode's tasks itself (message_path: direct, the default)
 FORWARDED = ("site-b", "site-c")  # Flower starts a forwarding ClientApp per message (message_path: forwarder)
 
@@ -144,7 +144,11 @@ class SiteLog:
 
     def taken(self) -> list[tuple[int, str]]:
         """(worker pid, message type) per message the worker took from the SuperNode itself, in order."""
-        return [(int(a), b) for a, b in DIRECT_LINE.findall(self.text())]
+        return [(int(a), b) for a, b, _ in DIRECT_LINE.findall(self.text())]
+
+    def woken(self) -> list[bool]:
+        """Per message the worker took from the SuperNode: whether its SuperNode had woken it for it."""
+        return [c == "woken" for _, _, c in DIRECT_LINE.findall(self.text())]
 
 
 def start_rogue(fed: LocalFederation) -> Path:
@@ -193,6 +197,10 @@ def test_rounds_through_the_warm_worker_equal_the_in_process_path(fed, tmp_path)
     taken = logs[DIRECT].taken()  # no process per message: the worker took each task itself
     assert [t for _, t in taken] == ["query"] + ["train"] * 3 + ["evaluate"] and {w for w, _ in taken} == {workers[DIRECT]}
     assert not logs[DIRECT].messages() and fed.worker_pid(DIRECT) == workers[DIRECT]
+    # Its SuperNode woke it for its messages (a message that arrives while the worker is asking
+    # anyway is found by that ask: "asked"); the worker no longer polls 10 times a second.
+    assert sum(logs[DIRECT].woken()) >= 3, logs[DIRECT].woken()
+    assert "wakes the worker when a message has arrived" in (fed.state_dir(DIRECT) / "logs" / "supernode.log").read_text()
     for s in SITES:  # every SuperNode runs with its idle wait capped (federation.idle_poll_s)
         assert "idle wait capped at 0.25 s" in (fed.state_dir(s) / "logs" / "supernode.log").read_text()
     for s in FORWARDED:

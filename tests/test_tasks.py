@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ import time
 import pytest
 
 from dicomfl.client import supernode as shell
-from dicomfl.client.tasks import SECRET_BYTES, TaskLoop, read_secret, write_secret
+from dicomfl.client.tasks import SECRET_BYTES, WOKEN_POLL_S, TaskLoop, Wakeup, read_secret, wake, write_secret
 from dicomfl.common.supervise import free_port, stop_group
 
 
@@ -77,7 +78,8 @@ def test_the_shell_changes_nothing_in_a_supernode_loop_of_another_shape(monkeypa
 
 
 @pytest.mark.parametrize("argv", [[], ["--idle-s", "0"], ["--idle-s", "0.01", "--"], ["--idle-s", "nan", "--"],
-                                  ["--idle-s", "0.2", "x"]])
+                                  ["--idle-s", "0.2", "x"], ["--idle-s", "0.2", "--wake", "", "--"],
+                                  ["--idle-s", "0.2", "--wake", "--"], ["--wake", "/tmp/w", "--idle-s", "0.2", "--"]])
 def test_the_shell_refuses_bad_arguments(argv, capsys):
     assert shell.main(argv) == 2
     assert "\n" == capsys.readouterr().err[-1:]
@@ -148,3 +150,80 @@ def test_only_the_holder_of_the_secret_takes_the_sites_tasks(supernode, caplog):
         t.join(timeout=10)
     assert not t.is_alive() and wrong.handled == 0
     assert any("gives no task (HTTP 401)" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------ the wake-up
+
+
+def test_a_wake_up_reaches_the_worker_at_once_and_a_burst_wakes_it_once(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    w = Wakeup(run / "wake.sock")
+    try:
+        assert (os.stat(run / "wake.sock").st_mode & 0o777) == 0o600
+        assert not w.wait(0.05)  # nothing sent: it waited
+        assert wake(run / "wake.sock")
+        t0 = time.monotonic()
+        assert w.wait(5.0) and time.monotonic() - t0 < 1.0
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK) as junk:
+            junk.sendto(os.urandom(60000), str(run / "wake.sock"))  # another process of the site's user: junk
+        sent = [wake(run / "wake.sock") for _ in range(50)]  # and a burst, past the socket's queue
+        assert sent[0] and not all(sent)  # a full queue refuses the rest at once (the SuperNode never blocks)
+        assert w.wait(1.0)
+        assert not w.wait(0.05)  # ... wakes it once: every datagram waiting was read
+    finally:
+        w.close()
+    assert not (run / "wake.sock").exists()
+    assert not wake(run / "wake.sock")  # no worker there (restarting): no error, no block
+    assert not wake(tmp_path / "no-such-dir" / "wake.sock")
+
+
+def test_a_new_worker_replaces_a_stale_wake_socket_and_the_old_one_leaves_it_alone(tmp_path):
+    path = tmp_path / "wake.sock"
+    old = Wakeup(path)
+    new = Wakeup(path)  # the old worker was killed without cleaning up; the new one binds afresh
+    try:
+        old.close()  # the old one's close must not remove the new one's socket
+        assert path.exists() and wake(path) and new.wait(2.0)
+    finally:
+        new.close()
+    path.write_text("not a socket")
+    with pytest.raises(OSError):  # a file that is not a socket is never deleted
+        Wakeup(path)
+    assert path.read_text() == "not a socket"
+
+
+def test_the_loop_polls_until_it_is_first_woken_then_waits_for_wake_ups():
+    class FakeWakeup:
+        def __init__(self):
+            self.timeouts, self.answers = [], [False, True, False]
+
+        def wait(self, timeout):
+            self.timeouts.append(timeout)
+            return self.answers.pop(0)
+
+    fw = FakeWakeup()
+    loop = TaskLoop("127.0.0.1:1", lambda m, c: m, bytes(SECRET_BYTES), 0.1, logging.getLogger("test"), wakeup=fw)
+    stop = threading.Event()
+    assert [loop._idle(stop) for _ in range(3)] == [False, True, False]
+    assert fw.timeouts == [0.1, 0.1, WOKEN_POLL_S]  # task_poll_s until the SuperNode has woken it once
+    plain = TaskLoop("127.0.0.1:1", lambda m, c: m, bytes(SECRET_BYTES), 0.05, logging.getLogger("test"))
+    t0 = time.monotonic()
+    assert plain._idle(stop) is False and time.monotonic() - t0 >= 0.04  # no wake-up: the plain poll
+
+
+def test_the_shell_wakes_the_worker_only_after_a_message_arrived(tmp_path, monkeypatch):
+    import flwr.supernode.start_client_internal as loop
+
+    got = iter([None, 7])  # no message, then one (its run id)
+    monkeypatch.setattr(loop, "_pull_and_store_message", lambda **kw: next(got))
+    w = Wakeup(tmp_path / "wake.sock")
+    try:
+        assert shell.wake_worker_on_message(str(tmp_path / "wake.sock"))
+        assert not shell.wake_worker_on_message(str(tmp_path / "wake.sock"))  # not wrapped twice
+        assert loop._pull_and_store_message(state=None) is None and not w.wait(0.05)
+        assert loop._pull_and_store_message(state=None) == 7 and w.wait(2.0)
+    finally:
+        w.close()
+    monkeypatch.delattr(loop, "_pull_and_store_message")
+    assert not shell.wake_worker_on_message(str(tmp_path / "wake.sock"))  # another Flower: nothing changed
