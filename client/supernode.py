@@ -39,6 +39,7 @@ with Flower's own waits and the site log says so; nothing fails.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) >= 5 and args[2] == "--wake" and args[4] == "--":
         wake_path = args[3]
         args = args[:2] + args[4:]
-    if len(args) < 3 or args[0] != "--idle-s" or args[2] != "--" or (wake_path is not None and not wake_path):
+    if len(args) < 3 or args[0] != "--idle-s" or args[2] != "--" or (
+            wake_path is not None and not (os.path.isabs(wake_path) and wake_path.strip() == wake_path)):
         print(USAGE, file=sys.stderr)
         return 2
     try:

@@ -43,7 +43,11 @@ nothing but that); afterwards only every :data:`WOKEN_POLL_S` when idle, as a ba
 (3 sites, this machine): an idle worker asked its SuperNode 10 times a second; the message waited
 0-100 ms at the worker before it was taken. A datagram carries nothing: its bytes are read and
 dropped, so whoever else of the site's user might write to the socket can only make the worker
-ask once more (each ask is signed with the SuperExec secret, below).
+ask sooner, at most once per :data:`WOKEN_MIN_GAP_S` (each ask is signed with the SuperExec
+secret, below). If a backstop ask finds a task waiting (the wake-up was lost: the socket file
+removed or replaced, a SuperNode that does not wake), the worker asks every
+``federation.task_poll_s`` again until the next wake-up, and binds its socket again if the file
+is no longer its own.
 
 A failure of the Runtime API (the SuperNode restarting) is logged and retried with a back-off;
 it never ends the worker. A message whose handling fails is answered by the handler's own error
@@ -52,7 +56,9 @@ reply; a task whose reply cannot be pushed is reported to the SuperNode as faile
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 import secrets
 import select
@@ -74,6 +80,10 @@ PULL_BACKOFF_CAP_S = 0.25  # the longest wait between two asks for a message obj
 WAKE_NAME = "wake.sock"
 #: How often an idle worker asks anyway once its SuperNode has woken it (a missed datagram costs at most this).
 WOKEN_POLL_S = 1.0
+#: The shortest time between two asks that wake-ups cause (a flood of datagrams cannot make the
+#: worker ask more often than this).
+WOKEN_MIN_GAP_S = 0.02
+_STOP_CHECK_S = 0.1  # how promptly a wait for a wake-up notices that the loop is to stop
 _WAKE_DRAIN = 64  # datagrams read per wake-up at most (the socket's queue is short; the rest wait)
 
 
@@ -101,30 +111,48 @@ def read_secret(path: Path) -> bytes:
 class Wakeup:
     """The worker's end of the SuperNode's wake-up: a Unix datagram socket bound at ``path`` (mode
     0600; its directory is the worker's private run directory). A stale socket file of an earlier
-    worker is replaced."""
+    worker is replaced; a socket another process is bound to, or anything that is not a socket,
+    is not (``OSError``: the worker then finds its tasks by asking)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         try:
             if self.path.is_socket():
-                self.path.unlink()
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as probe:
+                    try:
+                        probe.connect(str(self.path))
+                    except ConnectionRefusedError:  # nobody bound there: an earlier worker's leftover
+                        self.path.unlink()
+                    else:
+                        raise OSError(errno.EADDRINUSE, "another process is bound to the wake-up socket")
             old = os.umask(0o177)
             try:
                 self.sock.bind(str(self.path))
             finally:
                 os.umask(old)
             os.chmod(self.path, 0o600)
-            self._ino = os.stat(self.path).st_ino
+            st = os.stat(self.path)
+            self._id = (st.st_dev, st.st_ino)
+            self._poll = select.poll()  # poll, not select: any descriptor number
+            self._poll.register(self.sock, select.POLLIN)
         except BaseException:
             self.sock.close()
             raise
+
+    def intact(self) -> bool:
+        """The socket file at ``path`` is still this one (not removed or replaced)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._id
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a wake-up; True if one (or more) came. Every datagram
         waiting is read and dropped, so a burst wakes the worker once."""
         try:
-            ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+            ready = self._poll.poll(max(0, math.ceil(timeout * 1000)))
         except (OSError, ValueError):  # closed under us: behave as a plain wait
             time.sleep(max(0.0, timeout))
             return False
@@ -133,19 +161,17 @@ class Wakeup:
         for _ in range(_WAKE_DRAIN):
             try:
                 self.sock.recv(64)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
+            except OSError:  # BlockingIOError: nothing more waiting
                 break
         return True
 
     def close(self) -> None:
-        self.sock.close()
-        try:  # only our own socket file: a newer worker may have bound its own there
-            if os.stat(self.path).st_ino == self._ino:
+        try:  # only our own socket file, while it is still bound (its inode cannot be reused yet)
+            if self.intact():
                 self.path.unlink()
         except OSError:
             pass
+        self.sock.close()
 
 
 def wake(path: str | os.PathLike) -> bool:
@@ -226,22 +252,54 @@ class TaskLoop:
         self.log = logger
         self.wakeup = wakeup
         self.handled = 0
-        self.wakes = 0  # wake-ups received so far
+        self.wakes = 0  # wake-ups received since the loop last found a task without one
         self.woken = False  # the task being handled was asked for after a wake-up
+        self._last_ask = 0.0
+        self._announced = False  # the first wake-up was logged
 
     def _idle(self, stop: threading.Event) -> bool:
         """Wait before the next ask: for a wake-up, or ``poll_s`` (:data:`WOKEN_POLL_S` once the
-        SuperNode has woken this loop). True if woken."""
+        SuperNode has woken this loop). True if woken. Returns early (False) if ``stop`` is set."""
         if self.wakeup is None:
             stop.wait(self.poll_s)
             return False
-        if self.wakeup.wait(max(self.poll_s, WOKEN_POLL_S) if self.wakes else self.poll_s):
-            if not self.wakes:
-                self.log.info("worker: woken by the SuperNode; asking for tasks every %.2f s when idle from now on",
-                              max(self.poll_s, WOKEN_POLL_S))
-            self.wakes += 1
-            return True
+        deadline = time.monotonic() + (max(self.poll_s, WOKEN_POLL_S) if self.wakes else self.poll_s)
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.wakeup.wait(min(left, _STOP_CHECK_S)):
+                gap = self._last_ask + WOKEN_MIN_GAP_S - time.monotonic()
+                if gap > 0:
+                    stop.wait(gap)
+                if not self._announced:
+                    self._announced = True
+                    self.log.info("worker: woken by the SuperNode; asking for tasks every %.2f s when idle from now on",
+                                  max(self.poll_s, WOKEN_POLL_S))
+                self.wakes += 1
+                return True
         return False
+
+    def _missed_wakeup(self) -> None:
+        """A task was waiting when an ask that no wake-up caused found it: back to asking every
+        ``poll_s`` until the SuperNode wakes this loop again; if the socket file was removed or
+        replaced, bind a new one. (A backstop ask that comes while the SuperNode is still pulling
+        the message's objects also finds the task first; its wake-up follows.)"""
+        self.wakes = 0
+        if self.wakeup.intact():  # most often the ask came while the SuperNode was still pulling the objects
+            self.log.debug("worker: a task was waiting without a wake-up; asking every %.2f s until woken again",
+                           self.poll_s)
+            return
+        path = self.wakeup.path
+        self.wakeup.close()
+        try:
+            self.wakeup = Wakeup(path)
+        except OSError as exc:
+            self.wakeup = None
+            self.log.warning("worker: the wake-up socket %s was removed or replaced and cannot be bound again (%s); "
+                             "asking for tasks every %.2f s", path, exc.strerror or type(exc).__name__, self.poll_s)
+        else:
+            self.log.warning("worker: the wake-up socket %s was removed or replaced; bound it again", path)
 
     def _client(self, interceptors: list):
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
@@ -265,8 +323,10 @@ class TaskLoop:
         request = AcquireTaskRequest(supported_task_types=[str(TaskType.CLIENT_APP)])
         backoff, down_since = self.poll_s, None
         try:
+            timed_out = False  # the last wait ended without a wake-up
             while not stop.is_set():
                 try:
+                    self._last_ask = time.monotonic()
                     res = client.AcquireTask(request)
                 except Exception as exc:  # noqa: BLE001 - the SuperNode may be restarting
                     if down_since is None:
@@ -283,10 +343,13 @@ class TaskLoop:
                                   time.monotonic() - down_since)
                     down_since, backoff = None, self.poll_s
                 if res.HasField("task") and res.token:
+                    if timed_out and self.wakeup is not None and self.wakes:
+                        self._missed_wakeup()
                     self.run_task(res.token)
-                    self.woken = False
+                    self.woken = timed_out = False
                 else:
                     self.woken = self._idle(stop)
+                    timed_out = not self.woken
         finally:
             client.close()
 

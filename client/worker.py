@@ -469,7 +469,7 @@ def run_worker(site_yaml: Path, sock_path: Path | None = None, stop: threading.E
                 wakeup = Wakeup(wake_socket)
             except OSError as exc:  # the worker still finds its tasks by asking
                 slog.warning("worker: no wake-up socket at %s (%s); asking for tasks every %.2f s", wake_socket,
-                             type(exc).__name__, task_poll_s)
+                             exc.strerror or type(exc).__name__, task_poll_s)
         loop = TaskLoop(runtime_api, handle_task, read_secret(secret_file), task_poll_s, slog, wakeup=wakeup)
         threading.Thread(target=loop.serve_forever, args=(stop,), name="tasks", daemon=True).start()
         slog.info("worker takes the SuperNode's tasks at %s every %.2f s when idle%s", runtime_api, task_poll_s,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pydicom.dataset import Dataset
 
 from dicomfl.common.deid import _is_standard_uid
@@ -84,3 +86,15 @@ def dataset_text(ds: Dataset) -> str:
     if hasattr(ds, "file_meta"):
         visit(ds.file_meta)
     return "\n".join(parts)
+
+
+def found_in(value: str, blob: bytes) -> bool:
+    """``value`` occurs in ``blob``. A value of ASCII digits only (a date, a numeric ID) counts only
+    where no other digit touches it: a leaked value is written as itself, while a birth date that
+    turns up inside a longer run of digits (a file's mtime in nanoseconds in the cache index, the
+    digits of a float) is a coincidence. CI once failed on ``19510329`` inside
+    ``1795461951032...``, an mtime written at 19:25:51 that day."""
+    v = value.encode()
+    if not (v.isdigit() and v.isascii()):
+        return v in blob
+    return re.search(rb"(?<![0-9])" + re.escape(v) + rb"(?![0-9])", blob) is not None

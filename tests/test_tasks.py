@@ -16,7 +16,8 @@ import time
 import pytest
 
 from dicomfl.client import supernode as shell
-from dicomfl.client.tasks import SECRET_BYTES, WOKEN_POLL_S, TaskLoop, Wakeup, read_secret, wake, write_secret
+from dicomfl.client.tasks import (SECRET_BYTES, WOKEN_MIN_GAP_S, WOKEN_POLL_S, TaskLoop, Wakeup, read_secret, wake,
+                                  write_secret)
 from dicomfl.common.supervise import free_port, stop_group
 
 
@@ -79,7 +80,9 @@ def test_the_shell_changes_nothing_in_a_supernode_loop_of_another_shape(monkeypa
 
 @pytest.mark.parametrize("argv", [[], ["--idle-s", "0"], ["--idle-s", "0.01", "--"], ["--idle-s", "nan", "--"],
                                   ["--idle-s", "0.2", "x"], ["--idle-s", "0.2", "--wake", "", "--"],
-                                  ["--idle-s", "0.2", "--wake", "--"], ["--wake", "/tmp/w", "--idle-s", "0.2", "--"]])
+                                  ["--idle-s", "0.2", "--wake", "--"], ["--wake", "/tmp/w", "--idle-s", "0.2", "--"],
+                                  ["--idle-s", "0.2", "--wake", "--", "--"], ["--idle-s", "0.2", "--wake", "w.sock", "--"],
+                                  ["--idle-s", "0.2", "--wake", " /tmp/w", "--"]])
 def test_the_shell_refuses_bad_arguments(argv, capsys):
     assert shell.main(argv) == 2
     assert "\n" == capsys.readouterr().err[-1:]
@@ -181,32 +184,140 @@ def test_a_wake_up_reaches_the_worker_at_once_and_a_burst_wakes_it_once(tmp_path
 def test_a_new_worker_replaces_a_stale_wake_socket_and_the_old_one_leaves_it_alone(tmp_path):
     path = tmp_path / "wake.sock"
     old = Wakeup(path)
-    new = Wakeup(path)  # the old worker was killed without cleaning up; the new one binds afresh
+    old.sock.close()  # the old worker was SIGKILLed: its socket file stays, nobody is bound to it
+    new = Wakeup(path)  # the new one replaces it
     try:
-        old.close()  # the old one's close must not remove the new one's socket
-        assert path.exists() and wake(path) and new.wait(2.0)
+        assert wake(path) and new.wait(2.0)
+        os.rename(path, tmp_path / "moved.sock")  # someone moved it and put another socket there
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        other.bind(str(path))
+        assert not new.intact()
+        new.close()  # closing must not remove a socket file that is not its own
+        assert path.is_socket()
+        other.close()
     finally:
         new.close()
+    path.unlink()
     path.write_text("not a socket")
     with pytest.raises(OSError):  # a file that is not a socket is never deleted
         Wakeup(path)
     assert path.read_text() == "not a socket"
+    path.unlink()
+    live = Wakeup(path)
+    try:
+        with pytest.raises(OSError):  # a socket another worker is bound to is not taken over
+            Wakeup(path)
+        assert wake(path) and live.wait(2.0)
+    finally:
+        live.close()
+
+
+def _fake_tasks(loop, tasks: list[bool]):
+    """``loop`` against a fake Runtime API: each AcquireTask answers the next of ``tasks`` (True: a
+    task), then stops the loop; returns the stop event and the recorded asks (monotonic times)."""
+    stop, asks = threading.Event(), []
+
+    class Res:
+        def __init__(self, task):
+            self.token = "t" if task else ""
+            self.task = task
+
+        def HasField(self, name):
+            return self.task
+
+    class Client:
+        def AcquireTask(self, request):
+            asks.append(time.monotonic())
+            if not tasks:
+                stop.set()
+                return Res(False)
+            return Res(tasks.pop(0))
+
+        def close(self):
+            pass
+
+    loop._client = lambda interceptors: Client()
+    loop.run_task = lambda token: None
+    return stop, asks
+
+
+def test_a_lost_wake_up_sends_the_loop_back_to_polling_and_a_removed_socket_is_bound_again(tmp_path, caplog):
+    path = tmp_path / "wake.sock"
+    loop = TaskLoop("127.0.0.1:1", None, bytes(SECRET_BYTES), 0.05, logging.getLogger("dicomfl.test.wake"),
+                    wakeup=Wakeup(path))
+    loop.wakes = 1  # the SuperNode has woken it before
+    path.unlink()  # then someone removed the socket file: wake-ups no longer arrive
+    stop, asks = _fake_tasks(loop, [False, True])  # nothing; then, after a backstop wait, a task waiting
+    try:
+        with caplog.at_level(logging.INFO, logger="dicomfl.test.wake"):
+            loop.serve_forever(stop)
+        assert loop.wakes == 0  # asks every poll_s again until woken
+        assert any("removed or replaced; bound it again" in r.getMessage() for r in caplog.records)
+        assert loop.wakeup.intact() and wake(path) and loop.wakeup.wait(2.0)  # and the new socket works
+    finally:
+        loop.wakeup.close()
+
+
+def test_a_flood_of_wake_ups_cannot_make_the_worker_ask_more_often_than_its_floor(tmp_path):
+    path = tmp_path / "wake.sock"
+    loop = TaskLoop("127.0.0.1:1", None, bytes(SECRET_BYTES), 0.1, logging.getLogger("test"), wakeup=Wakeup(path))
+    stop, asks = _fake_tasks(loop, [False] * 30)
+    flooding = threading.Event()
+
+    def flood():
+        while not flooding.is_set():
+            wake(path)
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    try:
+        loop.serve_forever(stop)
+    finally:
+        flooding.set()
+        t.join(5)
+        loop.wakeup.close()
+    gaps = [b - a for a, b in zip(asks, asks[1:])]
+    assert len(asks) == 31 and min(gaps) >= WOKEN_MIN_GAP_S * 0.9, gaps
+
+
+def test_a_loop_waiting_for_a_wake_up_stops_promptly(tmp_path):
+    loop = TaskLoop("127.0.0.1:1", None, bytes(SECRET_BYTES), 0.1, logging.getLogger("test"),
+                    wakeup=Wakeup(tmp_path / "wake.sock"))
+    loop.wakes = 1  # waiting up to WOKEN_POLL_S
+    stop = threading.Event()
+    threading.Timer(0.1, stop.set).start()
+    t0 = time.monotonic()
+    try:
+        assert loop._idle(stop) is False
+    finally:
+        loop.wakeup.close()
+    assert time.monotonic() - t0 < WOKEN_POLL_S * 0.6
 
 
 def test_the_loop_polls_until_it_is_first_woken_then_waits_for_wake_ups():
     class FakeWakeup:
+        """Wakes the loop once, on the second wait."""
+
         def __init__(self):
-            self.timeouts, self.answers = [], [False, True, False]
+            self.calls = 0
 
         def wait(self, timeout):
-            self.timeouts.append(timeout)
-            return self.answers.pop(0)
+            self.calls += 1
+            if self.calls == 2:
+                return True
+            time.sleep(timeout)
+            return False
 
-    fw = FakeWakeup()
-    loop = TaskLoop("127.0.0.1:1", lambda m, c: m, bytes(SECRET_BYTES), 0.1, logging.getLogger("test"), wakeup=fw)
+    loop = TaskLoop("127.0.0.1:1", lambda m, c: m, bytes(SECRET_BYTES), 0.1, logging.getLogger("test"),
+                    wakeup=FakeWakeup())
     stop = threading.Event()
-    assert [loop._idle(stop) for _ in range(3)] == [False, True, False]
-    assert fw.timeouts == [0.1, 0.1, WOKEN_POLL_S]  # task_poll_s until the SuperNode has woken it once
+    took = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        took.append((loop._idle(stop), time.monotonic() - t0))
+    assert [w for w, _ in took] == [False, True, False]
+    assert 0.09 <= took[0][1] < 0.5  # task_poll_s until the SuperNode has woken it once ...
+    assert took[2][1] >= WOKEN_POLL_S * 0.95  # ... then the backstop
     plain = TaskLoop("127.0.0.1:1", lambda m, c: m, bytes(SECRET_BYTES), 0.05, logging.getLogger("test"))
     t0 = time.monotonic()
     assert plain._idle(stop) is False and time.monotonic() - t0 >= 0.04  # no wake-up: the plain poll
