@@ -20,6 +20,11 @@ data in its first row) -- ever goes into a message: problems name the file, the 
   such a label never reaches training.
 * Not UTF-8 text, a field over 128 KiB or a row the CSV parser cannot read: ``ConfigError``
   naming the file and the row.
+* Two header cells that name the key column, or two that name the label column (``label`` and
+  ``Label``; ``accession_number`` and ``AccessionNumber``): ``ConfigError`` naming the file, the
+  column and the column numbers (which one holds the labels is not guessed).
+* A header row split by ``;`` or tabs (a spreadsheet's export in some locales): ``ConfigError``
+  saying so, instead of a missing column.
 """
 
 from __future__ import annotations
@@ -84,6 +89,21 @@ def _parse_label(text: str) -> int | float | None:
     return int(f)
 
 
+def _matching(cols: list[str], candidates: list[str]) -> list[int]:
+    """The columns whose header cell is one of ``candidates``, compared case-insensitively."""
+    folded = {c.casefold() for c in candidates}
+    return [i for i, c in enumerate(cols) if c.casefold() in folded]
+
+
+def _other_delimiter(cols: list[str]) -> str | None:
+    """The delimiter a header row seems to use instead of a comma: ``;`` or a tab (a cell of
+    the comma-split row holds it), or None."""
+    for delim, name in ((";", "';'"), ("\t", "tab")):
+        if any(delim in c for c in cols):
+            return name
+    return None
+
+
 def _find_column(cols: list[str], candidates: list[str]) -> int | None:
     for exact in (True, False):
         for cand in candidates:
@@ -144,6 +164,17 @@ def load_labels(path: Path, label_key: str, hasher: Callable[[str], str], *, key
         key_names = [key_column] if key_column else [label_key] + ([KEY_KEYWORDS[label_key]] if label_key in KEY_KEYWORDS else [])
         value_names = [value_column] if value_column else ["label"]
         ki, vi = _find_column(cols, key_names), _find_column(cols, value_names)
+        if ki is None or vi is None:
+            delim = _other_delimiter(cols)
+            if delim is not None:
+                raise ConfigError(f"{where}: labels file looks {delim}-separated; use ',' between columns "
+                                  "(save it as comma-separated CSV)")
+        for names in (key_names, value_names):
+            dup = _matching(cols, names)
+            if len(dup) > 1:  # which one holds the labels? refused rather than guessed
+                what = " or ".join(f"'{printable(n)}'" for n in names)
+                raise ConfigError(f"{where}: labels file has more than one {what} column in its first row "
+                                  f"(columns {', '.join(str(i + 1) for i in dup)}); keep one")
         if ki is None:
             what = " or ".join(f"'{printable(n)}'" for n in key_names)
             raise ConfigError(f"{where}: labels file has no {what} column in its first row "

@@ -97,3 +97,37 @@ def test_splits_are_deterministic_patient_level_and_stable():
     # a patient keeps its split whatever other patients exist
     assert all(assign(p, 0.15, 0.15, 0) == a[p] for p in patients[:100])
     assert any(assign(p, 0.15, 0.15, seed=1) != a[p] for p in patients)
+
+
+@pytest.mark.parametrize("header,column", [
+    ("accession_number,label,label", "'label'"),
+    ("accession_number,label,LABEL", "'label'"),
+    ("accession_number,AccessionNumber,label", "'accession_number' or 'AccessionNumber'"),
+    ("accession_number,label,accession_number", "'accession_number' or 'AccessionNumber'"),
+])
+def test_a_duplicate_labels_column_is_refused_by_name_never_by_value(tmp_path, header, column):
+    p = tmp_path / "labels.csv"
+    p.write_text(f"{header}\nSECRET-A,1,0\nSECRET-B,0,1\n")
+    with pytest.raises(ConfigError) as info:
+        load_labels(p, "accession_number", lambda v: v)
+    msg = str(info.value)
+    assert msg.startswith(f"{p}: ") and f"more than one {column} column" in msg and "\n" not in msg
+    assert "SECRET" not in msg
+    # Explicitly named columns are checked the same way.
+    p.write_text("Accession #,Finding,Finding\nSECRET-A,1,0\n")
+    with pytest.raises(ConfigError, match=r"more than one 'Finding' column in its first row \(columns 2, 3\)"):
+        load_labels(p, "accession_number", lambda v: v, key_column="Accession #", value_column="Finding")
+
+
+@pytest.mark.parametrize("sep,name", [(";", "';'"), ("\t", "tab")])
+def test_a_semicolon_or_tab_separated_labels_file_is_named_as_such(tmp_path, sep, name):
+    p = tmp_path / "labels.csv"
+    p.write_text(f"accession_number{sep}label\nSECRET-A{sep}1\n")
+    with pytest.raises(ConfigError) as info:
+        load_labels(p, "accession_number", lambda v: v)
+    msg = str(info.value)
+    assert f"labels file looks {name}-separated; use ','" in msg and "no 'accession_number'" not in msg
+    assert "SECRET" not in msg and "\n" not in msg
+    # A comma-separated file whose cells hold a ';' is read as before.
+    p.write_text("accession_number,label,note\nA;1,1,x;y\n")
+    assert load_labels(p, "accession_number", lambda v: v).by_key == {"A;1": 1}
