@@ -18,7 +18,7 @@ from .intake import read_status as intake_status
 from .privacy import site_spend
 
 _INGEST_KEYS = ("seen", "accepted", "rejected", "labelled", "unlabelled", "cache_hits", "decoded", "workers",
-                "elapsed_s", "files_per_s", "rejected_by_reason", "splits")
+                "elapsed_s", "files_per_s", "rejected_by_reason", "splits", "deferred", "deferred_by_reason")
 
 
 def _mtime(path: Path) -> str | None:

@@ -193,9 +193,13 @@ class ChunkStore:
                 os.ftruncate(fd, offsets[kind] + capacity * self.row_bytes[kind])  # sparse
                 if self.scratch:
                     os.unlink(path)
-        except BaseException:
+        except BaseException:  # a full disk, say: no part of a chunk is left behind
             for fd in fds.values():
                 os.close(fd)
+            if not self.scratch:
+                for kind in KINDS:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.folder / f"{cid}.{kind}.npy")
             raise
         return _Chunk(cid, capacity, 0, fds, offsets, writable=True)
 
@@ -516,10 +520,43 @@ class SiteCache:
 
     def save(self, state: CacheState) -> str:
         """Publish ``state``: sync its rows, write a new index, swap ``CURRENT``, drop what no
-        index uses any more. Returns the index file's name."""
+        index uses any more. Returns the index file's name.
+
+        All or nothing: if a step before the swap fails (a full disk: ``OSError`` ENOSPC, from
+        the sync of the rows, the index or ``CURRENT.tmp``), ``CURRENT`` still names the previous
+        index, whose rows were never written again, the half-written files are removed, and
+        ``state.index`` stays None. Once ``CURRENT`` is swapped, ``state.index`` names the new
+        index even if syncing the folder then fails.
+        """
         self._mkdirs()
         store = state.store
+        state.index = None
         store.sync()
+        name = f"index-{uuid.uuid4().hex[:12]}.json"
+        try:
+            self._write_index(state, name)
+            os.replace(self.root / "CURRENT.tmp", self.root / "CURRENT")
+        except BaseException:
+            for leftover in (self.root / name, self.root / "CURRENT.tmp"):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            raise
+        state.index = name
+        _sync_dir(self.root)
+        self._collect(name, {c for c, _ in store.chunks})
+        return name
+
+    def remove_chunks(self, cids: set[str]) -> None:
+        """Delete the files of chunks ``cids`` (chunks of a store no index names: an ingestion
+        that could not publish gives their space back)."""
+        for cid in cids:
+            for kind in KINDS:
+                with contextlib.suppress(OSError):
+                    (self.chunk_dir / f"{cid}.{kind}.npy").unlink()
+
+    def _write_index(self, state: CacheState, name: str) -> None:
+        """Write index ``name`` for ``state`` and ``CURRENT.tmp`` naming it, both synced."""
+        store = state.store
         index = {
             "format": FORMAT,
             "fingerprint": state.fingerprint,
@@ -530,18 +567,12 @@ class SiteCache:
             "files": {k: _fields(v) for k, v in state.files.items()},
             "records": {k: _fields(v) for k, v in state.records.items()},
         }
-        name = f"index-{uuid.uuid4().hex[:12]}.json"
         fd = os.open(self.root / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with open(fd, "w", encoding="utf-8", buffering=1 << 20) as fh:  # streamed: no whole-index string
             json.dump(index, fh, separators=(",", ":"))
             fh.flush()
             os.fsync(fh.fileno())
         _write_synced(self.root / "CURRENT.tmp", name.encode())
-        os.replace(self.root / "CURRENT.tmp", self.root / "CURRENT")
-        _sync_dir(self.root)
-        state.index = name
-        self._collect(name, {c for c, _ in store.chunks})
-        return name
 
     def _collect(self, keep_index: str, keep_chunks: set[str]) -> None:
         for p in self.root.iterdir():

@@ -16,6 +16,12 @@ class ConfigError(DicomflError):
     """A configuration file is invalid; the message names the file and the key."""
 
 
+class StorageError(DicomflError):
+    """The site's ``state_dir`` cannot take more data: its disk is full (ENOSPC, EDQUOT) or fails
+    (EIO). A transient condition, never a verdict on a file: what was not finished is deferred to
+    the next run. The message names the folder and the count, never a file's path."""
+
+
 class ModelMismatch(ValueError):
     """The weights or the model config a message carries do not fit this site's model or data
     (names, shapes, image size). A site answers it with the ``model-mismatch`` error code."""
@@ -63,6 +69,14 @@ DECODER_CRASH = "decoder-crash"
 TIMEOUT = "timeout"
 WORKER_MEMORY = "worker-memory"
 WORKER_ERROR = "worker-error"
+# A file that was not processed for a reason of the machine, not of the file: the site's disk is
+# full, an input/output error, or its worker was killed by an operator's signal. Never cached:
+# the file is tried again at the next ingestion. The detail says which (one of DEFERRED_WHY).
+DEFERRED = "deferred"
+DISK_FULL = "disk full"
+IO_ERROR = "io error"
+INTERRUPTED = "interrupted"
+DEFERRED_WHY = (DISK_FULL, IO_ERROR, INTERRUPTED)
 # The compressed codestream's own header disagrees with the DICOM header, or cannot be parsed
 # strictly (see :mod:`codestream`): rejected before any decoder sees it.
 CODESTREAM_MISMATCH = "codestream-mismatch"

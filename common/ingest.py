@@ -71,7 +71,12 @@ logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
 PIPELINE_VERSION = 3  # 2: Table E.1-1 2024b; TM kept under date shifting. 3: Pillow resize, chunked cache
 
 #: Failures that depend on the machine rather than the file: not cached, retried next time.
-RETRY_REASONS = frozenset({E.TIMEOUT, E.WORKER_MEMORY})
+RETRY_REASONS = frozenset({E.TIMEOUT, E.WORKER_MEMORY, E.DEFERRED})
+#: errno values that say the site's disk, not the file, is the problem (see :func:`storage_cause`).
+_STORAGE_ERRNO = {errno.ENOSPC: E.DISK_FULL, errno.EDQUOT: E.DISK_FULL, errno.EIO: E.IO_ERROR}
+#: Free space under which ``state_dir`` counts as full when a worker dies by SIGBUS (a write to a
+#: mapped page the file system could not back), on top of one worker's reply slots.
+FULL_FLOOR_BYTES = 1 << 20
 
 #: Modality defined terms (PS3.3 C.7.3.1.1.1, current and retired). The report counts images by
 #: these; any other value (a free-text Modality can hold anything) is counted as "other".
@@ -138,6 +143,10 @@ class IngestReport:
     # {"file": "file:<reference>", "reason": code, "detail": keywords}; references map to paths
     # only in <state_dir>/reports/rejects-map.tsv (the operator's, never sent anywhere).
     rejects: list[dict[str, str]] = field(default_factory=list)
+    # Files not processed for a reason of the machine (reason "deferred": disk full, io error,
+    # interrupted); counted in ``rejected`` too, never cached, tried again at the next ingestion.
+    deferred: int = 0
+    deferred_by_reason: dict[str, int] = field(default_factory=dict)
     cache_hits: int = 0
     decoded: int = 0
     workers: int = 0
@@ -274,6 +283,8 @@ def map_file(path: str, max_bytes: int) -> "mmap.mmap | E.RejectedFile":
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
+        if exc.errno == errno.EIO:
+            return E.RejectedFile(E.DEFERRED, E.IO_ERROR)
         return E.RejectedFile(E.UNREADABLE, type(exc).__name__)
     try:
         size = os.fstat(fd).st_size
@@ -286,7 +297,13 @@ def map_file(path: str, max_bytes: int) -> "mmap.mmap | E.RejectedFile":
         except (OSError, ValueError) as exc:
             if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:  # the mapping is over the worker's cap
                 return E.RejectedFile(E.WORKER_MEMORY, "mmap")
+            if isinstance(exc, OSError) and exc.errno == errno.EIO:
+                return E.RejectedFile(E.DEFERRED, E.IO_ERROR)
             return E.RejectedFile(E.UNREADABLE, type(exc).__name__)
+    except OSError as exc:
+        if exc.errno == errno.EIO:  # the disk, not the file: tried again next time
+            return E.RejectedFile(E.DEFERRED, E.IO_ERROR)
+        return E.RejectedFile(E.UNREADABLE, type(exc).__name__)
     finally:
         os.close(fd)
 
@@ -336,13 +353,28 @@ class ReplySlots:
 
     @classmethod
     def create(cls, folder: str, image_size: int) -> ReplySlots:
-        """A new slot file in ``folder`` for this process (worker side)."""
+        """A new slot file in ``folder`` for this process (worker side).
+
+        Its blocks are allocated now (``posix_fallocate``), not on the first write: a write to
+        a mapped page that a full file system cannot back kills the writer with SIGBUS, which
+        would read as a decoder crash on a good file. Allocated up front, a full disk is an
+        ``OSError`` (ENOSPC) here instead, and the worker sends its images in its replies.
+
+        Raises
+        ------
+        OSError
+            The file cannot be created or its space allocated (the file is removed).
+        """
         path = os.path.join(folder, f"w{os.getpid()}.slots")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             size = cls.SLOTS * (cls.HEADER + image_size * image_size * 4)
-            os.ftruncate(fd, size)
+            os.posix_fallocate(fd, 0, size)
             mm = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
         finally:
             os.close(fd)
         return cls(path, image_size, mm)
@@ -456,11 +488,16 @@ def write_rejects_map(state_dir: Path, rows: list[tuple[str, str, str]]) -> Path
     tmp = reports / ".rejects-map.tsv.tmp"
     lines = ["# reference\tpath under site.dicom_dir (\\\\ = backslash, \\xNN = a control character)\treason\n"]
     lines += [f"{ref}\t{tsv_field(rel)}\t{reason}\n" for ref, rel, reason in rows]
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with open(fd, "w", encoding="utf-8") as fh:
-        fh.writelines(lines)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, "w", encoding="utf-8") as fh:
+            fh.writelines(lines)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: the previous map stays, no half-written one is left
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 
@@ -529,14 +566,32 @@ def ingest(
                              n_classes=s.n_classes)
 
     cache = SiteCache(s.state_dir)
-    with cache.locked() if use_cache else contextlib.nullcontext():
+    #: Set when the site's disk cannot take more (E.DISK_FULL or E.IO_ERROR): the ingestion stops,
+    #: what is not finished is deferred, and StorageError ends the call.
+    halted: str | None = None
+    try:
+        lock = cache.locked() if use_cache else contextlib.nullcontext()
+        lock.__enter__()
+    except OSError as exc:
+        cause = storage_cause(exc)
+        if cause is None:
+            raise
+        raise E.StorageError(_storage_message(s.state_dir, cause, None)) from None
+    try:
         old = cache.load(fp, size, N_FEATURES) if use_cache else None
-        if old is not None:
-            store = old.store
-        elif use_cache:
-            store = cache.new_store(size, N_FEATURES)
-        else:
-            store = ChunkStore(s.state_dir / "cache" / "scratch", size, N_FEATURES, chunk_rows_for(size), scratch=True)
+        old_chunks = {c for c, _ in old.store.chunks} if old is not None else set()
+        try:
+            if old is not None:
+                store = old.store
+            elif use_cache:
+                store = cache.new_store(size, N_FEATURES)
+            else:
+                store = ChunkStore(s.state_dir / "cache" / "scratch", size, N_FEATURES, chunk_rows_for(size), scratch=True)
+        except OSError as exc:
+            cause = storage_cause(exc)
+            if cause is None:
+                raise
+            raise E.StorageError(_storage_message(s.state_dir, cause, None)) from None
 
         rels: list[str] = []
         path_keys: list[str] = []
@@ -576,7 +631,13 @@ def ingest(
         report.workers = n_workers if todo else 0
         mem = cfg.ingest.worker_memory_mb << 20 if cfg.ingest.worker_memory_mb else None
         known = frozenset(old.records) if old else frozenset()
-        slot_dir = _slot_dir(s.state_dir) if todo else None
+        try:
+            slot_dir = _slot_dir(s.state_dir) if todo else None
+        except OSError as exc:  # no room for the folder: images travel in the replies
+            if storage_cause(exc) is None:
+                raise
+            slot_dir = None
+        slot_bytes = ReplySlots.SLOTS * (ReplySlots.HEADER + size * size * 4)
         attached: dict[str, ReplySlots] = {}
         outcomes = imap_isolated(_work, [rels[i] for i in todo], workers=n_workers,
                                  timeout_s=cfg.ingest.file_timeout_s, memory_bytes=mem,
@@ -589,8 +650,17 @@ def ingest(
                 cacheable = True
                 if isinstance(outcome, WorkerFailure):
                     content = _stat_key(deid, rel, *stat_of[i])
-                    rec = Record("rejected", reason=outcome.reason, detail=outcome.detail)
-                    cacheable = outcome.reason not in RETRY_REASONS
+                    reason, detail = outcome.reason, outcome.detail
+                    if reason == E.DECODER_CRASH and detail == "SIGBUS":
+                        # A write to a mapped page the file system cannot back, or a read of a
+                        # mapped page the disk cannot deliver: the machine, not the file?
+                        why = _sigbus_cause(s.state_dir, os.path.join(s.dicom_dir, rel), slot_bytes)
+                        if why is not None:
+                            reason, detail = E.DEFERRED, why
+                            if why == E.DISK_FULL:
+                                halted = why
+                    rec = Record("rejected", reason=reason, detail=detail)
+                    cacheable = reason not in RETRY_REASONS
                     report.decoded += 1
                 elif outcome[0] == "known":
                     content = outcome[1]
@@ -605,23 +675,30 @@ def ingest(
                 else:
                     _, content, modality, label_key, patient, img, feats, stats = outcome
                     report.decoded += 1
-                    if content in new_records:
-                        rec = new_records[content]  # the same content under another path
-                    elif isinstance(img, tuple):  # in the worker's reply slot: copied from there
-                        try:
-                            slots = _attached(attached, slot_dir, img[0], size, n_workers + 1)
-                            image = slots.read(img[1])
-                        except (OSError, ValueError, RuntimeError) as exc:  # the slot went away or was overwritten
-                            rec = Record("rejected", reason=E.WORKER_ERROR, detail=f"reply slot {type(exc).__name__}")
-                            cacheable = False  # retried next time
+                    try:
+                        if content in new_records:
+                            rec = new_records[content]  # the same content under another path
+                        elif isinstance(img, tuple):  # in the worker's reply slot: copied from there
+                            try:
+                                slots = _attached(attached, slot_dir, img[0], size, n_workers + 1)
+                                image = slots.read(img[1])
+                            except (OSError, ValueError, RuntimeError) as exc:  # the slot went away or was overwritten
+                                rec = Record("rejected", reason=E.WORKER_ERROR, detail=f"reply slot {type(exc).__name__}")
+                                cacheable = False  # retried next time
+                            else:
+                                row = store.append(image, feats, stats)
+                                rec = Record("accepted", modality=modality, label_key=label_key, patient=patient, row=row)
+                                report.cache_rows_written += 1
                         else:
-                            row = store.append(image, feats, stats)
-                            rec = Record("accepted", modality=modality, label_key=label_key, patient=patient, row=row)
+                            rec = Record("accepted", modality=modality, label_key=label_key, patient=patient,
+                                         row=store.append(img, feats, stats))
                             report.cache_rows_written += 1
-                    else:
-                        rec = Record("accepted", modality=modality, label_key=label_key, patient=patient,
-                                     row=store.append(img, feats, stats))
-                        report.cache_rows_written += 1
+                    except OSError as exc:  # the cache's disk is full or failing: this file and the rest wait
+                        halted = storage_cause(exc)
+                        if halted is None:
+                            raise
+                        rec = Record("rejected", reason=E.DEFERRED, detail=halted)
+                        cacheable = False
                 rec = new_records.setdefault(content, rec) if cacheable else rec
                 contents[i] = content
                 recs[i] = rec
@@ -630,6 +707,8 @@ def ingest(
                 done += 1
                 if progress:
                     progress(done, total)
+                if halted is not None:
+                    break  # closing the pool stops the workers; every file not finished is deferred
         except PoolStartError as exc:
             raise E.DicomflError(f"ingestion workers cannot start ({exc})") from None
         finally:
@@ -638,27 +717,53 @@ def ingest(
                 slots.close()
             if slot_dir is not None:
                 shutil.rmtree(slot_dir, ignore_errors=True)
-        del todo, stat_of, path_keys, attached
+        if halted is not None:
+            for i in todo:
+                if recs[i] is None:
+                    recs[i] = Record("rejected", reason=E.DEFERRED, detail=halted)
+        del stat_of, path_keys, attached
 
         # Drop rows no file uses any more once they are most of the store.
         live = sorted({r.row for r in new_records.values() if r.status == "accepted"})
         dead = store.rows - len(live)
-        if dead > len(live) and dead >= FIRST_CHUNK_ROWS:
-            compact, mapping = store.compacted(np.asarray(live, dtype=np.int64))
-            store.close()
-            store = compact
-            new_records = {c: (replace(r, row=mapping[r.row]) if r.status == "accepted" else r)
-                           for c, r in new_records.items()}
-            recs = [new_records.get(c, r) for c, r in zip(contents, recs)]
+        if halted is None and dead > len(live) and dead >= FIRST_CHUNK_ROWS:
+            try:
+                compact, mapping = store.compacted(np.asarray(live, dtype=np.int64))
+            except OSError as exc:  # no room for the compacted copy: keep the store as it is
+                if storage_cause(exc) is None:
+                    raise
+            else:
+                store.close()
+                store = compact
+                new_records = {c: (replace(r, row=mapping[r.row]) if r.status == "accepted" else r)
+                               for c, r in new_records.items()}
+                recs = [new_records.get(c, r) for c, r in zip(contents, recs)]
         if use_cache:
             state = CacheState(fingerprint=fp, store=store, files=new_files, records=new_records)
             unchanged = (old is not None and store is old.store and not store.changed
                          and new_files == old.files and new_records == old.records)
             if not unchanged:
                 t_pub = time.perf_counter()
-                cache.save(state)
+                try:
+                    # What finished is published; the deferred files are not in it. A failed
+                    # publish leaves the previous index in force (CURRENT is swapped last).
+                    cache.save(state)
+                except OSError as exc:
+                    cause = storage_cause(exc)
+                    if cause is None:
+                        raise
+                    halted = halted or cause
+                    if state.index is None:  # not published: the previous index is in force
+                        # The chunk files this run created are named by no index: their space goes now.
+                        cache.remove_chunks({c for c, _ in store.chunks} - old_chunks)
+                        # Nothing of this run reached the cache: every file it decoded is tried again.
+                        for i in todo:
+                            if not (recs[i].status == "rejected" and recs[i].reason == E.DEFERRED):
+                                recs[i] = Record("rejected", reason=E.DEFERRED, detail=cause)
                 report.publish_s = round(time.perf_counter() - t_pub, 3)
-        del new_files, new_records, old
+        del new_files, new_records, old, todo
+    finally:
+        lock.__exit__(None, None, None)
 
     # One sample per accepted content (duplicate files under two paths count once), in walk order.
     report.label_rows = labels.rows
@@ -671,6 +776,7 @@ def ingest(
     patients: list[str] = []
     matched_keys: set[str] = set()
     reasons: Counter[str] = Counter()
+    deferred: Counter[str] = Counter()
     modalities: Counter[str] = Counter()
     rejected_paths: list[tuple[str, str, str]] = []
     for rel, rec in zip(rels, recs):
@@ -679,9 +785,11 @@ def ingest(
             ref = file_ref(deid, rel)
             report.rejected += 1
             reasons[rec.reason] += 1
+            if rec.reason == E.DEFERRED:
+                deferred[rec.detail] += 1
             report.rejects.append({"file": ref, "reason": rec.reason, "detail": rec.detail})
             rejected_paths.append((ref, rel, rec.reason))
-            if rec.reason != E.NOT_DICOM:
+            if rec.reason != E.NOT_DICOM and not (halted is not None and rec.reason == E.DEFERRED):
                 log.warning("rejected %s: %s%s", ref, rec.reason, f" ({rec.detail})" if rec.detail else "")
             continue
         report.accepted += 1
@@ -695,8 +803,9 @@ def ingest(
             matched_keys.add(rec.label_key)
         y.append(label)
         patients.append(rec.patient)
-    write_rejects_map(s.state_dir, rejected_paths)
     report.rejected_by_reason = dict(sorted(reasons.items()))
+    report.deferred = sum(deferred.values())
+    report.deferred_by_reason = dict(sorted(deferred.items()))
     report.by_modality = dict(sorted(modalities.items()))
     report.label_rows_unmatched = len(set(labels.by_key) - matched_keys)
 
@@ -712,7 +821,83 @@ def ingest(
         report.split_patients[name] = len({p for p, sp in zip(patients, split) if sp == code})
     report.elapsed_s = round(time.perf_counter() - t0, 3)
     report.files_per_s = round(report.seen / report.elapsed_s, 1) if report.elapsed_s > 0 else 0.0
+    # The site's own record of this ingestion, whoever ran it (the CLI, the site's worker in a
+    # round, predict): ``dicomfl site status`` reads it.
+    try:
+        write_rejects_map(s.state_dir, rejected_paths)
+        write_report(s.state_dir, report)
+    except OSError as exc:
+        cause = storage_cause(exc)
+        if cause is None:
+            raise
+        halted = halted or cause
+    if halted is not None:
+        log.error("ingestion stopped: %s; %d files deferred", halted, report.deferred)
+        raise E.StorageError(_storage_message(s.state_dir, halted, report.deferred))
     return IngestResult(report=report, data=data)
+
+
+def storage_cause(exc: BaseException) -> str | None:
+    """``E.DISK_FULL`` or ``E.IO_ERROR`` when ``exc`` says the disk is full or failing
+    (ENOSPC, EDQUOT, EIO); None for any other error."""
+    return _STORAGE_ERRNO.get(getattr(exc, "errno", None)) if isinstance(exc, OSError) else None
+
+
+def _storage_message(state_dir: Path, cause: str, deferred: int | None) -> str:
+    """The one line a full or failing disk ends an ingestion with."""
+    what = "no space left on device" if cause == E.DISK_FULL else "input/output error"
+    when = "when space is freed" if cause == E.DISK_FULL else "when the disk is healthy"
+    done = "nothing ingested" if deferred is None else f"{deferred} files deferred"
+    return f"{E.printable(str(state_dir))}: {what}; {done}, run ingest again {when}"
+
+
+def _sigbus_cause(state_dir: Path, path: str, slot_bytes: int) -> str | None:
+    """Why a worker died by SIGBUS, if the cause is the machine's: ``E.DISK_FULL`` when
+    ``state_dir`` has less free space than one worker's reply slots and
+    :data:`FULL_FLOOR_BYTES` (a mapped page that could not be backed), ``E.IO_ERROR`` when the
+    file cannot be read through to its end with plain reads (a mapped page the disk could not
+    deliver). None: the disk is healthy and the file reads, so the death is the file's."""
+    try:
+        st = os.statvfs(state_dir)
+        if st.f_bavail * st.f_frsize < slot_bytes + FULL_FLOOR_BYTES:
+            return E.DISK_FULL
+    except OSError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return E.IO_ERROR if exc.errno == errno.EIO else None
+    try:
+        while os.read(fd, _HASH_CHUNK):
+            pass
+    except OSError as exc:
+        return E.IO_ERROR if exc.errno == errno.EIO else None
+    finally:
+        os.close(fd)
+    return None
+
+
+def write_report(state_dir: Path, report: IngestReport) -> Path:
+    """``<state_dir>/reports/ingest.json`` (mode 0600, written whole or not at all): the last
+    ingestion's report, which ``dicomfl site status`` reads."""
+    import json
+
+    reports = Path(state_dir) / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    os.chmod(reports, 0o700)
+    path = reports / "ingest.json"
+    tmp = reports / ".ingest.json.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, "w", encoding="utf-8") as fh:
+            json.dump(report.to_json(), fh, indent=2)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def _slot_dir(state_dir: Path) -> str:

@@ -25,6 +25,22 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+class SiteFileHandler(logging.FileHandler):
+    """A log file that cannot be written (a full disk: ENOSPC; EIO) drops the record quietly.
+
+    :class:`logging.Handler`'s own ``handleError`` prints a traceback to stderr for every record
+    it could not write: on a full disk that is one traceback per log line, burying the one line
+    that says what happened. The records written before the disk filled stay in the file.
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handleError(record)
+
+
 def setup(state_dir: Path | None, name: str, console_level: int = logging.WARNING) -> Path | None:
     root = logging.getLogger("dicomfl")
     root.setLevel(logging.INFO)
@@ -42,7 +58,7 @@ def setup(state_dir: Path | None, name: str, console_level: int = logging.WARNIN
     logdir.mkdir(parents=True, exist_ok=True)
     os.chmod(logdir, 0o700)
     path = logdir / f"{name}.log"
-    fh = logging.FileHandler(path)
+    fh = SiteFileHandler(path)
     fh.setLevel(logging.INFO)
     fh.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(fh)
@@ -60,7 +76,7 @@ def site_logger(state_dir: Path, site: str) -> logging.Logger:
     if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path) for h in lg.handlers):
         logdir.mkdir(parents=True, exist_ok=True)
         os.chmod(logdir, 0o700)
-        fh = logging.FileHandler(path)
+        fh = SiteFileHandler(path)
         fh.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         lg.addHandler(fh)
     return lg

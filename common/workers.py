@@ -6,7 +6,9 @@ an endless loop, or an allocation of many GB for a file of a few hundred bytes. 
 be caught in-process, so each item (typically one file) is processed in a worker process:
 
 * a worker that dies on a signal yields ``WorkerFailure("decoder-crash", "SIGSEGV")`` for its item
-  (``worker-memory`` for SIGKILL, which on Linux is what the kernel's OOM killer sends);
+  (``worker-memory`` for SIGKILL, which on Linux is what the kernel's OOM killer sends;
+  ``WorkerFailure("deferred", "interrupted")`` for a signal that only an operator or a
+  supervisor sends, SIGTERM, SIGINT, SIGHUP or SIGQUIT: not a verdict on the item);
 * an item that runs past ``timeout_s`` has its worker killed and yields ``timeout``;
 * ``MemoryError`` -- including an allocation refused by the worker's address-space limit
   (``RLIMIT_AS``, see ``memory_bytes``) -- yields ``worker-memory``. A native decoder that
@@ -107,10 +109,11 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Generic, TypeVar
 
-from .errors import DECODER_CRASH, TIMEOUT, WORKER_ERROR, WORKER_MEMORY, RejectedFile
+from .errors import DECODER_CRASH, DEFERRED, INTERRUPTED, TIMEOUT, WORKER_ERROR, WORKER_MEMORY, RejectedFile
 
 __all__ = [
     "DECODER_CRASH",
+    "DEFERRED",
     "TIMEOUT",
     "WORKER_MEMORY",
     "WORKER_ERROR",
@@ -337,11 +340,24 @@ def _environ(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+#: Signals that only ever come from outside the worker: an operator's ``kill``, a supervisor
+#: stopping a process group, a closed terminal. A decoder that faults raises SIGSEGV, SIGBUS,
+#: SIGILL, SIGFPE or (``abort``, ``std::terminate``) SIGABRT, never these; and the worker
+#: ignores SIGINT, so SIGINT cannot end it at all. SIGKILL is ambiguous (the kernel's OOM killer
+#: sends it too) and stays ``worker-memory``, which is not a verdict either.
+OPERATOR_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT})
+
+
 def _death_failure(exitcode: int | None) -> WorkerFailure:
-    """The failure for an item whose worker exited with ``exitcode`` (negative: a signal)."""
+    """The failure for an item whose worker exited with ``exitcode`` (negative: a signal).
+
+    A death by one of :data:`OPERATOR_SIGNALS` says nothing about the item: it is
+    ``deferred`` (``interrupted``), which callers must not cache as a verdict."""
     if exitcode is None:
         return WorkerFailure(DECODER_CRASH, "worker lost")
     if exitcode < 0:
+        if -exitcode in OPERATOR_SIGNALS:
+            return WorkerFailure(DEFERRED, INTERRUPTED)
         try:
             name = signal.Signals(-exitcode).name
         except ValueError:

@@ -70,6 +70,8 @@ def _report_table(rep) -> Table:
     t.add_row("rejected", str(rep.rejected))
     for reason, n in rep.rejected_by_reason.items():
         t.add_row(f"  rejected: {reason}", str(n))
+    for why, n in rep.deferred_by_reason.items():
+        t.add_row(f"  deferred ({why}): retried at the next ingest", str(n))
     for mod, n in rep.by_modality.items():
         t.add_row(f"  modality: {mod}", str(n))
     t.add_row("labelled images", str(rep.labelled))
@@ -148,18 +150,12 @@ def ingest(
         say(f"file references -> paths: {cfg.site.state_dir / 'reports' / 'rejects-map.tsv'} (for this site's operator only)")
     for p in rep.label_problems[:20]:
         say(f"labels: {p}")
-    payload = json.dumps(rep.to_json(), indent=2)
-    reports_dir = cfg.site.state_dir / "reports"
-    try:
-        reports_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(reports_dir, 0o700)
-        write_private(reports_dir / "ingest.json", payload)
-        if report is not None:
+    if report is not None:  # <state_dir>/reports/ingest.json is written by the ingestion itself
+        try:
             report.parent.mkdir(parents=True, exist_ok=True)
-            write_private(report, payload)
-    except OSError as exc:
-        _fail(f"cannot write the report {printable(str(report if report is not None else reports_dir))} "
-              f"({type(exc).__name__})")
+            write_private(report, json.dumps(rep.to_json(), indent=2))
+        except OSError as exc:
+            _fail(f"cannot write the report {printable(str(report))} ({type(exc).__name__})")
 
 
 @app.command()
@@ -409,7 +405,8 @@ def site_status(
         say("ingest: never run (dicomfl ingest SITE_YAML, or the first round, does it)")
     else:
         say(f"ingest: {g.get('at')}: {g.get('seen', 0)} files, {g.get('accepted', 0)} accepted, "
-            f"{g.get('rejected', 0)} rejected, {g.get('labelled', 0)} labelled")
+            f"{g.get('rejected', 0)} rejected, {g.get('labelled', 0)} labelled"
+            + (f", {g['deferred']} deferred to the next ingest" if g.get("deferred") else ""))
     p = st["privacy"]
     budget = "none set" if p["budget"] is None else format(p["budget"], "g")
     if p.get("error"):
