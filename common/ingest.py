@@ -832,7 +832,7 @@ def ingest(
             raise
         halted = halted or cause
     if halted is not None:
-        log.error("ingestion stopped: %s; %d files deferred", halted, report.deferred)
+        log.warning("ingestion stopped: %s; %d files deferred", halted, report.deferred)
         raise E.StorageError(_storage_message(s.state_dir, halted, report.deferred))
     return IngestResult(report=report, data=data)
 
