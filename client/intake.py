@@ -183,6 +183,7 @@ _COUNTERS = (
     "failed",  # instances that could not be written (disk errors)
     "associations_accepted",
     "associations_refused",
+    "connections_refused",  # TCP connections closed at accept (address not allowed, per-peer cap)
     "echoes",
 )
 _TIMESTAMPS = ("started_at", "updated_at", "last_received_at", "last_written_at", "last_refused_at")
@@ -456,6 +457,8 @@ class IntakeServer:
         self._pending: weakref.WeakKeyDictionary[Any, tuple[int, bool]] = weakref.WeakKeyDictionary()
         self._cut: weakref.WeakSet[Any] = weakref.WeakSet()  # messages emptied by the guard
         self._pending_lock = threading.Lock()
+        self._last_conn_log: dict[str, float] = {}
+        self._recent_accepts: dict[str, list[float]] = {}
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -528,6 +531,9 @@ class IntakeServer:
             raise IntakeError(
                 f"intake: cannot listen on {s.host}:{s.port} ({type(exc).__name__}: {exc.strerror or 'error'})"
             ) from None
+        # Refuse at TCP accept, before any thread or PDU: a second connection from a source address
+        # no allowed entry covers, and one past max_associations_per_peer from an allowed one.
+        server.verify_request = lambda request, client_address: self._verify_connection(server, client_address)
         self._ae, self._server = ae, server
         self._status.mark("started_at")
         self._status.save()
@@ -536,6 +542,36 @@ class IntakeServer:
             "intake: DICOM SCP %s listening on %s:%d (%s, %d allowed sender(s))",
             s.ae_title, host, port, "TLS" if ssl_context else "plain TCP", len(s.allowed),
         )
+
+    def _verify_connection(self, server: Any, client_address: Any) -> bool:
+        """socketserver's accept-time hook: True lets the connection in, False closes it at once."""
+        try:
+            address = str(client_address[0])
+            ip = _parse_ip(address)
+            allowed = ip is not None and any(ip in ipaddress.ip_network(p.host) for p in self.section.allowed)
+            # A source address no allowed entry covers keeps one connection (answered with an
+            # A-ASSOCIATE-RJ naming it); any more from it are closed here.
+            cap = self.section.max_associations_per_peer if allowed else 1
+            now = time.monotonic()
+            # An accepted connection's association thread starts a moment later: from an address
+            # not allowed, a connection accepted in the last second counts as held until its
+            # thread shows (an allowed sender may reconnect at once, and is counted by threads).
+            recent = [t for t in self._recent_accepts.get(address, []) if now - t < 1.0] if not allowed else []
+            held = sum(1 for a in server.active_associations if str(a.requestor.address or "") == address)
+            held = max(held, len(recent))
+            if held < cap:
+                self._recent_accepts[address] = [*recent, now]
+                return True
+            self._recent_accepts[address] = recent
+            reason = f"{held} connection(s) already open from this {'' if allowed else 'not allowed '}address"
+        except Exception as exc:  # noqa: BLE001 - refuse on any doubt
+            address, reason = "?", f"unreadable address ({type(exc).__name__})"
+        self._status.bump("connections_refused", "last_refused_at")
+        now = time.monotonic()
+        if now - self._last_conn_log.get(address, -1e9) >= 10.0:  # one line per address per 10 s
+            self._last_conn_log[address] = now
+            self.log.warning("intake: connection from %s closed at accept: %s", _printable(address), reason)
+        return False
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop accepting, let running associations finish (at most ``timeout_s``), abort the

@@ -166,3 +166,35 @@ def test_trickled_request_is_cut_at_the_acse_timeout(tmp_path) -> None:
             assert closed or _closed_by_peer(s, timeout=5)
     finally:
         server.stop(timeout_s=2)
+
+
+def test_idle_connections_from_elsewhere_do_not_block_the_allowed_peer(tmp_path) -> None:
+    """60 idle TCP connections from 127.0.0.2 (not allowed): all but one closed at accept; the allowed
+    peer's C-ECHO from 127.0.0.1 is then answered within a bounded wait."""
+    from pynetdicom import AE
+
+    from dicomfl.client.intake import IntakeSection, IntakeServer, read_status
+
+    server = IntakeServer(IntakeSection(port=0, allowed=[{"ae_title": "ECHOSCU", "host": "127.0.0.1"}]),
+                          tmp_path / "dicom", tmp_path / "state")
+    server.start()
+    idle = []
+    try:
+        for _ in range(60):
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))
+            s.connect(server.address)
+            idle.append(s)
+        scu = AE(ae_title="ECHOSCU")
+        scu.acse_timeout = scu.network_timeout = 10
+        scu.add_requested_context("1.2.840.10008.1.1")
+        assoc = scu.associate(*server.address, ae_title="DICOMFL")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        assert sum(_closed_by_peer(s, timeout=1) for s in idle) >= 59  # one may wait for its RJ
+    finally:
+        for s in idle:
+            s.close()
+        server.stop(timeout_s=2)
+    assert read_status(tmp_path / "state")["connections_refused"] >= 59
