@@ -198,3 +198,22 @@ def test_idle_connections_from_elsewhere_do_not_block_the_allowed_peer(tmp_path)
             s.close()
         server.stop(timeout_s=2)
     assert read_status(tmp_path / "state")["connections_refused"] >= 59
+
+
+def test_log_files_are_private(tmp_path) -> None:
+    """The logging set-up's file and a supervised child's output file are mode 0600, also when
+    they existed before with a wider mode."""
+    import stat
+
+    from dicomfl.common.logs import setup
+    from dicomfl.common.supervise import start_group
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "intake.log").write_text("")
+    os.chmod(tmp_path / "logs" / "intake.log", 0o644)
+    path = setup(tmp_path, "intake")
+    proc = start_group([sys.executable, "-c", "print('x')"], dict(os.environ), tmp_path / "logs" / "child.log")
+    proc.wait(timeout=30)
+    for p in (path, tmp_path / "logs" / "child.log"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    setup(None, "x")
