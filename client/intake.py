@@ -183,6 +183,7 @@ _COUNTERS = (
     "failed",  # instances that could not be written (disk errors)
     "associations_accepted",
     "associations_refused",
+    "connections_refused",  # TCP connections closed at accept (address not allowed, per-peer cap)
     "echoes",
 )
 _TIMESTAMPS = ("started_at", "updated_at", "last_received_at", "last_written_at", "last_refused_at")
@@ -456,6 +457,8 @@ class IntakeServer:
         self._pending: weakref.WeakKeyDictionary[Any, tuple[int, bool]] = weakref.WeakKeyDictionary()
         self._cut: weakref.WeakSet[Any] = weakref.WeakSet()  # messages emptied by the guard
         self._pending_lock = threading.Lock()
+        self._last_conn_log: dict[str, float] = {}
+        self._recent_accepts: dict[str, list[float]] = {}
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -528,6 +531,9 @@ class IntakeServer:
             raise IntakeError(
                 f"intake: cannot listen on {s.host}:{s.port} ({type(exc).__name__}: {exc.strerror or 'error'})"
             ) from None
+        # Refuse at TCP accept, before any thread or PDU: a second connection from a source address
+        # no allowed entry covers, and one past max_associations_per_peer from an allowed one.
+        server.verify_request = lambda request, client_address: self._verify_connection(server, client_address)
         self._ae, self._server = ae, server
         self._status.mark("started_at")
         self._status.save()
@@ -536,6 +542,36 @@ class IntakeServer:
             "intake: DICOM SCP %s listening on %s:%d (%s, %d allowed sender(s))",
             s.ae_title, host, port, "TLS" if ssl_context else "plain TCP", len(s.allowed),
         )
+
+    def _verify_connection(self, server: Any, client_address: Any) -> bool:
+        """socketserver's accept-time hook: True lets the connection in, False closes it at once."""
+        try:
+            address = str(client_address[0])
+            ip = _parse_ip(address)
+            allowed = ip is not None and any(ip in ipaddress.ip_network(p.host) for p in self.section.allowed)
+            # A source address no allowed entry covers keeps one connection (answered with an
+            # A-ASSOCIATE-RJ naming it); any more from it are closed here.
+            cap = self.section.max_associations_per_peer if allowed else 1
+            now = time.monotonic()
+            # An accepted connection's association thread starts a moment later: from an address
+            # not allowed, a connection accepted in the last second counts as held until its
+            # thread shows (an allowed sender may reconnect at once, and is counted by threads).
+            recent = [t for t in self._recent_accepts.get(address, []) if now - t < 1.0] if not allowed else []
+            held = sum(1 for a in server.active_associations if str(a.requestor.address or "") == address)
+            held = max(held, len(recent))
+            if held < cap:
+                self._recent_accepts[address] = [*recent, now]
+                return True
+            self._recent_accepts[address] = recent
+            reason = f"{held} connection(s) already open from this {'' if allowed else 'not allowed '}address"
+        except Exception as exc:  # noqa: BLE001 - refuse on any doubt
+            address, reason = "?", f"unreadable address ({type(exc).__name__})"
+        self._status.bump("connections_refused", "last_refused_at")
+        now = time.monotonic()
+        if now - self._last_conn_log.get(address, -1e9) >= 10.0:  # one line per address per 10 s
+            self._last_conn_log[address] = now
+            self.log.warning("intake: connection from %s closed at accept: %s", _printable(address), reason)
+        return False
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop accepting, let running associations finish (at most ``timeout_s``), abort the
@@ -618,10 +654,16 @@ class IntakeServer:
 
     def _on_conn_open(self, event: evt.Event) -> None:
         """Bound every read of the connection: accepted sockets are blocking, so a sender that
-        stops half-way through a PDU (or a TLS handshake) would hold its thread for ever."""
+        stops half-way through a PDU (or a TLS handshake) would hold its thread for ever; and put
+        the PDU-length guard (:func:`_guard_pdu_reads`) in front of pynetdicom's reads."""
         sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
         if sock is not None:
             sock.settimeout(self.section.network_timeout_s)
+        try:
+            _guard_pdu_reads(event.assoc, self.section, self.log)
+        except Exception as exc:  # noqa: BLE001 - no guard, no connection
+            self.log.error("intake: cannot guard a connection (%s); closed", type(exc).__name__)
+            _shutdown_socket(event.assoc)
 
     def _on_conn_close(self, event: evt.Event) -> None:
         with self._pending_lock:
@@ -738,6 +780,127 @@ def _sweep_temp_files(root: Path, min_age_s: float = 600.0) -> None:
                 tmp.unlink()
         except OSError:
             pass
+
+
+# Largest A-ASSOCIATE-RQ (and any PDU other than P-DATA-TF) read before negotiation; a real
+# request with every storage context proposed is about 20 KiB.
+MAX_REQUEST_PDU = 64 * 1024
+# Allowance over the negotiated maximum for a P-DATA-TF PDU (senders that count the PDU header).
+PDU_MARGIN = 1024
+_PDU_TYPES_KNOWN = frozenset(range(1, 8))
+
+
+class _BoundedPduReader:
+    """Stands in front of pynetdicom's :class:`~pynetdicom.transport.AssociationSocket` of one
+    accepted connection and bounds every PDU before its body is read.
+
+    pynetdicom's DUL reads a PDU with ``recv(6)`` (type and declared length) and then
+    ``recv(length)``, which reads the whole body into memory, up to the 4 GiB the header may
+    declare, before any check. Here the header is checked first: a P-DATA-TF PDU may declare at
+    most our own maximum PDU receive size plus :data:`PDU_MARGIN`, and only once the association
+    is established; any other PDU at most :data:`MAX_REQUEST_PDU`. A PDU over its limit gets an
+    A-ABORT, the connection is shut down, one line is logged (address and declared length), and
+    the DUL sees the connection closed. Each PDU must also arrive whole within
+    ``network_timeout_s`` of its first byte (the A-ASSOCIATE-RQ within ``acse_timeout_s`` of the
+    connection), so a sender trickling bytes cannot hold the thread. Everything else is passed
+    to the wrapped socket.
+    """
+
+    def __init__(self, inner: Any, assoc: Any, section: IntakeSection, log: logging.Logger) -> None:
+        self._inner = inner
+        self._assoc = assoc
+        self._section = section
+        self._log = log
+        self._need: int | None = None  # body bytes the DUL asks next (None: a header comes next)
+        self._closed = False
+        self._request_deadline = time.monotonic() + section.acse_timeout_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @property
+    def ready(self) -> bool:
+        return False if self._closed else bool(self._inner.ready)
+
+    def _refuse(self, reason: str) -> bytearray:
+        addr = _printable(getattr(self._assoc.requestor, "address", "") or "")
+        self._log.warning("intake: connection from %s aborted: %s", addr, reason)
+        self._closed = True
+        raw = self._inner.socket
+        if raw is not None:
+            try:
+                # A-ABORT, source 2 (service provider), reason 6 (invalid PDU parameter value).
+                raw.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06")
+            except OSError:
+                pass
+            try:
+                raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return bytearray()  # the DUL reads a short PDU: transport connection closed (Evt17)
+
+    def _read(self, n: int, deadline: float) -> bytearray:
+        raw = self._inner.socket
+        out = bytearray()
+        while raw is not None and len(out) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return self._refuse("a PDU did not arrive in time")
+            raw.settimeout(min(left, self._section.network_timeout_s))
+            try:
+                chunk = raw.recv(min(65536, n - len(out)))
+            except (TimeoutError, socket.timeout):
+                return self._refuse("a PDU did not arrive in time")
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self._closed:
+            return bytearray()
+        established = bool(self._assoc.is_established)
+        start = time.monotonic()
+        deadline = start + self._section.network_timeout_s
+        if not established:
+            deadline = min(deadline, self._request_deadline)
+        if self._need is None:  # a PDU header
+            if nr_bytes != 6:
+                return self._refuse("unexpected read pattern")
+            head = self._read(6, deadline)
+            if len(head) < 6 or self._closed:
+                return head
+            pdu_type, length = head[0], int.from_bytes(head[2:6], "big")
+            if pdu_type == 0x04 and established:
+                limit = self._assoc.acceptor.maximum_length or self._section.max_pdu
+                limit = int(limit) + PDU_MARGIN
+            else:
+                limit = MAX_REQUEST_PDU
+            if length > limit:
+                return self._refuse(f"PDU type 0x{pdu_type:02X} declares {length} bytes, over the limit of {limit}")
+            if pdu_type in _PDU_TYPES_KNOWN:
+                self._need = length
+            return head
+        need, self._need = self._need, None
+        if nr_bytes != need:
+            return self._refuse("unexpected read pattern")
+        return self._read(need, deadline)
+
+
+def _guard_pdu_reads(assoc: Any, section: IntakeSection, log: logging.Logger) -> None:
+    """Put :class:`_BoundedPduReader` in front of an accepted association's socket.
+
+    The one adapter to pynetdicom's internals (written against pynetdicom 3.0.4): it replaces
+    ``assoc.dul.socket`` (what ``DULServiceProvider._read_pdu_data`` reads with ``recv(6)`` and
+    ``recv(pdu_length)``, and polls with ``ready``) before the association's threads start
+    (EVT_CONN_OPEN is triggered in ``RequestHandler.handle`` before ``assoc.start()``).
+    ``tests/test_intake_doors.py`` fails if those internals change.
+    """
+    dul = assoc.dul
+    inner = dul.socket
+    if inner is None or isinstance(inner, _BoundedPduReader):
+        return
+    dul.socket = _BoundedPduReader(inner, assoc, section, log)
 
 
 def _shutdown_socket(assoc: Any) -> None:

@@ -112,6 +112,10 @@ class IntakeSection(_Strict):
         Largest PDU the SCP receives, in bytes (what it tells the sender).
     max_associations : int
         Associations served at once; more are refused (transient).
+    max_associations_per_peer : int
+        Connections open at once from one allowed source address; more are closed at TCP accept.
+        A source address no ``allowed`` entry covers gets one connection at a time (refused at
+        association); more are closed at accept, before any thread or PDU.
     max_instance_bytes : int
         Largest instance accepted (encoded data set size). A larger one is refused with status
         0xA700 and the association goes on; the part received past the cap is dropped as it
@@ -130,6 +134,7 @@ class IntakeSection(_Strict):
     allowed: list[AllowedPeer] = Field(default_factory=list)
     max_pdu: int = Field(default=262_144, ge=4096, le=0xFFFFFFFF)
     max_associations: int = Field(default=8, ge=1, le=256)
+    max_associations_per_peer: int = Field(default=4, ge=1, le=256)
     max_instance_bytes: int = Field(default=1024**3, ge=1024)
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)

@@ -58,6 +58,8 @@ def setup(state_dir: Path | None, name: str, console_level: int = logging.WARNIN
     logdir.mkdir(parents=True, exist_ok=True)
     os.chmod(logdir, 0o700)
     path = logdir / f"{name}.log"
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    os.chmod(path, 0o600)  # a log is the site's own file, as private as its data
     fh = SiteFileHandler(path)
     fh.setLevel(logging.INFO)
     fh.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -24,7 +24,8 @@ log = logging.getLogger("dicomfl.supervise")
 
 def start_group(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(log_path, "ab")
+    fh = open(log_path, "ab", opener=lambda p, flags: os.open(p, flags, 0o600))
+    os.fchmod(fh.fileno(), 0o600)  # a child's output (e.g. a library warning) is the site's own
     try:
         # Its own process group (so it can be stopped as a whole) in the daemon's session (so a
         # killed daemon's session can be found and cleaned), dying with the daemon where Linux allows.
