@@ -24,6 +24,19 @@ holds is retried with the back-off).
 
 On SIGTERM every process group stops.
 
+**One daemon per site.** Before it writes anything into ``state_dir`` (the SuperExec secret, the
+worker's socket, logs) the daemon takes an exclusive ``flock`` on ``<state_dir>/daemon.lock`` and
+writes its pid there; it holds the lock for its life, and the kernel releases it when the daemon
+dies, however it dies (the lock file itself stays, holding the last pid; it proves nothing
+alone). A second ``dicomfl site start`` on the same ``state_dir`` finds the lock taken, exits 2
+with one line naming the running daemon's pid, and changes nothing: without the lock it would
+overwrite the SuperExec secret, and the first daemon's worker would be refused (HTTP 401) by its
+own SuperNode from its next restart on. The children never inherit the lock's descriptor.
+Other commands that write into ``state_dir`` (``dicomfl ingest``, ``dicomfl privacy``) do not
+take this lock: they may run beside the daemon, and serialize with its worker through the locks
+of what they write (the cache's ``flock``, held by one ingestion at a time; the privacy ledger's,
+one private round or release at a time).
+
 ``federation.warm_worker: false`` in site.yaml runs the SuperNode alone, as before the
 warm worker: the ClientApp then handles each message in the process Flower starts for it
 (importing torch and opening the site's data every time). It is there for comparison
@@ -32,12 +45,14 @@ warm worker: the ClientApp then handles each message in the process Flower start
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sys
 from pathlib import Path
 
 from dicomfl.common.config import SiteConfig
-from dicomfl.common.errors import ConfigError
+from dicomfl.common.errors import ConfigError, DicomflError, printable
 from dicomfl.common.supervise import Child, child_env, supervise_all
 
 from .forwarder import WORKER_SOCKET
@@ -49,6 +64,45 @@ log = logging.getLogger("dicomfl.site")
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 SUPEREXEC_POLL_S = "0.25"
 WORKER_BACKOFF_S = 1.0  # a message may be waiting: the worker comes back fast (then backs off)
+LOCK_NAME = "daemon.lock"
+_held: dict[Path, int] = {}  # state_dir -> the descriptor holding its lock (this process's)
+
+
+class SiteInUse(DicomflError):
+    """Another site daemon holds this ``state_dir`` (the CLI prints the one line and exits 2)."""
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Take the site's daemon lock (``<state_dir>/daemon.lock``, exclusive, never waiting) and
+    write this process's pid into it; held until the process exits. Raises :class:`SiteInUse`
+    naming the holder's pid when another process holds it. A second call in the same process
+    returns the descriptor it already holds."""
+    state_dir = Path(state_dir).resolve()
+    if state_dir in _held:
+        return _held[state_dir]
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"{printable(str(path))}: cannot open the site daemon's lock ({type(exc).__name__})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            held_by = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)
+        who = f"pid {int(held_by)}" if held_by.isdigit() else "another process"
+        raise SiteInUse(f"{printable(str(state_dir))}: site.state_dir is in use by a running site daemon ({who}); "
+                        f"stop it first, or give this site its own state_dir") from None
+    except OSError as exc:
+        os.close(fd)
+        raise ConfigError(f"{printable(str(path))}: cannot lock ({type(exc).__name__})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[state_dir] = fd
+    return fd
 
 
 def wake_path(cfg: SiteConfig, worker_socket: Path | None, secret: Path | None) -> Path | None:
@@ -108,12 +162,14 @@ def intake_command(cfg: SiteConfig) -> list[str]:
 
 
 def start(cfg: SiteConfig) -> int:
+    """Run the site daemon until SIGTERM (see the module's doc); raises :class:`SiteInUse` if
+    another daemon holds ``state_dir``."""
     for key in ("root_certificates", "auth_private_key"):
         p = getattr(cfg.federation, key)
         if p is not None and not Path(p).is_file():
             raise ConfigError(f"{cfg.source}: federation.{key}: file not found: {p}")
     state = cfg.site.state_dir
-    state.mkdir(parents=True, exist_ok=True)
+    lock_state_dir(state)  # before anything is written into state_dir (the CLI takes it before its log)
     warm = cfg.federation.warm_worker
     sock = None
     if warm:

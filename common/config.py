@@ -334,25 +334,58 @@ class SiteConfig(_Strict):
         return read_secret(self.site.secret_file)
 
 
+#: The least key material a site key may hold (bytes; a key written as hex text counts half its length).
+MIN_KEY_BYTES = 32
+#: The least entropy a site key's bytes may show (bits: their count times their empirical Shannon
+#: entropy per byte; 32 random bytes show about 150, hex or base64 text of them more).
+MIN_KEY_BITS = 100
+
+
+def key_weakness(key: bytes) -> str | None:
+    """Why ``key`` (a site key file's stripped bytes) is too weak to key pseudonyms, or None.
+
+    Hex text (even length, hex digits only) is read as the bytes it spells; anything else counts
+    as raw bytes. Refused: fewer than :data:`MIN_KEY_BYTES` bytes; a shorter pattern repeated
+    (``abcabc...``, 32 NUL bytes); less than :data:`MIN_KEY_BITS` bits by its byte counts. A
+    heuristic that catches typed or placeholder keys, not a proof of randomness: make keys from
+    the OS's entropy (``head -c 32 /dev/urandom | xxd -p -c 64``, which ``dicomfl synth`` also does).
+    The reason never quotes the key."""
+    import math
+    from collections import Counter
+
+    material = key
+    if len(key) % 2 == 0 and key and all(c in b"0123456789abcdefABCDEF" for c in key):
+        material = bytes.fromhex(key.decode("ascii"))
+    n = len(material)
+    if n < MIN_KEY_BYTES:
+        return f"{n} bytes of key material, fewer than {MIN_KEY_BYTES} (hex text counts half its length)"
+    for period in range(1, n // 2 + 1):
+        if material[period:] == material[:-period]:
+            return "a short pattern repeated"
+    bits = -sum(c * math.log2(c / n) for c in Counter(material).values())
+    if bits < MIN_KEY_BITS:
+        return f"low entropy (about {bits:.0f} bits by its byte counts, fewer than {MIN_KEY_BITS})"
+    return None
+
+
 def read_secret(path: Path) -> bytes:
-    """The site's HMAC key. Like ssh with a private key, a key file that group or others may read
-    is refused; a key with little variety gets a warning (it keys every pseudonym)."""
+    """The site's HMAC key (the file's bytes, surrounding whitespace stripped). Like ssh with a
+    private key, a key file that group or others may read is refused; so is a weak key
+    (:func:`key_weakness`: too short, a repeated pattern, low entropy), since it keys every
+    pseudonym and the privacy ledger's seal. Errors name the file, never its content."""
+    where = printable(str(path))
     try:
         mode = path.stat().st_mode
         key = path.read_bytes().strip()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read site secret key ({type(exc).__name__})") from None
+        raise ConfigError(f"{where}: cannot read site secret key ({type(exc).__name__})") from None
     if mode & 0o077:
-        raise ConfigError(f"{path}: site secret key is readable by group or others (mode {mode & 0o777:o}); "
-                          f"run: chmod 600 {path}")
-    if len(key) < 16:
-        raise ConfigError(f"{path}: site secret key is shorter than 16 bytes")
-    if len(set(key)) < 12:
-        import logging
-
-        logging.getLogger("dicomfl.config").warning("%s: the site secret key has little variety (%d distinct bytes); "
-                                                    "make one with: head -c 32 /dev/urandom | xxd -p -c 64", path,
-                                                    len(set(key)))
+        raise ConfigError(f"{where}: site secret key is readable by group or others (mode {mode & 0o777:o}); "
+                          f"run: chmod 600 {where}")
+    weak = key_weakness(key)
+    if weak is not None:
+        raise ConfigError(f"{where}: site secret key is too weak: {weak}; make one with: "
+                          f"head -c 32 /dev/urandom | xxd -p -c 64 (a new key starts a new cache and new pseudonyms)")
     return key
 
 

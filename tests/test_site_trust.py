@@ -5,6 +5,7 @@ baseline). Real site handler, real Opacus accounting, the generated cohort."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -171,26 +172,52 @@ def test_a_secret_key_others_can_read_is_refused(cohort, tmp_path):
     assert load_site_config(site).secret_key
 
 
-def test_a_low_entropy_key_gets_a_warning(cohort, tmp_path):
+WEAK_KEYS = {
+    "16 a": b"a" * 16,
+    "32 NUL": b"\x00" * 32,
+    "a repeated pattern": b"0123456789abcdef" * 4,
+    "hex of a repeated byte": b"aa" * 32,
+    "hex of 16 bytes": bytes(range(16)).hex().encode(),
+    "little variety": b"a" * 40 + b"b",
+    "empty": b"\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(WEAK_KEYS))
+def test_a_weak_key_is_refused_naming_the_file_not_the_key(cohort, tmp_path, name):
     site = _site(cohort, tmp_path)
     key = tmp_path / "weak.key"
-    key.write_bytes(b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaab")
+    key.write_bytes(WEAK_KEYS[name])
     key.chmod(0o600)
     raw = yaml.safe_load(site.read_text())
     raw["site"]["secret_file"] = str(key)
     site.write_text(yaml.safe_dump(raw))
-    import logging
-
-    seen: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: seen.append(record.getMessage())
-    logger = logging.getLogger("dicomfl.config")
-    logger.addHandler(handler)
-    try:
+    with pytest.raises(ConfigError, match="site secret key is too weak") as err:
         load_site_config(site)
-    finally:
-        logger.removeHandler(handler)
-    assert any("little variety" in m for m in seen) and not any("aaaa" in m for m in seen)
+    msg = str(err.value)
+    assert str(key) in msg and "\n" not in msg
+    assert WEAK_KEYS[name].strip().decode("latin-1") not in msg or not WEAK_KEYS[name].strip()
+    r = subprocess.run([sys.executable, "-m", "dicomfl.workbench.cli", "ingest", str(site)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "too weak" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("make", ["urandom hex", "urandom raw", "base64", "xxd wrapped", "synth"])
+def test_keys_made_as_documented_are_accepted(cohort, tmp_path, make):
+    import base64
+    import hashlib
+
+    b = os.urandom(32)
+    key = tmp_path / "good.key"
+    key.write_bytes({"urandom hex": b.hex().encode() + b"\n", "urandom raw": b, "base64": base64.b64encode(b) + b"\n",
+                     "xxd wrapped": b.hex()[:60].encode() + b"\n" + b.hex()[60:].encode() + b"\n",
+                     "synth": hashlib.sha256(b"dicomfl-synth-key/0/site-a/" + b.hex().encode()).hexdigest().encode()}[make])
+    key.chmod(0o600)
+    site = _site(cohort, tmp_path)
+    raw = yaml.safe_load(site.read_text())
+    raw["site"]["secret_file"] = str(key)
+    site.write_text(yaml.safe_dump(raw))
+    assert load_site_config(site).secret_key == key.read_bytes().strip()
 
 
 # ----------------------------------------------------------------------------- hostile weights

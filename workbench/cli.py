@@ -358,13 +358,14 @@ app.add_typer(coordinator_app, name="coordinator")
 def site_start(site_yaml: Path = typer.Argument(..., help="The site's config (site.yaml) with a federation: section.")) -> None:
     """Run the site daemon until SIGTERM: ingests/caches on demand, trains and evaluates when the
     coordinator asks; only weights and numbers leave. Logs: <state_dir>/logs/{site,supernode}.log."""
-    from dicomfl.client.daemon import start
+    from dicomfl.client.daemon import lock_state_dir, start
 
     from dicomfl.common.config import load_site_config
     from dicomfl.common.logs import setup
 
     try:
         cfg = load_site_config(site_yaml)
+        lock_state_dir(cfg.site.state_dir)  # one daemon per site: before anything is written there
         setup(cfg.site.state_dir, "daemon", console_level=logging.INFO)
         code = start(cfg)
     except DicomflError as exc:
