@@ -603,6 +603,12 @@ def export_model(model_path: Path, out_dir: Path, formats=("torchscript",), run_
     images, features = reference_inputs(probe_size, N_FEATURES)
     expected = reference_probabilities(net, images, features)
 
+    if out_dir.is_symlink():
+        raise DicomflError(f"--out: {printable(str(out_dir))} is a symbolic link; give a plain folder")
+    for name in (MODEL_FILE, PREPROCESS_FILE, ONNX_FILE, CARD_JSON, CARD_MD):  # never written through a planted link
+        if (out_dir / name).is_symlink():
+            raise DicomflError(f"--out: {printable(str(out_dir / name))} is a symbolic link; remove it or choose "
+                               "another folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     verified: dict[str, float | None] = {}
