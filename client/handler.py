@@ -17,6 +17,7 @@ import logging
 import math
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from dicomfl.common.config import ModelConfig
 from dicomfl.common.errors import BadRequest, ConfigError
 from dicomfl.common.fedstats import released
 from dicomfl.common.splits import VAL
+from dicomfl.common.weights import values_problem
 from dicomfl.common.wire import WireError, is_packed, pack, unpack
 
 from .personal import keep_local_norms, personalize, stored_personal_model, with_local_norms
@@ -43,11 +45,16 @@ class SiteResolver:
 
     The default reads ``site-config=<path of site.yaml>`` from the SuperNode's node config and
     keeps one trainer per (site config, model config), so a long-lived process opens a site's
-    data once. The benchmark passes a resolver of its own (simulated sites held in memory).
+    data once. At most :attr:`max_trainers` are kept (the least recently used goes first): a
+    coordinator that sends many model descriptions cannot make the site hold a trainer for each.
+    The benchmark passes a resolver of its own (simulated sites held in memory).
     """
 
+    #: Trainers kept at once. A run uses one model description (two with a local baseline).
+    max_trainers = 4
+
     def __init__(self) -> None:
-        self._trainers: dict[str, SiteTrainer] = {}
+        self._trainers: OrderedDict[str, SiteTrainer] = OrderedDict()
 
     def load(self, site_config: str, model_cfg: ModelConfig) -> SiteTrainer:
         """A new trainer for ``site_config`` (override to serve sites from elsewhere)."""
@@ -62,9 +69,14 @@ class SiteResolver:
         if not path:
             raise ConfigError("node config: site-config is not set")
         key = f"{path}|{model_cfg.model_dump_json()}"
-        if key not in self._trainers:
-            self._trainers[key] = self.load(str(path), model_cfg)
-        return self._trainers[key]
+        if key in self._trainers:
+            self._trainers.move_to_end(key)
+            return self._trainers[key]
+        trainer = self.load(str(path), model_cfg)  # raises (not kept) for a model past the site's bounds
+        self._trainers[key] = trainer
+        while len(self._trainers) > self.max_trainers:
+            self._trainers.popitem(last=False)
+        return trainer
 
 
 class InMemorySites(SiteResolver):
@@ -132,8 +144,8 @@ def _weights(msg: Message, key: str) -> dict:
         weights = P.from_record(rec)
     except Exception:  # noqa: BLE001 - a malformed key or array; its text may quote the input
         raise BadRequest("a model record does not hold a model's weights") from None
-    if not all(np.isfinite(v).all() for v in weights.values() if v.dtype.kind in "fc"):
-        raise BadRequest("a model record holds NaN or infinite weights")
+    if (why := values_problem(weights)) is not None:  # int, complex, NaN, huge: refused, never cast
+        raise BadRequest(f"a model record: {why}")
     return weights
 
 

@@ -178,7 +178,10 @@ def check_output(out: Path, cfg: SiteConfig, protect: tuple[Path, ...] = ()) -> 
         if real.is_relative_to(Path(folder).resolve()):
             raise E.DicomflError(f"--out: {printable(str(out))} is inside {what}; write predictions elsewhere")
     own = [Path(cfg.source)] if cfg.source else []
-    own += [Path(cfg.site.secret_file)] if getattr(cfg.site, "secret_file", None) else []
+    tls = cfg.site.intake.tls if cfg.site.intake is not None else None
+    named = (cfg.site.secret_file, cfg.site.labels, cfg.federation.root_certificates, cfg.federation.auth_private_key,
+             *((tls.cert_file, tls.key_file, tls.ca_file) if tls is not None else ()))
+    own += [Path(p) for p in named if p]  # every file the site's config names (labels, keys, certificates)
     for p in (*own, *protect):
         if p.exists() and real == p.resolve():
             raise E.DicomflError(f"--out: {printable(str(out))} is one of the site's or the model's own files")

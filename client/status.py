@@ -7,12 +7,12 @@ header value, key or path of an image appears in them.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from dicomfl.common.config import SiteConfig
+from dicomfl.common.jsonfile import read_json
 
 from .intake import read_status as intake_status
 from .privacy import site_spend
@@ -43,7 +43,7 @@ def last_ingest(state_dir: Path) -> dict[str, Any] | None:
     """The last ingestion's counts (``reports/ingest.json``) and when it was written, or None."""
     path = Path(state_dir) / "reports" / "ingest.json"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)  # bounded (size, depth): a damaged report is "none", never a traceback
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict):
@@ -62,7 +62,7 @@ def site_status(cfg: SiteConfig) -> dict[str, Any]:
     try:
         spend = site_spend(state, p.accountant, p.delta)
         privacy = {"epsilon_total": float(spend["epsilon_total"]), "budget": p.target_epsilon, "runs": len(spend["runs"])}
-    except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError):
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError):
         privacy = {"epsilon_total": None, "budget": p.target_epsilon, "runs": None,
                    "error": "privacy/ledger.json cannot be read"}
     return {

@@ -15,7 +15,7 @@ from dicomfl.common import protocol as P
 from dicomfl.common.config import SiteConfig
 from dicomfl.common.errors import NoTrainingData
 from dicomfl.common.ingest import SiteData, ingest
-from dicomfl.common.model import ModelConfig, build_model, load_weights
+from dicomfl.common.model import ModelConfig, build_model, check_model_size, load_weights
 from dicomfl.common.splits import TEST, TRAIN, VAL
 from dicomfl.common.augment import AugmentSettings
 from dicomfl.common.fedstats import FeatureTransform, TransformedRows
@@ -66,6 +66,8 @@ class SiteTrainer:
         The site's config: its data, privacy policy and training settings.
     model_cfg : ModelConfig
         The run's model; its ``image_size``, when set, must equal ``cfg.preprocess.image_size``.
+        A model past the site's ``train.max_model_parameters`` / ``train.max_model_memory_mb``
+        raises ``ModelMismatch`` here, before anything is built.
     data : SiteData, optional
         Already-ingested data (simulations: lazy views of a cache, or arrays in memory); by
         default the site is ingested on first use.
@@ -75,6 +77,9 @@ class SiteTrainer:
 
     def __init__(self, cfg: SiteConfig, model_cfg: ModelConfig, data: SiteData | None = None,
                  logger: logging.Logger | None = None) -> None:
+        # the model's size, from its description alone, before anything is built (ModelMismatch)
+        check_model_size(model_cfg, model_cfg.image_size or cfg.preprocess.image_size, cfg.train.batch_size,
+                         max_parameters=cfg.train.max_model_parameters, max_memory_mb=cfg.train.max_model_memory_mb)
         self.cfg = cfg
         self.log = logger or logging.getLogger(f"dicomfl.site.{cfg.site.name}")
         self.model_cfg = model_cfg

@@ -263,6 +263,12 @@ class AugmentSection(_Strict):
     noise: float = Field(default=0.05, ge=0, le=0.5)  # largest noise standard deviation, scaled units
 
 
+#: Defaults of ``train.max_model_parameters`` / ``train.max_model_memory_mb``. The models dicomfl
+#: trains have well under a million parameters.
+MAX_MODEL_PARAMETERS = 50_000_000
+MAX_MODEL_MEMORY_MB = 8192
+
+
 class TrainSection(_Strict):
     """How the site trains. How long (epochs or steps per round) is the run's to say (``run.local_epochs``)."""
 
@@ -275,6 +281,12 @@ class TrainSection(_Strict):
     optimizer: Literal["adam", "sgd"] = "adam"
     # Augment training batches as hospitals differ (null: off). ``augment: {}`` takes the defaults.
     augment: AugmentSection | None = None
+    # The largest model this site builds: a coordinator's model description (or a run folder's, in
+    # dicomfl predict) with more parameters, or an estimated training footprint (weights, gradients,
+    # optimizer state and one batch's activations at batch_size) above this, is refused before
+    # anything is allocated (dicomfl.common.model.check_model_size).
+    max_model_parameters: int = Field(default=MAX_MODEL_PARAMETERS, ge=1)
+    max_model_memory_mb: int = Field(default=MAX_MODEL_MEMORY_MB, ge=64)
 
 
     @model_validator(mode="before")

@@ -14,14 +14,17 @@ Design choices, each forced by a constraint:
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+
 import numpy as np
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import MAX_MODEL_MEMORY_MB, MAX_MODEL_PARAMETERS, ModelConfig
 from .errors import ModelMismatch
 from .features import N_FEATURES, SCHEMA_VERSION
+from .weights import is_real_float
 
 def _gn(channels: int, groups: int) -> nn.GroupNorm:
     g = min(groups, channels)
@@ -109,6 +112,121 @@ class FusedNet(nn.Module):
         return self.head(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
 
 
+#: The default bounds on a model description (``train.max_model_parameters`` and
+#: ``train.max_model_memory_mb`` in a site config): a description past them is refused before
+#: anything is allocated.
+MAX_PARAMETERS = MAX_MODEL_PARAMETERS
+MAX_MEMORY_MB = MAX_MODEL_MEMORY_MB
+
+
+def _groups(channels: int, groups: int) -> int:
+    g = min(groups, channels)
+    while channels % g:
+        g -= 1
+    return g
+
+
+def state_shapes(cfg: ModelConfig, n_features: int = N_FEATURES) -> "OrderedDict[str, tuple[int, ...]]":
+    """The state-dict names and shapes of ``FusedNet(cfg, n_features)``, in its order, computed
+    from the description alone (nothing is built or allocated): what a weights file or a
+    coordinator's arrays must hold, and how big the model would be."""
+    out: "OrderedDict[str, tuple[int, ...]]" = OrderedDict()
+
+    def gn(prefix: str, c: int) -> None:
+        out[f"{prefix}.weight"] = (c,)
+        out[f"{prefix}.bias"] = (c,)
+
+    dim = 0
+    if cfg.mode in ("fused", "image"):
+        w = cfg.width
+        out["image.stem.0.weight"] = (w, 1, 3, 3)
+        gn("image.stem.1", w)
+        cin = w
+        for i in range(cfg.depth):
+            cout = w * (2**i)
+            b = f"image.blocks.{i}"
+            out[f"{b}.conv1.weight"] = (cout, cin, 3, 3)
+            gn(f"{b}.norm1", cout)
+            out[f"{b}.conv2.weight"] = (cout, cout, 3, 3)
+            gn(f"{b}.norm2", cout)
+            if i != 0 or cin != cout:
+                out[f"{b}.shortcut.0.weight"] = (cout, cin, 1, 1)
+                gn(f"{b}.shortcut.1", cout)
+            cin = cout
+        dim += cin
+    if cfg.mode in ("fused", "metadata"):
+        h = cfg.meta_hidden
+        out["meta.net.0.weight"], out["meta.net.0.bias"] = (h, n_features), (h,)
+        out["meta.net.3.weight"], out["meta.net.3.bias"] = (h // 2, h), (h // 2,)
+        dim += h // 2
+    out["head.0.weight"], out["head.0.bias"] = (cfg.head_hidden, dim), (cfg.head_hidden,)
+    out["head.3.weight"], out["head.3.bias"] = (cfg.n_classes, cfg.head_hidden), (cfg.n_classes,)
+    return out
+
+
+def described_parameters(cfg: ModelConfig, n_features: int = N_FEATURES) -> int:
+    """The parameter count of the described model (:func:`state_shapes`), without building it."""
+    return sum(math.prod(s) for s in state_shapes(cfg, n_features).values())
+
+
+def activation_elements(cfg: ModelConfig, image_size: int) -> int:
+    """Float32 values every layer of the described model outputs for one image of ``image_size``
+    pixels square (convolutions, norms, activations, shortcuts, sums): what back-propagation
+    keeps for each sample of a batch."""
+    n = 0
+    if cfg.mode in ("fused", "image"):
+        def conv(h: int, stride: int, k: int = 3, pad: int = 1) -> int:
+            return (h + 2 * pad - k) // stride + 1
+
+        w = cfg.width
+        h = conv(image_size, 2)
+        n += 3 * w * h * h  # stem: conv, norm, ReLU
+        cin = w
+        for i in range(cfg.depth):
+            cout = w * (2**i)
+            stride = 1 if i == 0 else 2
+            h = conv(h, stride)
+            tensors = 7 + (2 if stride != 1 or cin != cout else 0)  # conv, norm, ReLU, conv, norm, (proj, norm), sum, ReLU
+            n += tensors * cout * h * h
+            cin = cout
+        n += cin
+    if cfg.mode in ("fused", "metadata"):
+        n += 3 * cfg.meta_hidden + 2 * (cfg.meta_hidden // 2)
+    n += 3 * cfg.head_hidden + cfg.n_classes
+    return n
+
+
+def model_footprint(cfg: ModelConfig, image_size: int, batch_size: int, n_features: int = N_FEATURES) -> tuple[int, int]:
+    """(parameters, estimated bytes) of training the described model on batches of
+    ``batch_size`` images of ``image_size`` px: float32 weights, gradients and two optimizer
+    moments (4 copies), plus every layer's outputs for the batch (:func:`activation_elements`).
+    Arithmetic only; nothing is allocated. Opacus's per-sample gradients (DP) are not counted."""
+    params = described_parameters(cfg, n_features)
+    return params, 4 * (4 * params + max(1, batch_size) * activation_elements(cfg, image_size))
+
+
+def check_model_size(cfg: ModelConfig, image_size: int, batch_size: int, *, max_parameters: int = MAX_PARAMETERS,
+                     max_memory_mb: int = MAX_MEMORY_MB, n_features: int = N_FEATURES) -> int:
+    """The described model's parameter count, if it is within the bounds; else ``ModelMismatch``
+    (one line, numbers only), raised before anything is built.
+
+    Raises
+    ------
+    ModelMismatch
+        More than ``max_parameters`` parameters, or an estimated training footprint
+        (:func:`model_footprint`) above ``max_memory_mb``.
+    """
+    params, nbytes = model_footprint(cfg, image_size, batch_size, n_features)
+    if params > max_parameters:
+        raise ModelMismatch(f"the model described has {params:,} parameters, more than the {max_parameters:,} "
+                            "this site allows (train.max_model_parameters)")
+    if nbytes > max_memory_mb << 20:
+        raise ModelMismatch(f"the model described needs about {nbytes >> 20:,} MiB to train on batches of {batch_size} "
+                            f"images of {image_size} px, more than the {max_memory_mb:,} MiB this site allows "
+                            "(train.max_model_memory_mb)")
+    return params
+
+
 def build_model(cfg: ModelConfig, seed: int = 0, n_features: int = N_FEATURES) -> FusedNet:
     """Same config and seed -> same initial weights, on any machine."""
     g = torch.random.fork_rng(devices=[])
@@ -138,12 +256,13 @@ def get_weights(model: nn.Module) -> "OrderedDict[str, np.ndarray]":
 
 
 def load_weights(model: nn.Module, arrays: "dict[str, np.ndarray]") -> None:
-    """Load weights into the model, strictly: every name present, every shape equal.
+    """Load weights into the model, strictly: every name present, every shape equal, every dtype
+    a real float (an int, complex or object array is refused, never cast).
 
     Raises
     ------
     ModelMismatch
-        A name is missing or unexpected, or a shape differs.
+        A name is missing or unexpected, a shape differs, or a dtype is not a real float.
     """
     own = model.state_dict()
     missing = sorted(set(own) - set(arrays))
@@ -153,7 +272,12 @@ def load_weights(model: nn.Module, arrays: "dict[str, np.ndarray]") -> None:
     for k, v in own.items():
         if tuple(np.shape(arrays[k])) != tuple(v.shape):
             raise ModelMismatch(f"weights do not match the model: {k} has shape {np.shape(arrays[k])}, expected {tuple(v.shape)}")
-    model.load_state_dict({k: torch.as_tensor(np.asarray(arrays[k])) for k in own}, strict=True)
+        if not is_real_float(np.asarray(arrays[k]).dtype):
+            raise ModelMismatch(f"weights do not match the model: {k} has dtype {np.asarray(arrays[k]).dtype.name} "
+                                "(not a real float)")
+    native = {k: np.asarray(arrays[k]) for k in own}
+    model.load_state_dict({k: torch.as_tensor(a.astype(a.dtype.newbyteorder("="), copy=False)) for k, a in native.items()},
+                          strict=True)
 
 
 def opacus_errors(model: nn.Module) -> list[str]:

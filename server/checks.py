@@ -32,56 +32,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-#: The dtypes an update's floating-point arrays may have. Complex and extended precision are not
-#: accepted: complex values pass ``np.isfinite`` and then break the aggregation.
-REAL_FLOAT_DTYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
+# The dtype rules are shared with the sites (a site refuses a coordinator's int or complex arrays
+# by the same rule): defined in dicomfl.common.weights, re-exported here.
+from dicomfl.common.weights import REAL_FLOAT_DTYPES, dtype_problem, is_real_float  # noqa: F401
 
 Arrays = Mapping[str, np.ndarray]
-
-
-def is_real_float(dtype: np.dtype) -> bool:
-    """Whether ``dtype`` is float16, float32 or float64 (either byte order).
-
-    Parameters
-    ----------
-    dtype : numpy.dtype
-        The dtype to test.
-
-    Returns
-    -------
-    bool
-        True for the three IEEE real floating types, False for complex, integer, bool, object,
-        structured and extended-precision dtypes.
-    """
-    try:
-        return np.dtype(dtype).newbyteorder("=") in REAL_FLOAT_DTYPES
-    except (TypeError, ValueError):
-        return False
-
-
-def dtype_problem(dtype: np.dtype, ref_dtype: np.dtype) -> str | None:
-    """Why an array of ``dtype`` cannot stand in for one of ``ref_dtype`` (None if it can).
-
-    A floating reference takes any real float (float16/32/64). A non-floating reference (an
-    integer buffer, say) takes exactly its own dtype.
-
-    Parameters
-    ----------
-    dtype : numpy.dtype
-        The dtype the site sent.
-    ref_dtype : numpy.dtype
-        The global model's dtype for the same parameter.
-
-    Returns
-    -------
-    str or None
-        A short reason, or None when the dtype is acceptable.
-    """
-    if is_real_float(ref_dtype):
-        return None if is_real_float(dtype) else f"dtype {np.dtype(dtype).name} (not a real float)"
-    if np.dtype(dtype) == np.dtype(ref_dtype):
-        return None
-    return f"dtype {np.dtype(dtype).name}, expected {np.dtype(ref_dtype).name}"
 
 
 def update_problem(arrays: Arrays, reference: Arrays) -> str | None:

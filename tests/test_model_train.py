@@ -256,3 +256,27 @@ def test_opacus_engines_agree(train_a, mode):
     ref = train_local(m, train_a, s, dp=DPSettings(noise_multiplier=0.0, grad_sample_mode="hooks", seed=4))
     other = train_local(m, train_a, s, dp=DPSettings(noise_multiplier=0.0, grad_sample_mode=mode, seed=4))
     assert _dist(ref.weights, other.weights) < 1e-3 * max(_dist(ref.weights, get_weights(m)), 1e-6) + 1e-5
+
+
+@pytest.mark.parametrize("mode", ["fused", "image", "metadata"])
+@pytest.mark.parametrize("width,depth", [(4, 1), (6, 2), (8, 4)])
+def test_the_described_shapes_are_the_built_models(mode, width, depth):
+    """state_shapes computes the state dict from the description alone; it must be the real one."""
+    from dicomfl.common.model import described_parameters, parameter_count, state_shapes
+
+    cfg = ModelConfig(mode=mode, width=width, depth=depth, meta_hidden=10, head_hidden=12, n_classes=3)
+    sd = build_model(cfg).state_dict()
+    shapes = state_shapes(cfg)
+    assert list(shapes) == list(sd) and all(shapes[k] == tuple(v.shape) for k, v in sd.items())
+    assert described_parameters(cfg) == parameter_count(build_model(cfg))
+
+
+def test_a_huge_model_description_is_refused_before_it_is_built():
+    from dicomfl.common.errors import ModelMismatch
+    from dicomfl.common.model import check_model_size
+
+    with pytest.raises(ModelMismatch, match="max_model_parameters"):
+        check_model_size(ModelConfig(width=256, depth=6), 128, 32)
+    with pytest.raises(ModelMismatch, match="max_model_memory_mb"):
+        check_model_size(ModelConfig(width=32, depth=3, image_size=2048), 2048, 64)
+    assert check_model_size(ModelConfig(), 128, 32) < 1_000_000

@@ -243,3 +243,112 @@ def test_a_hostile_run_folder_is_one_line(damage, trained_run, cohort, tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
     else:
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def _hostile_model(kind: str, run: Path) -> Path:
+    """A copy of the run's global model under the run, damaged as ``kind`` says."""
+    src = run / "checkpoints" / "round-0001" / "global.npz"
+    with np.load(src) as z:
+        w = {k: z[k] for k in z.files}
+    first = next(iter(w))
+    if kind == "nan":
+        w[first] = np.full_like(w[first], np.nan)
+    elif kind == "huge":
+        w[first] = np.full_like(w[first], 3e38)
+    elif kind == "int":
+        w = {k: v.astype(np.int64) for k, v in w.items()}
+    elif kind == "complex":
+        w = {k: v.astype(np.complex64) for k, v in w.items()}
+    elif kind == "object":
+        w[first] = np.array([object()] * 3, dtype=object)
+    out = run / "checkpoints" / "round-0001" / f"hostile-{kind}.npz"
+    np.savez(out, **w)
+    return out
+
+
+@pytest.mark.parametrize("kind, says", [("nan", "NaN or infinite"), ("huge", "above"), ("int", "not a real float"),
+                                        ("complex", "not a real float"), ("object", "pickled")])
+def test_a_broken_model_is_refused_before_predicting(kind, says, trained_run, cohort, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    model = _hostile_model(kind, run)
+    r = _predict(model, cohort / SITE / "site.yaml", "--out", tmp_path / "p.csv", "--threshold", "0.5")
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and "hostile-" in r.stderr
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_deeply_nested_run_config_is_one_line(trained_run, cohort, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "run_config.json").write_text("[" * 200_000 + "]" * 200_000)
+    r = _predict(run / "checkpoints" / "round-0001" / "global.npz", cohort / SITE / "site.yaml",
+                 "--out", tmp_path / "p.csv", "--threshold", "0.5")
+    assert r.returncode == 2 and "run_config.json" in r.stderr and "nested deeper" in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+MEASURED = """
+import runpy, sys
+sys.argv = ["dicomfl"] + sys.argv[1:]
+try:
+    runpy.run_module("dicomfl.workbench.cli", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+peak = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+sys.stderr.write(f"\\nPEAK_KB {peak} CODE {code}\\n")
+"""
+
+
+@pytest.mark.parametrize("hostile", ["bomb", "huge-model"])
+def test_hostile_sizes_are_refused_before_they_are_allocated(hostile, trained_run, cohort, tmp_path):
+    """A 3 MB npz whose member inflates to 3 GiB, and a run_config.json describing a width-256,
+    depth-6 model (5 GB to build): refused from headers and description, the process stays small."""
+    import zipfile
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    model = run / "checkpoints" / "round-0001" / "global.npz"
+    if hostile == "bomb":
+        first = np.load(model).files[0]
+        header = io_header = __import__("io").BytesIO()
+        np.lib.format.write_array_header_1_0(io_header, {"descr": "<f4", "fortran_order": False,
+                                                         "shape": (3 << 28,)})
+        with zipfile.ZipFile(model, "w", zipfile.ZIP_DEFLATED) as zf:
+            with zf.open(first + ".npy", "w", force_zip64=True) as fh:
+                fh.write(header.getvalue())
+                chunk = bytes(64 << 20)
+                for _ in range(48):
+                    fh.write(chunk)
+        assert model.stat().st_size < 8 << 20
+    else:
+        cfg = json.loads((run / "run_config.json").read_text())
+        cfg["model"].update(width=256, depth=6)
+        (run / "run_config.json").write_text(json.dumps(cfg))
+    r = subprocess.run([sys.executable, "-c", MEASURED, "predict", str(model), str(cohort / SITE / "site.yaml"),
+                        "--out", str(tmp_path / "p.csv"), "--threshold", "0.5"],
+                       capture_output=True, text=True, timeout=600)
+    peak = int(r.stderr.split("PEAK_KB ")[1].split()[0])
+    assert "CODE 2" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert peak < 1_500_000, peak  # inflating or building would take over 3,000,000 kB
+
+
+def test_predictions_never_replace_the_sites_labels(trained_run, cohort, tmp_path):
+    labels = cohort / SITE / "labels.csv"
+    before = labels.read_bytes()
+    r = _predict(trained_run / "checkpoints" / "round-0001" / "global.npz", cohort / SITE / "site.yaml",
+                 "--out", labels, "--threshold", "0.5")
+    assert r.returncode == 2 and "own files" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert labels.read_bytes() == before
+
+
+def test_export_never_writes_through_a_planted_link(trained_run, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / "model_card.json").symlink_to(victim)
+    r = subprocess.run([*DICOMFL, "export", str(trained_run / "checkpoints" / "round-0001" / "global.npz"),
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "symbolic link" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert victim.read_text() == "precious" and not (out / "model.pt").exists()

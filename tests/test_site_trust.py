@@ -246,6 +246,9 @@ def _hostile_records():
         "too-long": _flat(P.FLAT_PREFIX + "w=1;" * (P.MAX_LAYOUT_CHARS // 4), 1),
         "another-model": _flat(key.replace(f"{first}=", "other.weight=", 1), n),
         "nan-weights": _flat(key, n, float("nan")),
+        "absurd-weights": _flat(key, n, 3e38),
+        "int-weights": P.to_record({k: np.ones(v.shape, np.int32) for k, v in w.items()}),
+        "complex-weights": P.to_record({k: v.astype(np.complex64) for k, v in w.items()}),
     }
 
 
@@ -269,3 +272,43 @@ def test_weights_travel_as_one_flat_array_and_come_back_whole():
     assert P.parse_layout(P.layout_key({"s": np.float32(1.0).reshape(())})) == [("s", ())]  # a scalar
     mixed = {"a": np.zeros(2, np.float32), "b": np.zeros(2, np.int64)}
     assert list(P.to_record(mixed).keys()) == ["a", "b"]  # mixed dtypes keep one array per name
+
+
+def test_the_trainer_cache_is_bounded(cohort, tmp_path):
+    """200 model descriptions from a coordinator: the site keeps at most a few trainers."""
+    from dicomfl.client.handler import SiteResolver
+
+    site = _site(cohort, tmp_path)
+    resolver = SiteResolver()
+    node = {"site-config": str(site)}
+    for i in range(200):
+        resolver(node, ModelConfig(image_size=32, width=4, depth=1, meta_hidden=8, head_hidden=4 + i))
+        assert len(resolver._trainers) <= SiteResolver.max_trainers
+    last = ModelConfig(image_size=32, width=4, depth=1, meta_hidden=8, head_hidden=203)
+    assert resolver(node, last) is resolver(node, last)  # a kept trainer is reused
+
+
+HUGE_MODEL = """
+import json, sys
+from tests.test_site_trust import _ctx, _train_msg
+from dicomfl.client.handler import SiteHandler
+from dicomfl.common.config import ModelConfig
+msg = _train_msg(model=ModelConfig(image_size=32, width=256, depth=6).model_dump_json())
+reply = SiteHandler().handle(msg, _ctx(sys.argv[1]))
+peak = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(json.dumps({"code": reply.error.code if reply.has_error() else None, "peak_kb": peak}))
+"""
+
+
+def test_a_huge_model_description_is_refused_before_it_is_allocated(cohort, tmp_path):
+    """A width-256, depth-6 model (about 1.25 billion parameters, 5 GB to build) is refused from its
+    description: the site process stays far below what building it would take."""
+    from pathlib import Path
+
+    site = _site(cohort, tmp_path)
+    r = subprocess.run([sys.executable, "-c", HUGE_MODEL, str(site)], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["code"] == P.ERR_BAD_MODEL
+    assert out["peak_kb"] < 1_500_000, out  # building it would take over 5,000,000 kB

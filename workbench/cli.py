@@ -458,7 +458,8 @@ def predict(
 
     try:
         setup(cfg.site.state_dir, "predict", console_level=logging.ERROR)
-        trained = load_trained(model_npz, run_dir)
+        trained = load_trained(model_npz, run_dir, image_size=cfg.preprocess.image_size, batch_size=cfg.train.batch_size,
+                               max_parameters=cfg.train.max_model_parameters, max_memory_mb=cfg.train.max_model_memory_mb)
         source = "given"
         if threshold is None and trained.net.cfg.n_classes == 2:
             threshold, source = evaluated_threshold(trained, model_npz, cfg.site.name)

@@ -49,9 +49,11 @@ from dicomfl.common.errors import DicomflError, ModelMismatch, printable
 from dicomfl.common.features import N_FEATURES, SCHEMA_VERSION, feature_names
 from dicomfl.common.featurenet import with_transform
 from dicomfl.common.fedstats import FeatureTransform, check_standardization
-from dicomfl.common.model import build_model, load_weights, parameter_count
+from dicomfl.common.jsonfile import read_json
+from dicomfl.common.model import (MAX_MEMORY_MB, MAX_PARAMETERS, build_model, check_model_size, load_weights,
+                                  parameter_count, state_shapes)
 from dicomfl.common.normalize import CLIP, HIGH_PCT, LOW_PCT
-from dicomfl.server.checkpoint import read_npz
+from dicomfl.common.weights import WeightsError, npz_headers, read_npz, shapes_problem, values_problem
 
 FORMATS = ("torchscript", "onnx")
 CARD_VERSION = 1
@@ -257,10 +259,7 @@ def find_run_dir(model_path: Path) -> Path:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise DicomflError(f"{printable(str(path))}: cannot read ({type(exc).__name__})") from None
+    data = read_json(path)  # bounded: size, depth (one line naming the file, never a traceback)
     if not isinstance(data, dict):
         raise DicomflError(f"{printable(str(path))}: expected a JSON object")
     return data
@@ -349,9 +348,14 @@ def identify(model_path: Path, weights: dict, info: RunInfo) -> tuple[str, int |
     if latest.is_file():
         ck = _checkpoint(info.dir, latest)
         d, rnd = ck if ck else (info.dir / "checkpoints" / "none", None)
+        shapes = {k: v.shape for k, v in weights.items()}
         for f in sorted(d.glob("*.npz")) if d.is_dir() else []:
             if f.stem == "global" or f.stem.startswith("local-"):
-                if _same_arrays(weights, read_npz(f)):
+                try:  # bounded by this model's own shapes: a planted bomb is skipped, not inflated
+                    other = read_npz(f, shapes)
+                except Exception:  # noqa: BLE001 - not this model's weights
+                    continue
+                if _same_arrays(weights, other):
                     return (P.GLOBAL_MODEL if f.stem == "global" else P.local_model_id(f.stem[6:])), rnd
     return (from_name or "unknown"), None
 
@@ -517,30 +521,59 @@ class Trained:
     info: RunInfo
 
 
-def load_trained(model_path: Path, run_dir: Path | None = None) -> Trained:
+def _not_weights(model_path: Path, exc: BaseException) -> DicomflError:
+    why = str(exc) if isinstance(exc, WeightsError) else type(exc).__name__
+    return DicomflError(f"{printable(str(model_path))}: not a weights file (.npz of arrays; {why})")
+
+
+def load_trained(model_path: Path, run_dir: Path | None = None, *, image_size: int | None = None,
+                 batch_size: int = 4, max_parameters: int = MAX_PARAMETERS,
+                 max_memory_mb: int = MAX_MEMORY_MB) -> Trained:
     """Build the model a run's weights file belongs to (its run folder says which model).
+
+    Nothing is allocated before it is bounded: the file's ``.npy`` headers are read first; the
+    run's model description is sized arithmetically (parameters, and the memory to train it on
+    batches of ``batch_size`` images of ``image_size`` px, default the model's own size or 64;
+    :func:`~dicomfl.common.model.check_model_size`) and its state-dict shapes compared with the
+    headers; only then are the arrays read (exactly the bytes the headers declare) and the model
+    built. Weights that are not real floats, or hold NaN, infinities or absurd magnitudes, are
+    refused (:func:`~dicomfl.common.weights.values_problem`).
 
     Raises
     ------
     DicomflError
-        No such file, not an ``.npz`` of arrays, no run folder, or weights that do not fit the
-        run's model (one line naming the file).
+        No such file, not an ``.npz`` of arrays, no run folder, a model past the bounds, or
+        weights that do not fit the run's model or cannot be used (one line naming the file).
     """
     model_path = Path(model_path)
+    where = printable(str(model_path))
     if not model_path.is_file():
-        raise DicomflError(f"{printable(str(model_path))}: model file not found")
+        raise DicomflError(f"{where}: model file not found")
     try:
-        weights = read_npz(model_path)
+        headers = npz_headers(model_path)
     except Exception as exc:  # noqa: BLE001 - not an .npz of arrays: one line, the type only
-        raise DicomflError(f"{printable(str(model_path))}: not a weights file (.npz of arrays; "
-                           f"{type(exc).__name__})") from None
+        raise _not_weights(model_path, exc) from None
     info = load_run(Path(run_dir) if run_dir is not None else find_run_dir(model_path))
+    run = f"(run {printable(str(info.dir))}, feature schema v{SCHEMA_VERSION})"
+    try:
+        check_model_size(info.model, image_size or info.model.image_size or 64, batch_size,
+                         max_parameters=max_parameters, max_memory_mb=max_memory_mb)
+    except ModelMismatch as exc:
+        raise DicomflError(f"{printable(str(info.dir / 'run_config.json'))}: {exc}") from None
+    shapes = state_shapes(info.model)
+    if (why := shapes_problem(headers, shapes)) is not None:
+        raise DicomflError(f"{where}: {why} {run}")
+    try:
+        weights = read_npz(model_path, shapes)
+    except Exception as exc:  # noqa: BLE001 - one line, the type only
+        raise _not_weights(model_path, exc) from None
+    if (why := values_problem(weights)) is not None:
+        raise DicomflError(f"{where}: refused: {why}")
     net = build_model(info.model)
     try:
         load_weights(net, weights)
     except ModelMismatch as exc:
-        raise DicomflError(f"{printable(str(model_path))}: {exc} (run {printable(str(info.dir))}, "
-                           f"feature schema v{SCHEMA_VERSION})") from None
+        raise DicomflError(f"{where}: {exc} {run}") from None
     model_id, rnd = identify(model_path, weights, info)
     net = with_transform(net.eval(), info.features)  # the features as the run's sites fed them
     return Trained(net=net.eval(), weights=weights, model_id=model_id, round=rnd, sha256=_sha256(model_path), info=info)
@@ -570,6 +603,12 @@ def export_model(model_path: Path, out_dir: Path, formats=("torchscript",), run_
     images, features = reference_inputs(probe_size, N_FEATURES)
     expected = reference_probabilities(net, images, features)
 
+    if out_dir.is_symlink():
+        raise DicomflError(f"--out: {printable(str(out_dir))} is a symbolic link; give a plain folder")
+    for name in (MODEL_FILE, PREPROCESS_FILE, ONNX_FILE, CARD_JSON, CARD_MD):  # never written through a planted link
+        if (out_dir / name).is_symlink():
+            raise DicomflError(f"--out: {printable(str(out_dir / name))} is a symbolic link; remove it or choose "
+                               "another folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     verified: dict[str, float | None] = {}
