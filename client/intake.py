@@ -8,8 +8,13 @@ node's Storage SCP with C-STORE. :class:`IntakeServer` is that SCP, built on pyn
 * only the configured (calling AE title, source address) pairs may associate; everyone else is
   refused at association time with a log line naming the calling AE title and address;
 * each instance is written, as received and without decoding, atomically to
-  ``<dicom_dir>/intake/<hh>/<sha256(SOPInstanceUID)>.dcm`` (mode 0600, folders 0700), so a
-  re-sent instance lands on the same path;
+  ``<dicom_dir>/intake/<hh>/<sha256(SOPInstanceUID)>.dcm`` (mode 0600, folders 0700); a re-sent
+  instance with the same bytes is acknowledged without a write, one with the same SOP Instance
+  UID but other bytes is refused (0xC111), never written over the stored one;
+* the store has an optional quota (``max_store_gb``) and the file system a free-space floor
+  (``min_free_gb``): an instance that would pass either is refused with 0xA700 (out of
+  resources), and accepted again once space returns; both checks are O(1) per C-STORE (a running
+  total, counted once at start, and one ``statvfs``);
 * an instance that is not an image, has no SOP Instance UID, does not match its C-STORE request
   or is larger than ``max_instance_bytes`` is refused with a failure status; the part of an
   oversized instance past the cap is dropped as it arrives, so memory stays bounded;
@@ -25,11 +30,14 @@ The server turns pynetdicom's standard event logging off and keeps the ``pynetdi
 WARNING or quieter; at those levels pynetdicom logs only fixed messages, codes and protocol
 tracebacks, never data set values. This module reads only two UIDs of each received data set, as
 raw bytes (pixel data is never decoded), and its handlers never raise into pynetdicom, whose
-handler-exception log would print the exception.
+handler-exception log would print the exception. pydicom does warn, quoting the value, when
+pynetdicom decodes a command set with an invalid UID; the intake process (:func:`serve`) routes
+those warnings through :class:`dicomfl.common.logs.LibraryRedactor` into its 0600 log.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import ipaddress
@@ -86,6 +94,13 @@ LOGGER = logging.getLogger("dicomfl.client.intake")
 # C-STORE statuses (PS3.4 Annex B.2.3 and PS3.7 Annex C).
 STATUS_SUCCESS = 0x0000
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
+# Error: cannot understand (PS3.4 B.2.3: C000-CFFF, the low bits the SCP's own reason), for a
+# re-sent instance whose SOP Instance UID is stored with other bytes. PS3.7's "Duplicate SOP
+# Instance" (0x0111) names the case but is an N-CREATE status, not one of C-STORE's (dcmtk reports
+# it as "Unknown Status"); 0xA9xx says the data set does not match its SOP class, which is not
+# the case; and a Refused 0xA7xx (out of resources) invites a PACS to retry, which cannot help.
+# A Cxxx error is final, and 0x111 in its low bits echoes the PS3.7 name.
+STATUS_DUPLICATE_CONFLICT = 0xC111
 STATUS_OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (too large, disk full)
 STATUS_DATASET_MISMATCH = 0xA900  # Error: data set does not match SOP class (or the command)
 STATUS_CANNOT_UNDERSTAND = 0xC000  # Error: cannot understand (unreadable, no SOP Instance UID)
@@ -96,6 +111,10 @@ R_NON_IMAGE = "non-image-sop-class"
 R_UNREADABLE = "unreadable"
 R_NO_INSTANCE_UID = "no-sop-instance-uid"
 R_MISMATCH = "command-dataset-mismatch"
+R_CONFLICT = "same-uid-other-content"  # an instance with this SOP Instance UID but other bytes is stored
+R_QUOTA = "store-quota-reached"
+R_FLOOR = "free-space-floor-reached"
+R_DISK_FULL = "file-system-full"
 
 # The transfer syntaxes accepted: uncompressed, deflated, and the compressed ones that the site's
 # decoders (python-gdcm, pylibjpeg-openjpeg, pylibjpeg-rle) can read at ingestion.
@@ -177,14 +196,17 @@ def status_path(state_dir: Path) -> Path:
 
 _COUNTERS = (
     "received",  # C-STORE requests that reached the handler
-    "written",  # instances written (new ones, and re-sent ones whose bytes differ)
-    "duplicates",  # instances already on disk (re-sent)
+    "written",  # instances written (new ones)
+    "duplicates",  # instances re-sent with the bytes already stored (acknowledged, not rewritten)
+    "conflicts",  # instances re-sent with a stored SOP Instance UID but other bytes (refused)
     "rejected",  # instances refused with a failure status (too large, not an image, ...)
+    "out_of_space",  # instances refused for the store quota, the free-space floor or a full disk
     "failed",  # instances that could not be written (disk errors)
     "associations_accepted",
     "associations_refused",
     "connections_refused",  # TCP connections closed at accept (address not allowed, per-peer cap)
     "echoes",
+    "store_bytes",  # bytes of the instances in the store (a gauge: recounted at every start)
 )
 _TIMESTAMPS = ("started_at", "updated_at", "last_received_at", "last_written_at", "last_refused_at")
 
@@ -285,6 +307,12 @@ class _Status:
                 self._data[stamp] = _now()
             self._dirty = True
 
+    def set(self, counter: str, value: int) -> None:
+        with self._lock:
+            if self._data[counter] != value:
+                self._data[counter] = value
+                self._dirty = True
+
     def mark(self, stamp: str) -> None:
         with self._lock:
             self._data[stamp] = _now()
@@ -309,6 +337,87 @@ class _Status:
             except OSError as exc:
                 self._dirty = True
                 LOGGER.warning("intake: cannot write the status file (%s)", type(exc).__name__)
+
+
+_GIB = 1 << 30
+
+
+class _StoreSpace:
+    """The store's quota and the file system's free-space floor, checked in O(1) per C-STORE.
+
+    The bytes of the stored instances are counted once (:meth:`count`, at start) and then kept
+    as a running total: :meth:`reserve` adds an instance's size before it is written (so
+    concurrent associations cannot pass the quota together), :meth:`release` takes it back when
+    the write fails. The floor is one ``statvfs`` of the store's folder per instance. Files
+    removed from the store by hand are noticed by a recount, made only while the quota refuses
+    and at most once per :data:`RECOUNT_INTERVAL_S`, never per instance.
+    """
+
+    RECOUNT_INTERVAL_S = 10.0
+
+    def __init__(self, root: Path, quota_gb: float | None, floor_gb: float) -> None:
+        self.root = root
+        self.quota = None if quota_gb is None else int(quota_gb * _GIB)
+        self.floor = int(floor_gb * _GIB)
+        self._lock = threading.Lock()
+        self._used = 0
+        self._counted_at = -1e18
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return self._used
+
+    def count(self) -> int:
+        """Walk the store once and set the running total to the bytes its instances hold."""
+        total = 0
+        try:
+            with os.scandir(self.root) as top:
+                for sub in top:
+                    if not sub.is_dir(follow_symlinks=False):
+                        continue
+                    try:
+                        with os.scandir(sub.path) as files:
+                            for f in files:
+                                if f.name.endswith(".dcm") and not f.name.startswith("."):
+                                    try:
+                                        total += f.stat(follow_symlinks=False).st_size
+                                    except OSError:
+                                        pass
+                    except OSError:
+                        pass
+        except OSError:
+            pass
+        with self._lock:
+            self._used = total
+            self._counted_at = time.monotonic()
+        return total
+
+    def reserve(self, nbytes: int) -> str | None:
+        """Take ``nbytes`` of the quota for an instance about to be written; the reason code
+        when it would pass the quota or the floor (nothing is taken then)."""
+        if self.floor > 0:
+            st = os.statvfs(self.root)
+            if st.f_bavail * st.f_frsize - nbytes < self.floor:
+                return R_FLOOR
+        if self.quota is None:
+            with self._lock:
+                self._used += nbytes
+            return None
+        with self._lock:
+            over = self._used + nbytes > self.quota
+            stale = time.monotonic() - self._counted_at >= self.RECOUNT_INTERVAL_S
+        if over and stale:
+            self.count()
+        with self._lock:
+            if self._used + nbytes > self.quota:
+                return R_QUOTA
+            self._used += nbytes
+        return None
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self._used = max(0, self._used - nbytes)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -459,6 +568,10 @@ class IntakeServer:
         self._pending_lock = threading.Lock()
         self._last_conn_log: dict[str, float] = {}
         self._recent_accepts: dict[str, list[float]] = {}
+        self._space = _StoreSpace(self.dicom_dir / "intake", section.max_store_gb, section.min_free_gb)
+        # Check-then-write of one path is atomic under its stripe's lock: two associations
+        # sending the same SOP Instance UID cannot both find the path free and write in turn.
+        self._path_locks = tuple(threading.Lock() for _ in range(64))
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -496,6 +609,7 @@ class IntakeServer:
             _mkdir_private(self.dicom_dir / "intake")
             _mkdir_private(status_path(self.state_dir).parent)
             _sweep_temp_files(self.dicom_dir / "intake")
+            self._status.set("store_bytes", self._space.count())
         except OSError as exc:
             raise IntakeError(f"intake: cannot create the intake folders ({type(exc).__name__})") from None
         ssl_context = _ssl_context(s.tls) if s.tls is not None else None
@@ -736,9 +850,11 @@ class IntakeServer:
             )
             if reason is not None:
                 return self._refuse(event, status, reason)
-            self._store(part10, sop_instance)
-            return STATUS_SUCCESS
+            return self._store(event, part10, sop_instance)
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the temp file is gone: nothing partial
+                self._status.bump("out_of_space")
+                return self._refuse(event, STATUS_OUT_OF_RESOURCES, R_DISK_FULL)
             self._status.bump("failed")
             self.log.error("intake: cannot write an instance (%s, errno %s)", type(exc).__name__, exc.errno)
             return STATUS_OUT_OF_RESOURCES
@@ -759,16 +875,38 @@ class IntakeServer:
         )
         return status
 
-    def _store(self, part10: bytes, sop_instance_uid: str) -> None:
+    def _store(self, event: evt.Event, part10: bytes, sop_instance_uid: str) -> int:
+        """Write a checked instance unless its path is taken; returns the C-STORE status.
+
+        The same bytes again: success, nothing written (a PACS retrying after a lost response).
+        Other bytes under a stored SOP Instance UID: refused with 0xC111, the stored file is
+        kept (the first version wins; a re-sent, changed instance is never silently written
+        over it). A new instance is written only when the quota and the floor allow it.
+        """
         path = intake_path(self.dicom_dir, sop_instance_uid)
-        if not path.parent.is_dir():
-            _mkdir_private(path.parent)
-        if path.exists():
-            self._status.bump("duplicates")
-            if _same_bytes(path, part10):
-                return  # re-sent unchanged: nothing to do (idempotent)
-        _write_atomic(path, part10)
+        with self._path_locks[int(path.stem[:2], 16) % len(self._path_locks)]:
+            if os.path.lexists(path):
+                if _same_bytes(path, part10):
+                    self._status.bump("duplicates")
+                    return STATUS_SUCCESS
+                self._status.bump("conflicts")
+                # The UID's hash prefix names the stored file for the operator; the UID stays out.
+                return self._refuse(event, STATUS_DUPLICATE_CONFLICT, R_CONFLICT, f"stored as {path.stem[:12]}")
+            nbytes = len(part10)
+            reason = self._space.reserve(nbytes)
+            if reason is not None:
+                self._status.bump("out_of_space")
+                return self._refuse(event, STATUS_OUT_OF_RESOURCES, reason)
+            try:
+                if not path.parent.is_dir():
+                    _mkdir_private(path.parent)
+                _write_atomic(path, part10)
+            except BaseException:
+                self._space.release(nbytes)
+                raise
+        self._status.set("store_bytes", self._space.used)
         self._status.bump("written", "last_written_at")
+        return STATUS_SUCCESS
 
 
 def _sweep_temp_files(root: Path, min_age_s: float = 600.0) -> None:
@@ -787,6 +925,10 @@ def _sweep_temp_files(root: Path, min_age_s: float = 600.0) -> None:
 MAX_REQUEST_PDU = 64 * 1024
 # Allowance over the negotiated maximum for a P-DATA-TF PDU (senders that count the PDU header).
 PDU_MARGIN = 1024
+# Largest command set of one DIMSE message, over all its fragments. A command set is a few
+# hundred bytes (a C-STORE request's is under 1 KiB); pynetdicom joins the fragments of one
+# in memory, with no limit, until a fragment carries the last-fragment bit.
+MAX_COMMAND_BYTES = 64 * 1024
 _PDU_TYPES_KNOWN = frozenset(range(1, 8))
 
 
@@ -802,8 +944,10 @@ class _BoundedPduReader:
     A-ABORT, the connection is shut down, one line is logged (address and declared length), and
     the DUL sees the connection closed. Each PDU must also arrive whole within
     ``network_timeout_s`` of its first byte (the A-ASSOCIATE-RQ within ``acse_timeout_s`` of the
-    connection), so a sender trickling bytes cannot hold the thread. Everything else is passed
-    to the wrapped socket.
+    connection), so a sender trickling bytes cannot hold the thread. The command fragments of
+    each P-DATA-TF body are counted too: a command set passing :data:`MAX_COMMAND_BYTES` (a
+    sender that never sets the last-fragment bit) is aborted the same way. Everything else is
+    passed to the wrapped socket.
     """
 
     def __init__(self, inner: Any, assoc: Any, section: IntakeSection, log: logging.Logger) -> None:
@@ -812,6 +956,8 @@ class _BoundedPduReader:
         self._section = section
         self._log = log
         self._need: int | None = None  # body bytes the DUL asks next (None: a header comes next)
+        self._pdu_type = 0  # type of the PDU whose body comes next
+        self._command_bytes = 0  # bytes of the command set being received
         self._closed = False
         self._request_deadline = time.monotonic() + section.acse_timeout_s
 
@@ -879,12 +1025,35 @@ class _BoundedPduReader:
             if length > limit:
                 return self._refuse(f"PDU type 0x{pdu_type:02X} declares {length} bytes, over the limit of {limit}")
             if pdu_type in _PDU_TYPES_KNOWN:
-                self._need = length
+                self._need, self._pdu_type = length, pdu_type
             return head
         need, self._need = self._need, None
         if nr_bytes != need:
             return self._refuse("unexpected read pattern")
-        return self._read(need, deadline)
+        body = self._read(need, deadline)
+        if self._pdu_type == 0x04 and len(body) == need and not self._closed and self._command_too_long(body):
+            return self._refuse(f"a command set passes the limit of {MAX_COMMAND_BYTES} bytes")
+        return body
+
+    def _command_too_long(self, body: bytearray) -> bool:
+        """Count the command fragments of a P-DATA-TF body (PS3.8 9.3.5: items of a 4-byte
+        length, the presentation context ID, the message control header, the fragment); True
+        once one message's command set passes :data:`MAX_COMMAND_BYTES`. A malformed item list is
+        left to pynetdicom, which aborts on it."""
+        off, end = 0, len(body)
+        while off + 6 <= end:
+            item_len = int.from_bytes(body[off : off + 4], "big")
+            if item_len < 2:
+                return False
+            control = body[off + 5]
+            if control & 0x01:  # a command fragment
+                self._command_bytes += item_len - 2
+                if self._command_bytes > MAX_COMMAND_BYTES:
+                    return True
+                if control & 0x02:  # its last fragment
+                    self._command_bytes = 0
+            off += 4 + item_len
+        return False
 
 
 def _guard_pdu_reads(assoc: Any, section: IntakeSection, log: logging.Logger) -> None:
@@ -966,7 +1135,9 @@ def serve(site_yaml: Path) -> int:
         cfg = load_site_config(site_yaml, check_files=False)
         if cfg.site.intake is None:
             raise IntakeError(f"{site_yaml}: site.intake: not configured")
-        setup(cfg.site.state_dir, "intake", console_level=logging.ERROR)
+        # pydicom and pynetdicom warn about what a sender sent (quoting it): their records and
+        # Python warnings go to the intake's log through the redacting filter, not to stderr.
+        setup(cfg.site.state_dir, "intake", console_level=logging.ERROR, libraries=True)
         server = IntakeServer(cfg.site.intake, cfg.site.dicom_dir, cfg.site.state_dir)
         server.start()
     except (DicomflError, IntakeError) as exc:

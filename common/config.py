@@ -121,6 +121,14 @@ class IntakeSection(_Strict):
         0xA700 and the association goes on; the part received past the cap is dropped as it
         arrives, so memory holds at most about twice this per association (the received data set
         and its Part 10 copy).
+    max_store_gb : float or None
+        Quota of the intake's store (``<dicom_dir>/intake``), in GiB (2**30 bytes; fractions
+        allowed). An instance that would take the store past it is refused with status 0xA700;
+        the store is counted once at start and then kept as a running total. None: no quota.
+    min_free_gb : float
+        Free-space floor of the file system holding the store, in GiB. An instance that would
+        leave less free space than this is refused with status 0xA700; both checks are made on
+        every C-STORE, so the intake accepts again as soon as space returns. 0: no floor.
     acse_timeout_s, dimse_timeout_s, network_timeout_s : float
         pynetdicom's association, message and idle-network timeouts.
     tls : IntakeTLS or None
@@ -136,6 +144,8 @@ class IntakeSection(_Strict):
     max_associations: int = Field(default=8, ge=1, le=256)
     max_associations_per_peer: int = Field(default=4, ge=1, le=256)
     max_instance_bytes: int = Field(default=1024**3, ge=1024)
+    max_store_gb: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    min_free_gb: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=120.0, gt=0)

@@ -1,16 +1,23 @@
 """Logging set-up: the site's own log file under its state dir, and short lines on the console.
 
-Log records are made by dicomfl code from codes, site-local references and counts; pydicom's
-warnings (which can quote header values) are never routed here. Every message is written as one
-line with control characters escaped (:func:`~dicomfl.common.errors.printable`): a file or folder
-name holding a newline or a terminal escape sequence cannot forge log lines or reach a terminal
-that displays the log.
+Log records are made by dicomfl code from codes, site-local references and counts. A process
+that lets libraries log (``setup(..., libraries=True)``: the intake, whose pydicom and pynetdicom
+warn about what a sender sent) routes their warnings, their loggers and uncaught thread
+exceptions through :class:`LibraryRedactor`, which removes every quoted string, UID-like token
+and digit run from a library's message before any handler writes it (a pydicom warning quotes the
+invalid value it found, e.g. a SOP Instance UID that embeds a record number). Every message is
+written as one line with control characters escaped (:func:`~dicomfl.common.errors.printable`): a
+file or folder name holding a newline or a terminal escape sequence cannot forge log lines or
+reach a terminal that displays the log.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import threading
+import time
 from pathlib import Path
 
 from .errors import printable
@@ -41,7 +48,103 @@ class SiteFileHandler(logging.FileHandler):
         super().handleError(record)
 
 
-def setup(state_dir: Path | None, name: str, console_level: int = logging.WARNING) -> Path | None:
+REDACTED = "<redacted>"
+# A quoted string (a value as repr() or a library prints it), a UID-like token, and any token
+# holding a run of 5 or more digits (record numbers, dates, a UID a sender mangled).
+_QUOTED = re.compile(r"""b?'[^']*'?|b?"[^"]*"?""")
+_UID_LIKE = re.compile(r"\d+(?:\.\d+){3,}")
+_DIGIT_RUN = re.compile(r"[^\s<>()\[\],;]*\d{5,}[^\s<>()\[\],;]*")
+LIBRARY_LOGGERS = ("py.warnings", "pydicom", "pynetdicom")
+
+
+def redact(text: str) -> str:
+    """``text`` with every quoted string, UID-like token and long digit run replaced by
+    ``<redacted>``."""
+    text = _QUOTED.sub(REDACTED, text)
+    text = _UID_LIKE.sub(REDACTED, text)
+    return _DIGIT_RUN.sub(REDACTED, text)
+
+
+class LibraryRedactor(logging.Filter):
+    """A handler filter: a record from outside dicomfl (pydicom, pynetdicom, a captured warning)
+    is reduced to its redacted message, with no traceback (an exception's text may quote a
+    value; its type is kept), and the same redacted message is written at most once a minute
+    (a sender cannot grow the log by repeating one malformed value). dicomfl's own records pass
+    unchanged."""
+
+    def __init__(self, repeat_s: float = 60.0) -> None:
+        super().__init__()
+        self.repeat_s = repeat_s
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "dicomfl" or record.name.startswith("dicomfl."):
+            return True
+        if hasattr(record, "_dicomfl_keep"):  # already reduced for another handler
+            return bool(record._dicomfl_keep)
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a message that cannot be formatted says nothing
+            text = "(unformattable message)"
+        if record.exc_info and record.exc_info[0] is not None:
+            text += f" ({record.exc_info[0].__name__})"
+        record.msg, record.args = redact(text), None
+        record.exc_info = record.exc_text = record.stack_info = None
+        record._dicomfl_keep = self._fresh(record.msg)  # type: ignore[attr-defined]
+        return bool(record._dicomfl_keep)
+
+    def _fresh(self, text: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._seen.get(text, -1e18) < self.repeat_s:
+                return False
+            if len(self._seen) > 1024:
+                self._seen.clear()
+            self._seen[text] = now
+            return True
+
+
+def _thread_exception(args: threading.ExceptHookArgs) -> None:
+    """Uncaught exception in a thread: one line with its type and where it was raised (the
+    default hook prints the exception's text, which may quote a value, to stderr)."""
+    if args.exc_type is SystemExit:
+        return
+    where = ""
+    tb = args.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None:
+        where = f" at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("dicomfl.thread").error(
+        "uncaught %s in thread %s%s", getattr(args.exc_type, "__name__", "exception"), name, where
+    )
+
+
+def _route_libraries(handlers: list[logging.Handler]) -> None:
+    logging.captureWarnings(True)
+    for lib in LIBRARY_LOGGERS:
+        lg = logging.getLogger(lib)
+        for h in list(lg.handlers):
+            if getattr(h, "_dicomfl_handler", False):
+                lg.removeHandler(h)
+        for h in handlers:
+            lg.addHandler(h)
+        lg.propagate = False  # never to the root logger's last-resort stderr handler
+    threading.excepthook = _thread_exception
+
+
+def setup(
+    state_dir: Path | None, name: str, console_level: int = logging.WARNING, libraries: bool = False
+) -> Path | None:
+    """Send dicomfl's log records to the console (at ``console_level``) and, with a
+    ``state_dir``, to ``<state_dir>/logs/<name>.log`` (mode 0600, folder 0700).
+
+    With ``libraries``, also pydicom's and pynetdicom's loggers, Python warnings and uncaught
+    thread exceptions, each redacted by :class:`LibraryRedactor` (see the module docstring).
+    Returns the log file's path (None without a ``state_dir``).
+    """
     root = logging.getLogger("dicomfl")
     root.setLevel(logging.INFO)
     for h in list(root.handlers):
@@ -50,9 +153,14 @@ def setup(state_dir: Path | None, name: str, console_level: int = logging.WARNIN
     console = logging.StreamHandler()
     console.setLevel(console_level)
     console.setFormatter(OneLineFormatter("dicomfl: %(message)s"))
+    redactor = LibraryRedactor()
+    console.addFilter(redactor)
+    console._dicomfl_handler = True  # type: ignore[attr-defined]
     root.addHandler(console)
     root.propagate = False
     if state_dir is None:
+        if libraries:
+            _route_libraries([console])
         return None
     logdir = Path(state_dir) / "logs"
     logdir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +171,11 @@ def setup(state_dir: Path | None, name: str, console_level: int = logging.WARNIN
     fh = SiteFileHandler(path)
     fh.setLevel(logging.INFO)
     fh.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    fh.addFilter(redactor)
+    fh._dicomfl_handler = True  # type: ignore[attr-defined]
     root.addHandler(fh)
+    if libraries:
+        _route_libraries([console, fh])
     return path
 
 

@@ -281,16 +281,18 @@ def test_storescu_push_lands_hashed_and_is_idempotent(serve, study, tmp_path, lo
     assert res.returncode == 0, res.stderr
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in iter_intake_files(dicom_dir)} == before
 
-    res = storescu(server, study[0], extra=("-xi",))  # the same instance, encoded differently
-    assert res.returncode == 0, res.stderr
-    replaced = intake_path(dicom_dir, read(study[0]).SOPInstanceUID)
-    assert len(list(iter_intake_files(dicom_dir))) == len(study)
-    assert read(replaced).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2" and read(replaced) == read(study[0])
+    # The same SOP Instance UID with other bytes (here: re-encoded) is refused, never written over.
+    res = storescu(server, study[0], extra=("-xi", "-v"))
+    assert res.returncode != 0 and "Received Store Response (Error: CannotUnderstand)" in res.stderr, res.stderr
+    kept = intake_path(dicom_dir, read(study[0]).SOPInstanceUID)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in iter_intake_files(dicom_dir)} == before
+    assert read(kept).file_meta.TransferSyntaxUID != "1.2.840.10008.1.2"
     server.stop()
     st = read_status(state_dir)
     n = len(study)
-    counts = (st["received"], st["written"], st["duplicates"], st["rejected"], st["failed"])
-    assert counts == (2 * n + 1, n + 1, n + 1, 0, 0)
+    counts = (st["received"], st["written"], st["duplicates"], st["conflicts"], st["rejected"], st["failed"])
+    assert counts == (2 * n + 1, n, n, 1, 1, 0)
+    assert st["store_bytes"] == sum(p.stat().st_size for p in files)
     assert st["associations_accepted"] == 3 and st["associations_refused"] == 0
     assert st["last_written_at"] and dt.datetime.fromisoformat(st["last_written_at"])
     assert stat.S_IMODE(status_path(state_dir).stat().st_mode) == 0o600
