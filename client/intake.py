@@ -920,8 +920,9 @@ def _sweep_temp_files(root: Path, min_age_s: float = 600.0) -> None:
             pass
 
 
-# Largest A-ASSOCIATE-RQ (and any PDU other than P-DATA-TF) read before negotiation; a real
-# request with every storage context proposed is about 20 KiB.
+# Largest A-ASSOCIATE-RQ (and any PDU other than P-DATA-TF) read before negotiation. A request
+# holds at most 128 presentation contexts (PS3.8 9.3.2.2: odd IDs 1-255) of an abstract syntax and
+# its transfer syntaxes, a few hundred bytes each with the usual few.
 MAX_REQUEST_PDU = 64 * 1024
 # Allowance over the negotiated maximum for a P-DATA-TF PDU (senders that count the PDU header).
 PDU_MARGIN = 1024

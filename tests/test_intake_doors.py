@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -217,3 +218,141 @@ def test_log_files_are_private(tmp_path) -> None:
     for p in (path, tmp_path / "logs" / "child.log"):
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
     setup(None, "x")
+
+
+def _pdata(context_id: int, control: int, fragment: bytes) -> bytes:
+    """One P-DATA-TF PDU holding one PDV item (PS3.8 9.3.5)."""
+    item = struct.pack(">LBB", len(fragment) + 2, context_id, control) + fragment
+    return struct.pack(">BBL", 0x04, 0, len(item)) + item
+
+
+def test_command_set_that_never_ends_is_aborted(server) -> None:
+    """An allowed peer sends command fragments without the last-fragment bit (pynetdicom would join
+    them in memory without a limit): the association is aborted past 64 KiB, with one line, and the
+    server serves the next association."""
+    from pynetdicom import AE
+
+    proc, port, root = server
+    scu = AE(ae_title="STORESCU")
+    scu.add_requested_context("1.2.840.10008.1.1")
+    assoc = scu.associate("127.0.0.1", port, ae_title="DICOMFL")
+    assert assoc.is_established
+    context_id = assoc.accepted_contexts[0].context_id
+    raw = assoc.dul.socket.socket
+    raw.settimeout(5)
+    try:
+        for _ in range(64):  # 64 x 16 KiB of command fragments, none the last
+            raw.sendall(_pdata(context_id, 0x01, b"\0" * 16384))
+    except OSError:
+        pass
+    for _ in range(150):
+        if not assoc.is_alive():
+            break
+        time.sleep(0.1)
+    assert not assoc.is_alive()
+    assoc.abort()
+    log = (root / "server.log").read_text()
+    assert log.count("a command set passes the limit of 65536 bytes") == 1
+    again = scu.associate("127.0.0.1", port, ae_title="DICOMFL")
+    assert again.is_established
+    assert again.send_c_echo().Status == 0
+    again.release()
+
+
+MARKERS = ("MRN12345678", "19700101", "ZZMARKERNAME", "ACCZZ998877")
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk (storescu) is not installed: apt-get install dcmtk")
+def test_library_warnings_reach_no_log_with_a_value(tmp_path) -> None:
+    """The intake process as the site daemon runs it (``python -m dicomfl.client.intake``, its
+    stderr in ``logs/intake-process.log``) receives, by storescu, an instance whose SOP Instance UID
+    is invalid and embeds a record number and a birth date: pydicom and pynetdicom warn about it,
+    quoting it. No planted value reaches any file under ``state_dir/logs``, every log file is 0600,
+    and the warning itself is there, redacted."""
+    import stat
+    import warnings
+
+    import pydicom
+    import yaml
+    from pydicom.data import get_testdata_file
+
+    from dicomfl.common.supervise import start_group, stop_group
+
+    from .phi import found_in
+
+    bad_uid = "1.2.MRN12345678.19700101"
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = bad_uid
+        ds.PatientName, ds.AccessionNumber = "ZZMARKERNAME^X", "ACCZZ998877"
+        ds.save_as(tmp_path / "bad.dcm")
+    site = tmp_path / "site"
+    (site / "dicom").mkdir(parents=True)
+    (site / "site.key").write_text(os.urandom(32).hex())
+    (site / "site.key").chmod(0o600)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = {"site": {"name": "site-w", "dicom_dir": "dicom", "secret_file": "site.key", "state_dir": "state",
+                    "intake": {"port": port, "allowed": [{"ae_title": "STORESCU", "host": "127.0.0.1"}]}},
+           "federation": {"superlink": "127.0.0.1:9", "insecure": True}}
+    (site / "site.yaml").write_text(yaml.safe_dump(cfg))
+    logs = site / "state" / "logs"
+    logs.mkdir(parents=True)
+    proc = start_group([sys.executable, "-m", "dicomfl.client.intake", str(site / "site.yaml")], dict(os.environ),
+                       logs / "intake-process.log")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as s:
+                s.settimeout(0.5)
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, (logs / "intake-process.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the intake did not listen within 60 s"
+            time.sleep(0.2)
+        res = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "DICOMFL", "127.0.0.1", str(port),
+                              str(tmp_path / "bad.dcm")], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+    finally:
+        stop_group(proc)
+    files = sorted(p for p in logs.rglob("*") if p.is_file())
+    assert {p.name for p in files} >= {"intake.log", "intake-process.log"}
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+        blob = p.read_bytes()
+        for marker in (*MARKERS, bad_uid):
+            assert not found_in(marker, blob), f"{marker} in {p.name}"
+    text = (logs / "intake.log").read_text()
+    assert "Invalid value for VR UI: <redacted>" in text  # the warning came, without its value
+    assert "Traceback" not in (logs / "intake-process.log").read_text()
+
+
+def test_library_records_are_redacted_once_a_minute_and_ours_pass() -> None:
+    """LibraryRedactor: a library's message loses quoted values, UID-like tokens, digit runs and
+    its traceback (the exception type stays); one redacted message is written once a minute;
+    dicomfl's own records are not touched."""
+    import logging
+
+    from dicomfl.common.logs import LibraryRedactor, redact
+
+    assert redact("Invalid value for VR UI: '1.2.MRN12345678.19700101'. See <x>") == (
+        "Invalid value for VR UI: <redacted>. See <x>")
+    assert redact('name "O\'Brien^PAT" uid 1.2.840.99999.1 id MRN0012345 len 64') == (
+        "name <redacted> uid <redacted> id <redacted> len 64")
+    f = LibraryRedactor()
+    try:
+        raise ValueError("value 'DOE^JOHN' cannot be decoded")
+    except ValueError:
+        import sys as _sys
+
+        exc = _sys.exc_info()
+    rec = logging.LogRecord("pynetdicom.dimse", logging.ERROR, __file__, 1, "bad %s", ("'DOE^JOHN'",), exc)
+    assert f.filter(rec) and rec.getMessage() == "bad <redacted> (ValueError)" and rec.exc_info is None
+    again = logging.LogRecord("pynetdicom.dimse", logging.ERROR, __file__, 1, "bad %s", ("'OTHER'",), exc)
+    assert not f.filter(again)  # the same redacted text within a minute
+    assert f.filter(rec)  # a record already reduced keeps its verdict for the next handler
+    ours = logging.LogRecord("dicomfl.client.intake", logging.WARNING, __file__, 1, "AE 'PACS' at %s", ("10.0.0.1",),
+                             None)
+    assert f.filter(ours) and ours.getMessage() == "AE 'PACS' at 10.0.0.1"
