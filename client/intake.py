@@ -572,6 +572,9 @@ class IntakeServer:
         # Check-then-write of one path is atomic under its stripe's lock: two associations
         # sending the same SOP Instance UID cannot both find the path free and write in turn.
         self._path_locks = tuple(threading.Lock() for _ in range(64))
+        self._space_log_lock = threading.Lock()
+        self._space_refused = 0  # refused for space since the last line said so
+        self._space_logged_at = -1e18  # when that line was written (-1e18: not short of space)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -853,7 +856,6 @@ class IntakeServer:
             return self._store(event, part10, sop_instance)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the temp file is gone: nothing partial
-                self._status.bump("out_of_space")
                 return self._refuse(event, STATUS_OUT_OF_RESOURCES, R_DISK_FULL)
             self._status.bump("failed")
             self.log.error("intake: cannot write an instance (%s, errno %s)", type(exc).__name__, exc.errno)
@@ -869,11 +871,38 @@ class IntakeServer:
         """Count and log a refused instance (reason code only), and return its status."""
         ae_title, addr = self._peer(event.assoc)
         self._status.bump("rejected")
+        if reason in (R_QUOTA, R_FLOOR, R_DISK_FULL):
+            return self._refuse_for_space(ae_title, addr, status, reason)
         self.log.warning(
             "intake: instance from AE '%s' at %s refused: %s%s (status 0x%04X)",
             ae_title, addr, reason, f", {note}" if note else "", status,
         )
         return status
+
+    def _refuse_for_space(self, ae_title: str, addr: str, status: int, reason: str) -> int:
+        """Out of space: one line at the first refusal and then at most one a minute (a PACS
+        pushing a study into a full store would otherwise write a line per instance, maybe onto
+        the same full disk), each saying how many were refused since the last."""
+        self._status.bump("out_of_space", "last_refused_at")
+        now = time.monotonic()
+        with self._space_log_lock:
+            self._space_refused += 1
+            if now - self._space_logged_at < 60.0:
+                return status
+            count, self._space_refused, self._space_logged_at = self._space_refused, 0, now
+        self.log.warning(
+            "intake: instance from AE '%s' at %s refused: %s (status 0x%04X); %d refused for space since the last line",
+            ae_title, addr, reason, status, count,
+        )
+        return status
+
+    def _space_back(self) -> None:
+        """After refusals for space, the first instance stored again says so in one line."""
+        with self._space_log_lock:
+            if not self._space_logged_at > -1e18:
+                return
+            count, self._space_refused, self._space_logged_at = self._space_refused, 0, -1e18
+        self.log.warning("intake: space available again: accepting instances (%d more refused before)", count)
 
     def _store(self, event: evt.Event, part10: bytes, sop_instance_uid: str) -> int:
         """Write a checked instance unless its path is taken; returns the C-STORE status.
@@ -895,7 +924,6 @@ class IntakeServer:
             nbytes = len(part10)
             reason = self._space.reserve(nbytes)
             if reason is not None:
-                self._status.bump("out_of_space")
                 return self._refuse(event, STATUS_OUT_OF_RESOURCES, reason)
             try:
                 if not path.parent.is_dir():
@@ -906,6 +934,8 @@ class IntakeServer:
                 raise
         self._status.set("store_bytes", self._space.used)
         self._status.bump("written", "last_written_at")
+        if self._space_logged_at > -1e18:
+            self._space_back()
         return STATUS_SUCCESS
 
 

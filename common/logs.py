@@ -18,6 +18,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from .errors import printable
@@ -124,6 +125,10 @@ def _thread_exception(args: threading.ExceptHookArgs) -> None:
 
 def _route_libraries(handlers: list[logging.Handler]) -> None:
     logging.captureWarnings(True)
+    # "always", not the default "default": that one remembers every distinct message text it
+    # showed (a warning that quotes each sender's value would grow the registry with every
+    # instance); repeats are bounded by LibraryRedactor instead.
+    warnings.simplefilter("always")
     for lib in LIBRARY_LOGGERS:
         lg = logging.getLogger(lib)
         for h in list(lg.handlers):

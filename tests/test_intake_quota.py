@@ -73,7 +73,7 @@ def leftovers(dicom_dir: Path) -> list[Path]:
 
 
 @needs_dcmtk
-def test_quota_refuses_with_a700_counts_the_store_at_start_and_resumes(servers, tmp_path) -> None:
+def test_quota_refuses_with_a700_counts_the_store_at_start_and_resumes(servers, tmp_path, caplog) -> None:
     study = write_study(tmp_path / "outbox", n=5)
     # The stored size of each instance (storescu sends the data set; the SCP writes its own meta).
     probe = servers(tmp_path / "probe" / "dicom", tmp_path / "probe" / "state")
@@ -83,8 +83,11 @@ def test_quota_refuses_with_a700_counts_the_store_at_start_and_resumes(servers, 
 
     dicom_dir, state_dir = tmp_path / "site" / "dicom", tmp_path / "site" / "state"
     server = servers(dicom_dir, state_dir, max_store_gb=quota / GIB)
+    caplog.set_level("WARNING", logger="dicomfl.client.intake")
     res = push(server, *study)
     assert responses(res) == [STORED] * 3 + [REFUSED] * 2, res.stderr
+    lines = [r.getMessage() for r in caplog.records if r.name == "dicomfl.client.intake"]
+    assert len(lines) == 1 and "refused: store-quota-reached (status 0xA700)" in lines[0]  # once a minute
     assert len(list(iter_intake_files(dicom_dir))) == 3 and not leftovers(dicom_dir)
     st = server.counters()
     assert (st["written"], st["out_of_space"], st["rejected"], st["store_bytes"]) == (3, 2, 2, sum(sizes[:3]))
@@ -103,6 +106,7 @@ def test_quota_refuses_with_a700_counts_the_store_at_start_and_resumes(servers, 
             break
         time.sleep(1.0)
     assert responses(res) == [STORED], res.stderr
+    assert "space available again" in caplog.records[-1].getMessage()
     server.stop()
     st = read_status(state_dir)
     assert st["out_of_space"] >= 3 and st["written"] == 4 and st["failed"] == 0
