@@ -152,7 +152,7 @@ def _fill(mnt: Path, leave: int) -> Path:
 
 
 @needs_dcmtk
-def test_free_space_floor_and_a_full_disk_on_a_real_tmpfs(servers, small_fs, tmp_path) -> None:
+def test_free_space_floor_and_a_full_disk_on_a_real_tmpfs(small_fs, servers, tmp_path) -> None:
     dicom_dir, state_dir = small_fs, tmp_path / "state"
     small = write_study(tmp_path / "small", n=1)[0]
     big = write_study(tmp_path / "big", n=1, size=724)[0]  # ~1 MiB of pixels
