@@ -91,6 +91,7 @@ def test_quota_refuses_with_a700_counts_the_store_at_start_and_resumes(servers, 
     assert len(list(iter_intake_files(dicom_dir))) == 3 and not leftovers(dicom_dir)
     st = server.counters()
     assert (st["written"], st["out_of_space"], st["rejected"], st["store_bytes"]) == (3, 2, 2, sum(sizes[:3]))
+    assert responses(push(server, study[0])) == [STORED]  # an identical re-send needs no space
     server.stop()
 
     # A restart counts what the store holds: still no room for the fourth.
