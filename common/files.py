@@ -81,8 +81,15 @@ class AtomicFile:
                 break
             else:
                 raise FileExistsError(f"{printable(str(self.path))}: no free temporary name")
-            self.fh: IO[Any] = (open(fd, "w", encoding=encoding, newline=newline) if text else open(fd, "wb"))
+            try:
+                self.fh: IO[Any] = (open(fd, "w", encoding=encoding, newline=newline) if text else open(fd, "wb"))
+            except BaseException:
+                os.close(fd)
+                raise
         except BaseException:
+            if self._tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._tmp, dir_fd=self._dir_fd)
             self._close_dir()
             raise
 
