@@ -29,12 +29,11 @@ trained on the site's data, and under ``local_norm`` it carries the site's own G
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from dicomfl.common.files import AtomicFile
 from dicomfl.common.model import get_weights, norm_parameter_names
 from dicomfl.common.splits import TRAIN, VAL
 
@@ -47,14 +46,8 @@ def _folder(state_dir: Path) -> Path:
 
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with AtomicFile(path, mode=0o600) as fh:
+        np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
 def _load(path: Path, reference: dict[str, np.ndarray], site: SiteTrainer) -> dict[str, np.ndarray] | None:

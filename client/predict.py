@@ -37,9 +37,12 @@ from dicomfl.common.config import SiteConfig
 from dicomfl.common.deid import Deidentifier
 from dicomfl.common.discover import looks_like_dicom, walk
 from dicomfl.common.errors import ModelMismatch, printable
+from dicomfl.common.files import AtomicFile
 from dicomfl.common.ingest import WORKER_ENV, content_key, file_ref, map_file, process_file, tsv_field
 from dicomfl.common.labels import key_value
 from dicomfl.common.normalize import robust_scale
+from dicomfl.common.outputs import check_output as check_path
+from dicomfl.common.outputs import open_folder
 from dicomfl.common.splits import NAMES, VAL, assign
 from dicomfl.common.workers import PoolStartError, WorkerFailure, default_workers, imap_isolated
 
@@ -165,48 +168,12 @@ def rejects_path(out: Path) -> Path:
 
 
 def check_output(out: Path, cfg: SiteConfig, protect: tuple[Path, ...] = ()) -> Path:
-    """``out`` as a place for the predictions: not a symlink or a folder, not inside the site's
-    DICOM or state folder, not one of the site's own files (config, key) or ``protect``."""
-    out = Path(out)
-    for p in (out, rejects_path(out)):
-        if p.is_symlink():
-            raise E.DicomflError(f"--out: {printable(str(p))} is a symbolic link; give a plain file name")
-        if p.is_dir():
-            raise E.DicomflError(f"--out: {printable(str(p))} is a folder; give a file name")
-    real = out.resolve()
-    for folder, what in ((cfg.site.dicom_dir, "site.dicom_dir"), (cfg.site.state_dir, "site.state_dir")):
-        if real.is_relative_to(Path(folder).resolve()):
-            raise E.DicomflError(f"--out: {printable(str(out))} is inside {what}; write predictions elsewhere")
-    own = [Path(cfg.source)] if cfg.source else []
-    tls = cfg.site.intake.tls if cfg.site.intake is not None else None
-    named = (cfg.site.secret_file, cfg.site.labels, cfg.federation.root_certificates, cfg.federation.auth_private_key,
-             *((tls.cert_file, tls.key_file, tls.ca_file) if tls is not None else ()))
-    own += [Path(p) for p in named if p]  # every file the site's config names (labels, keys, certificates)
-    for p in (*own, *protect):
-        if p.exists() and real == p.resolve():
-            raise E.DicomflError(f"--out: {printable(str(out))} is one of the site's or the model's own files")
-    return out
-
-
-class _AtomicPrivateFile:
-    """A new file, mode 0600, written beside its final name and renamed into place on success
-    (so no reader sees half a file, and an existing path is replaced, never written through)."""
-
-    def __init__(self, path: Path) -> None:
-        import tempfile
-
-        self.path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self.tmp = Path(tmp)
-        self.fh = open(fd, "w", encoding="utf-8", newline="")
-
-    def commit(self) -> None:
-        self.fh.close()
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        self.fh.close()
-        self.tmp.unlink(missing_ok=True)
+    """``out`` as a place for the predictions and their rejects file (:mod:`dicomfl.common.outputs`:
+    not a link anywhere on its path, not a folder, not inside the site's DICOM or state folder, not
+    one of the site's own files or ``protect``); :class:`~dicomfl.common.outputs.UnsafeOutput` if not."""
+    check_path(out, cfg, protect=protect)
+    check_path(rejects_path(Path(out)), cfg, protect=protect)
+    return Path(out)
 
 
 def predict_files(
@@ -251,10 +218,16 @@ def predict_files(
         raise E.DicomflError(f"--threshold: the model has {n_classes} classes; its decision is the most probable class")
     out = check_output(out, cfg)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fh = _AtomicPrivateFile(out)
+        out_dir = open_folder(out.parent)
     except OSError as exc:
         raise E.DicomflError(f"cannot write {printable(str(out))} ({type(exc).__name__})") from None
+    try:
+        fh = AtomicFile(out, mode=0o600, text=True, newline="", dir_fd=out_dir)
+    except BaseException as exc:
+        os.close(out_dir)
+        if isinstance(exc, OSError) and not isinstance(exc, E.DicomflError):
+            raise E.DicomflError(f"cannot write {printable(str(out))} ({type(exc).__name__})") from None
+        raise
     dev = device()
     net = net.to(dev).eval()
     try:
@@ -265,9 +238,10 @@ def predict_files(
         root = Path(input_dir) if input_dir is not None else cfg.site.dicom_dir
         report = PredictReport(model=model_id, model_sha256=model_sha256, input="folder" if input_dir else "site",
                                threshold=threshold, threshold_source=threshold_source)
-        rej_fh = _AtomicPrivateFile(rejects_path(out))
+        rej_fh = AtomicFile(rejects_path(out), mode=0o600, text=True, newline="", dir_fd=out_dir)
     except BaseException:
         fh.discard()
+        os.close(out_dir)
         raise
     key = cfg.secret_key
     deid = Deidentifier(key, cfg.deid)
@@ -336,8 +310,14 @@ def predict_files(
             outcomes.close()
         ok = True
     finally:
-        for f_ in (fh, rej_fh):
-            f_.commit() if ok else f_.discard()
+        try:
+            if ok:
+                fh.commit()
+                rej_fh.commit()
+        finally:
+            fh.discard()  # after a commit: nothing left to remove
+            rej_fh.discard()
+            os.close(out_dir)
     report.rejected_by_reason = dict(sorted(reasons.items()))
     report.elapsed_s = round(time.perf_counter() - t0, 3)
     report.images_per_s = round(report.predicted / report.elapsed_s, 1) if report.elapsed_s > 0 else 0.0

@@ -36,14 +36,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from dicomfl.common import protocol as P
 from dicomfl.common.errors import BadRequest, ConfigError
+from dicomfl.common.files import AtomicFile
 from dicomfl.common.model import get_weights
 from dicomfl.common.scaffold import client_control_update, zeros_like
 
@@ -160,14 +159,8 @@ class ControlStore:
         payload = {"round": np.asarray(server_round, dtype=np.int64)}
         payload.update({"before." + k: np.asarray(v) for k, v in before.items()})
         payload.update({"after." + k: np.asarray(v) for k, v in after.items()})
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")  # mode 0600
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **payload)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with AtomicFile(self.path, mode=0o600) as fh:
+            np.savez(fh, **payload)
 
 
 class ScaffoldRound:

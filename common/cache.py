@@ -50,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import sync_dir, write_bytes
+
 FORMAT = 3
 KINDS = ("images", "features", "stats")
 #: Largest size of a chunk's images file (its row capacity follows from the image size).
@@ -523,7 +525,7 @@ class SiteCache:
         index uses any more. Returns the index file's name.
 
         All or nothing: if a step before the swap fails (a full disk: ``OSError`` ENOSPC, from
-        the sync of the rows, the index or ``CURRENT.tmp``), ``CURRENT`` still names the previous
+        the sync of the rows, the index or the new ``CURRENT``), ``CURRENT`` still names the previous
         index, whose rows were never written again, the half-written files are removed, and
         ``state.index`` stays None. Once ``CURRENT`` is swapped, ``state.index`` names the new
         index even if syncing the folder then fails.
@@ -535,14 +537,15 @@ class SiteCache:
         name = f"index-{uuid.uuid4().hex[:12]}.json"
         try:
             self._write_index(state, name)
-            os.replace(self.root / "CURRENT.tmp", self.root / "CURRENT")
+            # The folder is synced below, after state.index is set: a failed folder sync must not
+            # undo a swap that happened.
+            write_bytes(self.root / "CURRENT", name.encode(), mode=0o600, sync_dir=False)
         except BaseException:
-            for leftover in (self.root / name, self.root / "CURRENT.tmp"):
-                with contextlib.suppress(OSError):
-                    leftover.unlink()
+            with contextlib.suppress(OSError):
+                (self.root / name).unlink()
             raise
         state.index = name
-        _sync_dir(self.root)
+        sync_dir(self.root)
         self._collect(name, {c for c, _ in store.chunks})
         return name
 
@@ -555,7 +558,7 @@ class SiteCache:
                     (self.chunk_dir / f"{cid}.{kind}.npy").unlink()
 
     def _write_index(self, state: CacheState, name: str) -> None:
-        """Write index ``name`` for ``state`` and ``CURRENT.tmp`` naming it, both synced."""
+        """Write index ``name`` for ``state``, synced."""
         store = state.store
         index = {
             "format": FORMAT,
@@ -572,7 +575,6 @@ class SiteCache:
             json.dump(index, fh, separators=(",", ":"))
             fh.flush()
             os.fsync(fh.fileno())
-        _write_synced(self.root / "CURRENT.tmp", name.encode())
 
     def _collect(self, keep_index: str, keep_chunks: set[str]) -> None:
         for p in self.root.iterdir():
@@ -595,18 +597,3 @@ def _fields(entry: FileEntry | Record) -> list:
     return [getattr(entry, name) for name in entry.__slots__]
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        _pwrite_all(fd, memoryview(data), 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

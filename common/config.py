@@ -235,8 +235,8 @@ class PrivacySection(_Strict):
     max_grad_norm: float = Field(default=1.0, gt=0)
     noise_multiplier: float | None = Field(default=None, ge=0)
     accountant: Literal["rdp", "prv"] = "rdp"
-    # Opacus per-sample gradient engine (benchmarks/train_bench.py, 2 CPU cores, 128 px fused model):
-    # hooks 1.9-2.0x the non-private step time, functorch 2.0-2.4x (less memory), ghost 2.5-2.9x.
+    # Opacus per-sample gradient engine: hooks (the fastest), functorch (less memory) or ghost
+    # (Opacus falls back for convolutions); timings: benchmarks/results/train-step-2026-11-22.md.
     grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
     # Class-balanced loss weights under DP. "noisy": the label counts are released once per run with
     # Gaussian noise (this multiplier; L2 sensitivity 1) and charged to the site's privacy ledger
@@ -353,7 +353,7 @@ class SiteConfig(_Strict):
 
     @property
     def secret_key(self) -> bytes:
-        return read_secret(self.site.secret_file)
+        return read_site_key(self.site.secret_file)
 
 
 #: The least key material a site key may hold (bytes; a key written as hex text counts half its length).
@@ -390,7 +390,7 @@ def key_weakness(key: bytes) -> str | None:
     return None
 
 
-def read_secret(path: Path) -> bytes:
+def read_site_key(path: Path) -> bytes:
     """The site's HMAC key (the file's bytes, surrounding whitespace stripped). Like ssh with a
     private key, a key file that group or others may read is refused; so is a weak key
     (:func:`key_weakness`: too short, a repeated pattern, low entropy), since it keys every
@@ -485,7 +485,7 @@ def load_site_config(path: str | Path, *, check_files: bool = True) -> SiteConfi
             raise ConfigError(f"{path}: site.labels: file not found: {s.labels}")
         if not s.secret_file.is_file():
             raise ConfigError(f"{path}: site.secret_file: file not found: {s.secret_file}")
-        read_secret(s.secret_file)
+        read_site_key(s.secret_file)
         for key in ("cert_file", "key_file", "ca_file"):
             f = getattr(tls, key, None) if tls is not None else None
             if f is not None and not f.is_file():
@@ -577,8 +577,8 @@ class RunSection(_Strict):
     round_timeout_s: float = Field(default=600, gt=0)
     # How often the coordinator asks the SuperLink for replies while a round is out (Flower's
     # send_and_receive waits a fixed 3 s). 0.25 s adds 0.125 s to a round on average. A failed pull
-    # (e.g. "database is locked" from a busy SuperLink with its state in SQLite, seen at 0.2 s on a
-    # loaded 2-core machine) doubles the wait, up to 5 s, until a pull succeeds again; with the
+    # (e.g. "database is locked" from a busy SuperLink with its state in SQLite) doubles the wait,
+    # up to 5 s, until a pull succeeds again; with the
     # SuperLink's state in memory (the coordinator's default) there is no SQLite to lock.
     poll_interval_s: float = Field(default=0.25, ge=0.01, le=10)
     # Messages in dicomfl's compact form (common/wire.py): 3 Flower objects a message instead of
@@ -720,10 +720,18 @@ def load_run_config(path: str | Path, *, check_files: bool = True) -> RunConfig:
             raise ConfigError(f"{path}: coordinator: file not found: {cfg.coordinator}")
     if cfg.sites and cfg.run.min_sites > len(cfg.sites):
         raise ConfigError(f"{path}: run.min_sites: more than the {len(cfg.sites)} sites listed")
-    if check_files and cfg.run.strategy == "scaffold":
+    size = cfg.model.image_size
+    if check_files and (cfg.run.strategy == "scaffold" or size is not None):
         for i, p in enumerate(cfg.sites):
-            opt = load_site_config(p, check_files=False).train.optimizer
-            if opt != "sgd":
+            site = load_site_config(p, check_files=False)
+            # The same fact stated twice: a run whose model.image_size differs from a site's
+            # preprocess.image_size is refused by that site in every round; say so before round 1.
+            if size is not None and site.preprocess.image_size != size:
+                raise ConfigError(f"{path}: model.image_size: {size} differs from sites.{i}'s preprocess.image_size "
+                                  f"({site.preprocess.image_size}); make them equal, or leave model.image_size null "
+                                  "to take each site's")
+            opt = site.train.optimizer
+            if cfg.run.strategy == "scaffold" and opt != "sgd":
                 raise ConfigError(f"{path}: sites.{i}: train.optimizer is {opt}; run.strategy scaffold needs sgd "
                                   "(plain SGD local steps) at every site")
     return cfg

@@ -84,12 +84,16 @@ CODESTREAM_MISMATCH = "codestream-mismatch"
 INTERNAL_ERROR = "internal-error"
 
 
-def printable(text: str) -> str:
+def printable(text: str, limit: int | None = None) -> str:
     """``text`` safe to print on one line of a terminal or a log: control and format characters
     (newlines, ESC, BiDi overrides), line/paragraph separators and undecodable bytes (lone
-    surrogates from a non-UTF-8 file name) become ``\\xNN`` / ``\\uNNNN`` escapes."""
+    surrogates from a non-UTF-8 file name) become ``\\xNN`` / ``\\uNNNN`` escapes. ``limit``:
+    only the first ``limit`` characters of ``text`` are shown (a token a peer sent, which may be
+    any length). The one such helper: every module that prints or logs outside text uses it."""
     import unicodedata
 
+    if limit is not None:
+        text = text[:limit]
     out = []
     for ch in text:
         if ch.isprintable() and unicodedata.category(ch) not in ("Cf", "Cs", "Zl", "Zp"):

@@ -17,8 +17,8 @@ Policy (documented, tested):
 * Resizing to ``image_size`` x ``image_size`` stretches to square with bilinear interpolation and
   antialiasing (Pillow's float32 resampling: the same triangle filter, widened by the scale
   factor when shrinking, as ``torch.nn.functional.interpolate(..., antialias=True)``, whose
-  output it matches to float32 rounding; it keeps torch out of the ingestion workers, which
-  saves each one ~230 MB and seconds of start-up); pixel spacing is kept as a feature.
+  output it matches to float32 rounding; it keeps torch out of the ingestion workers, so none
+  of them pays torch's import time and memory); pixel spacing is kept as a feature.
 * Per-image robust-scaling statistics (:func:`robust_stats`) are computed here, at ingest, so
   that training scales each image it reads with two numbers instead of re-sorting it.
 
@@ -166,10 +166,10 @@ def keep_image_blocks(blocks: int = IMAGE_BLOCKS_KEPT) -> None:
     each one to the system (its block allocator's pool, documented as ``PILLOW_BLOCKS_MAX``;
     off by default). Without it, whether each :func:`resize` maps fresh memory and faults in
     every page again depends on when the process frees its other large arrays: an ingestion
-    worker that returns its image through a reply slot (and frees it at once) took about 930
-    page faults per 512 x 512 file and 15-20% more CPU time (measured: 391k against 22k faults
-    for 400 files). At most ``blocks`` x 16 MB (Pillow's block size) stay allocated. Called
-    once in each ingestion worker."""
+    worker that returns its image through a reply slot (and frees it at once) faults in every
+    page of every resize and spends more CPU time on it (benchmarks/results/ingest-2026-11-23.md,
+    section 2). At most ``blocks`` x 16 MB (Pillow's block size) stay allocated. Called once in
+    each ingestion worker."""
     Image.core.set_blocks_max(blocks)
 
 
@@ -210,8 +210,8 @@ def _select(a: np.ndarray, lo: int, hi: int, ks: list[int]) -> None:
 def _percentiles(flat: np.ndarray, qs: tuple[float, ...]) -> list[np.float64]:
     """``numpy.percentile(flat, qs)`` (method "linear") of a float32 vector without NaN.
 
-    The order statistics come from :func:`_select` (a partition per percentile, not a sort of
-    the whole vector: about 4x less time for 65k floats) and the value after each from a
+    The order statistics come from :func:`_select` (a partition per percentile is linear time,
+    a sort of the whole vector is not) and the value after each from a
     ``min`` of the part above it, which a partition leaves between that index and the next one
     placed; the interpolation below is NumPy's own (the "linear" virtual index ``(n - 1) * q``,
     then ``_lerp``), operation for operation, so the result is the same to the bit (tested

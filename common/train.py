@@ -445,8 +445,8 @@ def _private_step(optimizer, model: nn.Module, anchor: list[torch.Tensor], mu: f
 
 
 #: Pixels per evaluation batch (batch size x image area): 32 images at 256 px, 128 at 128 px.
-#: A batch's activations, not N, set evaluation's peak memory (at 256 px a batch of 256 would
-#: put 2 GB in the first feature map of a width-32 model).
+#: A batch's activations, not N, set evaluation's peak memory (at 256 px a batch of 256 images
+#: would hold 256 x 32 x 256 x 256 float32, 2 GiB, in the first feature map of a width-32 model).
 EVAL_BATCH_PIXELS = 1 << 21
 
 

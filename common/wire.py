@@ -4,10 +4,9 @@ Flower (1.41) moves a message as a tree of objects: the Message, its RecordDict,
 each Array and each chunk of an Array. Every object is a request of its own at every hop: the
 coordinator pushes each to the SuperLink, the SuperNode pulls each from it, the site's worker
 pulls each from the SuperNode, and the reply goes back the same way. A train reply (the global
-and local models, two metric records and the site's name) is 11 objects, its message 9. On
-loopback on 2 cores, under a round's load, each object cost about 20 ms per hop: dropping the
-local baseline's 7 objects from a 3-site round took its overhead from 1.60 s to 1.18 s
-(``benchmarks/round_bench.py``, 8 rounds each).
+and local models, two metric records and the site's name) is 11 objects, its message 9, and a
+round's overhead grows with the objects it moves (``benchmarks/round_bench.py``; the numbers are
+in benchmarks/results/rounds-2026-11-23.md).
 
 :func:`pack` puts a RecordDict into one ConfigRecord (``dicomfl-wire``):
 

@@ -9,32 +9,19 @@ loadable with ``numpy.load`` and usable with ``dicomfl run --evaluate-only``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+from dicomfl.common.files import AtomicFile
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    def w(tmp):
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-
-    _atomic_write(Path(path), w)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with AtomicFile(path, mode=0o600) as fh:
+        np.savez(fh, **arrays)
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -43,11 +30,10 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def write_json(path: Path, payload) -> None:
-    def w(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(payload, fh, indent=2, allow_nan=False, default=_jsonable)
-
-    _atomic_write(Path(path), w)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with AtomicFile(path, mode=0o600, text=True) as fh:
+        json.dump(payload, fh, indent=2, allow_nan=False, default=_jsonable)
 
 
 def _jsonable(o):

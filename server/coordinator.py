@@ -2,13 +2,12 @@
 
 TLS and SuperNode authentication on (unless the config says otherwise), runtime dependency
 installation off (sites and coordinator are offline). The SuperLink keeps its state in memory
-(Flower's ``:flwr-in-memory:``): with a database file each of the thousand-odd HTTP requests of a
-round (every array of every message is an object pushed and pulled on its own) costs about three
-times the SuperLink CPU, measured 79 against 28 CPU-seconds for a 3-site, 3-round run on 2 cores,
-rounds 29-34 s against 16-17 s. What a restart loses is rebuilt: the site keys are registered at
-every start, the SuperNodes (their node ids unknown to the new SuperLink) exit and their daemons
-start them again, and interrupted runs resume from dicomfl's own checkpoints (below); Flower's
-own run history (``flwr ls``) does not survive. ``coordinator.superlink_state: file`` in
+(Flower's ``:flwr-in-memory:``): with a database file each of the many HTTP requests of a round
+(every array of every message is an object pushed and pulled on its own) also goes through
+SQLite, which costs the SuperLink far more CPU time and makes rounds longer. What a restart loses
+is rebuilt: the site keys are registered at every start, the SuperNodes (their node ids unknown
+to the new SuperLink) exit and their daemons start them again, and interrupted runs resume from
+dicomfl's own checkpoints (below); Flower's own run history (``flwr ls``) does not survive. ``coordinator.superlink_state: file`` in
 coordinator.yaml keeps it in ``<state_dir>/superlink.db`` instead. After each start the sites listed in
 ``authorized_sites`` are registered (already-registered keys are fine) and ``ready.json`` is
 written. Then every training run recorded as still running (``<state_dir>/runs/``, see
@@ -30,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+from dicomfl.common import files
 from dicomfl.common.config import CoordinatorConfig, load_run_config
 from dicomfl.common.errors import DicomflError
 from dicomfl.common.supervise import pid_alive, supervise, wait_port
@@ -83,10 +83,8 @@ def ready_file(cfg: CoordinatorConfig) -> Path:
 
 def write_ready(cfg: CoordinatorConfig, superlink_pid: int) -> None:
     path = ready_file(cfg)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"superlink_pid": superlink_pid, "service_pid": os.getpid(), "target": cfg.target,
-                               "time": time.time()}))
-    os.replace(tmp, path)
+    files.write_json(path, {"superlink_pid": superlink_pid, "service_pid": os.getpid(), "target": cfg.target,
+                            "time": time.time()}, mode=0o666)  # umask-masked, as it always was
 
 
 def read_ready(cfg: CoordinatorConfig) -> dict | None:

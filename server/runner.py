@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dicomfl.common import files
 from dicomfl.common.config import CoordinatorConfig, RunConfig
 from dicomfl.common.supervise import pid_alive
 
@@ -182,9 +183,7 @@ def update_record(path: Path, **fields) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     rec = read_record(path) or {}
     rec.update(fields)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(rec, indent=2))
-    os.replace(tmp, path)
+    files.write_json(path, rec, mode=0o666, indent=2)  # umask-masked, as it always was
     return rec
 
 

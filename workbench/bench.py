@@ -2,8 +2,8 @@
 leave-one-site-out, model ablation and a many-site scale run — under identical budgets and seeds.
 
 Every federated configuration runs the same ClientApp, round loop and Flower strategies as a real
-deployment, through :class:`~dicomfl.workbench.inprocess.InProcessGrid` (one process, so a full grid
-fits on 2 CPU cores). ``--deployment`` also runs one configuration through a real SuperLink and
+deployment, through :class:`~dicomfl.workbench.inprocess.InProcessGrid` (one process: no SuperLink,
+SuperNodes or worker processes per configuration, so a full grid fits on a small machine). ``--deployment`` also runs one configuration through a real SuperLink and
 SuperNodes on loopback and reports how far the two paths differ.
 
 Budget: every model sees ``rounds x local_epochs`` epochs of its training data (local-only and

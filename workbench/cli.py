@@ -300,18 +300,26 @@ def export(
     formats: Optional[list[str]] = typer.Option(None, "--format", help="torchscript (default) or onnx; repeat for both."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the model files and the model card."),
     run_dir: Optional[Path] = typer.Option(None, "--run", help="The run's folder (default: the nearest folder above MODEL with run_config.json)."),
+    site_yamls: Optional[list[Path]] = typer.Option(None, "--site", help="A site config (repeatable) whose files, DICOM folder and state folder --out must not touch."),
 ) -> None:
     """Export a trained model to run without dicomfl (TorchScript, ONNX) with its preprocessing and a
     model card (model_card.json/.md: features, preprocessing, sites, rounds, epsilon, cross-site AUROC
-    with 95% intervals, intended use, limits). Each file is checked against dicomfl's model."""
+    with 95% intervals, intended use, limits). Each file is checked against dicomfl's model. --out is
+    refused (exit 2) if a link is on its path or at a file it writes, or if it would touch the model
+    or, with --site, a site's files or folders."""
+    from dicomfl.common.config import load_site_config
     from dicomfl.common.errors import printable
 
     if not model_npz.is_file():  # before torch is imported: a typo fails at once
         _fail(f"{printable(str(model_npz))}: model file not found")
+    try:
+        sites = [load_site_config(p, check_files=False) for p in site_yamls or []]
+    except DicomflError as exc:
+        _fail(str(exc))
     from .export import export_model
 
     try:
-        res = export_model(model_npz, out_dir, formats=formats or ["torchscript"], run_dir=run_dir)
+        res = export_model(model_npz, out_dir, formats=formats or ["torchscript"], run_dir=run_dir, sites=sites)
     except DicomflError as exc:
         _fail(str(exc))
     for kind, path in res.files.items():

@@ -32,8 +32,11 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
+import tempfile
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dicomfl.common import protocol as P
-from dicomfl.common.config import ModelConfig
+from dicomfl.common.config import ModelConfig, SiteConfig
 from dicomfl.common.errors import DicomflError, ModelMismatch, printable
+from dicomfl.common.files import write_bytes
 from dicomfl.common.features import N_FEATURES, SCHEMA_VERSION, feature_names
 from dicomfl.common.featurenet import with_transform
 from dicomfl.common.fedstats import FeatureTransform, check_standardization
@@ -53,6 +57,7 @@ from dicomfl.common.jsonfile import read_json
 from dicomfl.common.model import (MAX_MEMORY_MB, MAX_PARAMETERS, build_model, check_model_size, load_weights,
                                   parameter_count, state_shapes)
 from dicomfl.common.normalize import CLIP, HIGH_PCT, LOW_PCT
+from dicomfl.common.outputs import check_output, open_folder
 from dicomfl.common.weights import WeightsError, npz_headers, read_npz, shapes_problem, values_problem
 
 FORMATS = ("torchscript", "onnx")
@@ -579,14 +584,21 @@ def load_trained(model_path: Path, run_dir: Path | None = None, *, image_size: i
     return Trained(net=net.eval(), weights=weights, model_id=model_id, round=rnd, sha256=_sha256(model_path), info=info)
 
 
-def export_model(model_path: Path, out_dir: Path, formats=("torchscript",), run_dir: Path | None = None) -> ExportResult:
+def export_model(model_path: Path, out_dir: Path, formats=("torchscript",), run_dir: Path | None = None,
+                 sites: Sequence[SiteConfig] = ()) -> ExportResult:
     """Export the weights at ``model_path`` (a run's ``.npz``) into ``out_dir``; see the module doc.
+
+    ``out_dir`` is checked by :func:`dicomfl.common.outputs.check_output` before anything is
+    written: no link on its path or at a file it writes, not inside the ``sites``' DICOM or state
+    folders, none of their files or the model itself. Each file is written atomically into the
+    folder opened without following links (mode 0666 less the umask, as before).
 
     Raises
     ------
     DicomflError
         A bad model path, no run folder, weights that do not fit the run's model, an unknown
-        format, or ``onnx`` asked for without the packages it needs.
+        format, ``onnx`` asked for without the packages it needs, or an output that must not be
+        written (:class:`~dicomfl.common.outputs.UnsafeOutput`).
     """
     model_path, out_dir = Path(model_path), Path(out_dir)
     formats = list(dict.fromkeys(formats or ["torchscript"]))
@@ -595,21 +607,32 @@ def export_model(model_path: Path, out_dir: Path, formats=("torchscript",), run_
         raise DicomflError(f"--format: unknown format {printable(bad[0])!r} (expected {' or '.join(FORMATS)})")
     if "onnx" in formats and (why := _onnx_available()):
         raise DicomflError(f"--format onnx: {why}")
+    check_output(out_dir, sites, protect=(model_path,), folder=True,  # before any work: a bad --out fails at once
+                 names=(MODEL_FILE, PREPROCESS_FILE, ONNX_FILE, CARD_JSON, CARD_MD))
     trained = load_trained(model_path, run_dir)
-    info, cfg, net, weights = trained.info, trained.info.model, trained.net, trained.weights
+    cfg, net = trained.info.model, trained.net
     net.eval()
     size = cfg.image_size or 0
     probe_size = size or 64
     images, features = reference_inputs(probe_size, N_FEATURES)
     expected = reference_probabilities(net, images, features)
 
-    if out_dir.is_symlink():
-        raise DicomflError(f"--out: {printable(str(out_dir))} is a symbolic link; give a plain folder")
-    for name in (MODEL_FILE, PREPROCESS_FILE, ONNX_FILE, CARD_JSON, CARD_MD):  # never written through a planted link
-        if (out_dir / name).is_symlink():
-            raise DicomflError(f"--out: {printable(str(out_dir / name))} is a symbolic link; remove it or choose "
-                               "another folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = open_folder(out_dir)
+    try:
+        return _write_export(trained, model_path, out_dir, folder, formats, size, images, features, expected)
+    finally:
+        os.close(folder)
+
+
+def _write_export(trained: Trained, model_path: Path, out_dir: Path, folder: int, formats: list[str], size: int,
+                  images: np.ndarray, features: np.ndarray, expected: np.ndarray) -> ExportResult:
+    """The export's files, written into ``folder`` (a descriptor of ``out_dir``)."""
+    info, net, weights = trained.info, trained.net, trained.weights
+
+    def put(name: str, data: bytes) -> Path:
+        write_bytes(out_dir / name, data, mode=0o666, dir_fd=folder)
+        return out_dir / name
+
     files: dict[str, Path] = {}
     verified: dict[str, float | None] = {}
     notes: list[str] = []
@@ -624,33 +647,35 @@ def export_model(model_path: Path, out_dir: Path, formats=("torchscript",), run_
                 got = torch.jit.load(buf)(torch.from_numpy(images), torch.from_numpy(features)).numpy()
             verified["torchscript"] = float(np.max(np.abs(got - expected)))
             pre = torch.jit.script(RobustScale(size))
-            files["preprocess"] = out_dir / PREPROCESS_FILE
-            torch.jit.save(pre, str(files["preprocess"]))
-    if "onnx" in formats:
-        files["onnx"] = out_dir / ONNX_FILE
-        _export_onnx(Probabilities(net, size, N_FEATURES, checked=False).eval(), images, features, files["onnx"],
-                     dynamic_size=size == 0)
-        got = _onnx_run(files["onnx"], images, features)
-        verified["onnx"] = None if got is None else float(np.max(np.abs(got - expected)))
-        if got is None:
-            notes.append("onnxruntime is not installed: model.onnx was not run after export")
-    for kind, diff in verified.items():
-        if diff is not None and not diff <= VERIFY_TOLERANCE:
-            raise DicomflError(f"export check failed: the {kind} model differs from dicomfl's by {diff:.3g}")
+            pre_buf = io.BytesIO()
+            torch.jit.save(pre, pre_buf)
+            files["preprocess"] = put(PREPROCESS_FILE, pre_buf.getvalue())
+    with tempfile.TemporaryDirectory(prefix="dicomfl-export-") as scratch:  # private (0700): ONNX wants a path
+        onnx_tmp = Path(scratch) / ONNX_FILE
+        if "onnx" in formats:
+            _export_onnx(Probabilities(net, size, N_FEATURES, checked=False).eval(), images, features, onnx_tmp,
+                         dynamic_size=size == 0)
+            got = _onnx_run(onnx_tmp, images, features)
+            verified["onnx"] = None if got is None else float(np.max(np.abs(got - expected)))
+            if got is None:
+                notes.append("onnxruntime is not installed: model.onnx was not run after export")
+        for kind, diff in verified.items():
+            if diff is not None and not diff <= VERIFY_TOLERANCE:
+                raise DicomflError(f"export check failed: the {kind} model differs from dicomfl's by {diff:.3g}")
 
-    model_id, rnd = trained.model_id, trained.round
-    card = build_card(info, model_path, weights, model_id, rnd, net, formats, verified)
-    card_json = json.dumps(card, indent=2, allow_nan=False)
-    if scripted is not None:
-        files["torchscript"] = out_dir / MODEL_FILE
-        with _quiet_jit():
-            torch.jit.save(scripted, str(files["torchscript"]), _extra_files={CARD_JSON: card_json})
-    if "onnx" in formats:
-        _onnx_embed_card(files["onnx"], card_json)
-    files["card_json"] = out_dir / CARD_JSON
-    files["card_json"].write_text(card_json + "\n")
-    files["card_md"] = out_dir / CARD_MD
-    files["card_md"].write_text(card_markdown(card))
+        model_id, rnd = trained.model_id, trained.round
+        card = build_card(info, model_path, weights, model_id, rnd, net, formats, verified)
+        card_json = json.dumps(card, indent=2, allow_nan=False)
+        if scripted is not None:
+            model_buf = io.BytesIO()
+            with _quiet_jit():
+                torch.jit.save(scripted, model_buf, _extra_files={CARD_JSON: card_json})
+            files["torchscript"] = put(MODEL_FILE, model_buf.getvalue())
+        if "onnx" in formats:
+            _onnx_embed_card(onnx_tmp, card_json)
+            files["onnx"] = put(ONNX_FILE, onnx_tmp.read_bytes())
+    files["card_json"] = put(CARD_JSON, (card_json + "\n").encode())
+    files["card_md"] = put(CARD_MD, card_markdown(card).encode())
     order = ("torchscript", "preprocess", "onnx", "card_json", "card_md")
     return ExportResult(out_dir=out_dir, files={k: files[k] for k in order if k in files}, card=card, notes=notes)
 

@@ -1,6 +1,6 @@
 """An in-process stand-in for Flower's ``Grid``: the same site handler and round loop, no network.
 
-Used by the benchmark (a full grid of configurations fits on 2 CPU cores) and by the tests. Each
+Used by the benchmark (a full grid of configurations fits in one process) and by the tests. Each
 message goes to a site handler (default :class:`~dicomfl.client.handler.SiteHandler`, the one the
 ClientApp wraps), as a SuperNode would hand it over. ``down`` marks sites as unreachable.
 
