@@ -183,3 +183,94 @@ def test_flower_internals_the_inprocess_grid_sets():
     assert m.metadata.message_id == ""
     stamp_message_id(m, "inproc-1")
     assert m.metadata.message_id == "inproc-1"
+
+
+# ------------------------------------------------- Flower internals only in the Flower adapters
+#: The one module per side that may use Flower beyond its public API (see each module's doc).
+FLOWER_ADAPTERS = {"client/transport/flower_adapter.py", "server/flower_adapter.py", "workbench/flower_adapter.py"}
+#: Flower's public API as dicomfl uses it: these modules, any name not starting with "_" ...
+FLOWER_PUBLIC = {"flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.serverapp.strategy", "flwr.simulation"}
+
+
+def _flower_common_names() -> frozenset[str]:
+    """... and of ``flwr.common`` only the names it exports (``flwr.common.serde``,
+    ``flwr.common.constant`` and the like are Flower's own plumbing)."""
+    import flwr.common
+
+    return frozenset(flwr.common.__all__)
+
+
+def flower_internals(source: str, filename: str = "<string>") -> list[str]:
+    """Where a file uses Flower beyond its public API: an import of another ``flwr`` module (its
+    protobufs, the SuperNode, the SuperLink, supercore, ...), of an underscored name, of a
+    ``flwr.common`` name it does not export; or a write into an object's ``__dict__`` under a
+    private key (how Flower's private fields are set)."""
+    bad, common_names = [], _flower_common_names()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            bad += [f"{filename}:{node.lineno}: import {a.name}" for a in node.names
+                    if a.name.split(".")[0] == "flwr" and a.name not in FLOWER_PUBLIC]
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "flwr":
+            mod, names = node.module, [a.name for a in node.names]
+            if mod == "flwr":
+                wrong = [n for n in names if f"flwr.{n}" not in FLOWER_PUBLIC]
+            elif mod == "flwr.common":
+                wrong = [n for n in names if n not in common_names or n.startswith("_")]
+            elif mod in FLOWER_PUBLIC:
+                wrong = [n for n in names if n.startswith("_")]
+            else:
+                wrong = names
+            bad += [f"{filename}:{node.lineno}: from {mod} import {n}" for n in wrong]
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) \
+                and node.value.attr == "__dict__" and isinstance(node.slice, ast.Constant) \
+                and isinstance(node.slice.value, str) and node.slice.value.startswith("_"):
+            bad += [f"{filename}:{node.lineno}: __dict__[{node.slice.value!r}]"]
+    return bad
+
+
+def test_flower_internals_are_used_only_in_the_flower_adapters():
+    bad = []
+    for layer in PACKAGES:
+        for f in sorted((ROOT / layer).rglob("*.py")):
+            name = str(f.relative_to(ROOT))
+            if name not in FLOWER_ADAPTERS:
+                bad += flower_internals(f.read_text(), name)
+    assert bad == []
+
+
+def test_each_flower_adapter_is_in_the_tree_and_uses_flower_internals():
+    """An adapter that no longer reaches into Flower is not an adapter: fold it back or drop it."""
+    for name in sorted(FLOWER_ADAPTERS):
+        assert flower_internals((ROOT / name).read_text(), name), name
+
+
+@pytest.mark.parametrize("line", [
+    "import flwr.supernode.start_client_internal as loop",
+    "def f():\n    from flwr.supernode.cli import flower_supernode",
+    "from flwr.supercore.task_identity import TaskIdentity",
+    "from flwr.proto.runtime_pb2 import AcquireTaskRequest",
+    "from flwr.common.serde import message_to_proto",
+    "from flwr.common.constant import SubStatus",
+    "from flwr.common import _private_thing",
+    "from flwr.app import _internal",
+    "from flwr.app.message import make_message",
+    "from flwr.superlink.grid.http_grid import HttpGrid",
+    "from flwr.server.superlink import fleet",
+    "from flwr import supernode",
+    "msg.metadata.__dict__['_message_id'] = 'x'",
+])
+def test_the_flower_rule_catches_an_internal(line):
+    assert flower_internals(textwrap.dedent(line))
+
+
+@pytest.mark.parametrize("line", [
+    "from flwr.app import ArrayRecord, Context, Message",
+    "from flwr.clientapp import ClientApp",
+    "from flwr.serverapp import Grid, ServerApp, strategy",
+    "from flwr.serverapp.strategy import FedAvg",
+    "from flwr.common import Message, ndarray_to_bytes",
+    "from flwr import app",
+    "from flwrapp import x",  # not Flower: another module whose name starts alike
+])
+def test_the_flower_rule_lets_the_public_api_pass(line):
+    assert flower_internals(line) == []
