@@ -203,8 +203,9 @@ def _flower_common_names() -> frozenset[str]:
 def flower_internals(source: str, filename: str = "<string>") -> list[str]:
     """Where a file uses Flower beyond its public API: an import of another ``flwr`` module (its
     protobufs, the SuperNode, the SuperLink, supercore, ...), of an underscored name, of a
-    ``flwr.common`` name it does not export; or a write into an object's ``__dict__`` under a
-    private key (how Flower's private fields are set)."""
+    ``flwr.common`` name it does not export; a write into an object's ``__dict__`` under a
+    private key (how Flower's private fields are set); or a module looked up in ``sys.modules``
+    (how a Flower module's attribute is replaced without importing it by name)."""
     bad, common_names = [], _flower_common_names()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -225,6 +226,13 @@ def flower_internals(source: str, filename: str = "<string>") -> list[str]:
                 and node.value.attr == "__dict__" and isinstance(node.slice, ast.Constant) \
                 and isinstance(node.slice.value, str) and node.slice.value.startswith("_"):
             bad += [f"{filename}:{node.lineno}: __dict__[{node.slice.value!r}]"]
+        elif isinstance(node, ast.Attribute) and node.attr in ("get", "__getitem__") \
+                and isinstance(node.value, ast.Attribute) and node.value.attr == "modules" \
+                and isinstance(node.value.value, ast.Name) and node.value.value.id == "sys" \
+                or isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) \
+                and node.value.attr == "modules" and isinstance(node.value.value, ast.Name) \
+                and node.value.value.id == "sys":
+            bad += [f"{filename}:{node.lineno}: a module from sys.modules"]
     return bad
 
 
@@ -258,6 +266,8 @@ def test_each_flower_adapter_is_in_the_tree_and_uses_flower_internals():
     "from flwr.server.superlink import fleet",
     "from flwr import supernode",
     "msg.metadata.__dict__['_message_id'] = 'x'",
+    "module = sys.modules.get(type(grid).__module__)",
+    "sys.modules['flwr.superlink.grid.http_grid'].pull_objects = f",
 ])
 def test_the_flower_rule_catches_an_internal(line):
     assert flower_internals(textwrap.dedent(line))
@@ -270,6 +280,7 @@ def test_the_flower_rule_catches_an_internal(line):
     "from flwr.serverapp.strategy import FedAvg",
     "from flwr.common import Message, ndarray_to_bytes",
     "from flwr import app",
+    "'torch' in sys.modules",  # asking whether something is loaded reaches into nothing
     "from flwrapp import x",  # not Flower: another module whose name starts alike
 ])
 def test_the_flower_rule_lets_the_public_api_pass(line):
