@@ -23,9 +23,9 @@ a few images per site, so the work is small and the overhead shows:
 * **polled**: as direct, but the worker is not woken by its SuperNode
   (``federation.wake_worker: false``): it asks for a task every ``federation.task_poll_s`` (0.1 s);
 * **direct**: dicomfl's default, messages in the compact form (3 objects each, ``common/wire.py``): the warm worker takes the SuperNode's tasks itself (no process per
-  message, ``dicomfl.client.tasks``) and the SuperNode's idle wait is capped at
-  ``federation.idle_poll_s`` (0.25 s, ``dicomfl.client.supernode``), and the SuperNode wakes the
-  worker as soon as a message has arrived (``dicomfl.client.tasks.Wakeup``).
+  message, ``dicomfl.client.transport.tasks``) and the SuperNode's idle wait is capped at
+  ``federation.idle_poll_s`` (0.25 s, ``dicomfl.client.transport.supernode``), and the SuperNode wakes the
+  worker as soon as a message has arrived (``dicomfl.client.transport.wakeup.Wakeup``).
 
 The table also gives the spread of the moments the sites' workers received the same round's
 message (latest minus earliest): that is where the SuperNode's idle wait shows.

@@ -1,7 +1,7 @@
 """The Flower ClientApp: a thin shell that hands each message to the site's handler.
 
 Started by a site daemon (``dicomfl site start``), whose node config names the site's warm worker
-(``worker-socket=...``), it is a forwarder (:mod:`dicomfl.client.forwarder`): the message goes to
+(``worker-socket=...``), it is a forwarder (:mod:`dicomfl.client.transport.forwarder`): the message goes to
 the worker process that holds torch, the site's data and the trainers, and the worker's reply comes
 back. This module then imports neither torch nor the data path, so each per-message process Flower
 starts costs only Flower's own start-up.
@@ -17,7 +17,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from . import forwarder
+from .transport import forwarder
 
 app = ClientApp()
 _in_process = None

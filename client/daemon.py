@@ -2,19 +2,19 @@
 
 Two children (three with DICOM intake), each in its own process group, each restarted with its own back-off if it exits:
 
-* the **worker** (:mod:`dicomfl.client.worker`): imports torch once, opens the site's data once
+* the **warm worker** (:mod:`dicomfl.client.transport.warm`): imports torch once, opens the site's data once
   per run, keeps the trainers, and serves the site's handler on a private Unix socket
   (``<state_dir>/run/worker.sock``, or a short private path when that one is too long for a
   socket). Its output goes to ``<state_dir>/logs/worker.log``; what it does, to ``site.log``.
-* the **SuperNode** (Flower's, through :mod:`dicomfl.client.supernode`, which caps its idle wait
+* the **SuperNode** (Flower's, through :mod:`dicomfl.client.transport.supernode`, which caps its idle wait
   at ``federation.idle_poll_s``), with the federation's CA certificate, the site's authentication
   key, no runtime dependency installation (its default) and a node config naming this site's
   config. With ``federation.message_path: direct`` (the default) it runs in ``process``
   isolation: no SuperExec, no per-message process; the worker takes its tasks over its Runtime
-  API (:mod:`dicomfl.client.tasks`), signed with a secret this daemon writes at each start, and
+  API (:mod:`dicomfl.client.transport.tasks`), signed with a secret this daemon writes at each start, and
   the SuperNode wakes it when a message has arrived (``wake.sock`` beside the worker's socket). With
   ``forwarder``, Flower's SuperExec starts a ClientApp per message that only forwards to the worker
-  (:mod:`dicomfl.client.forwarder`); the SuperExec then looks for new messages every 0.25 s
+  (:mod:`dicomfl.client.transport.forwarder`); the SuperExec then looks for new messages every 0.25 s
   (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; an operator's own value in the environment wins) instead
   of Flower's default 1 s. Output: ``<state_dir>/logs/supernode.log``.
 
@@ -55,9 +55,10 @@ from dicomfl.common.config import SiteConfig
 from dicomfl.common.errors import ConfigError, DicomflError, printable
 from dicomfl.common.supervise import Child, child_env, supervise_all
 
-from .forwarder import WORKER_SOCKET
-from .tasks import WAKE_NAME, write_secret
-from .worker import socket_path
+from .transport.forwarder import WORKER_SOCKET
+from .transport.secret import write_superexec_secret
+from .transport.wakeup import WAKE_NAME
+from .transport.warm import socket_path
 
 log = logging.getLogger("dicomfl.site")
 
@@ -114,7 +115,7 @@ def wake_path(cfg: SiteConfig, worker_socket: Path | None, secret: Path | None) 
 
 
 def supernode_command(cfg: SiteConfig, worker_socket: Path | None = None, secret: Path | None = None) -> list[str]:
-    """Flower's SuperNode (through :mod:`dicomfl.client.supernode`, which caps its idle wait).
+    """Flower's SuperNode (through :mod:`dicomfl.client.transport.supernode`, which caps its idle wait).
 
     With ``secret`` (message_path direct) it runs in ``process`` isolation: no SuperExec, no
     per-message process; the warm worker takes its tasks, woken by the SuperNode when a message has
@@ -126,7 +127,7 @@ def supernode_command(cfg: SiteConfig, worker_socket: Path | None = None, secret
     if worker_socket is not None and secret is None:
         node_config += f' {WORKER_SOCKET}="{worker_socket}"'
     wake = wake_path(cfg, worker_socket, secret)
-    cmd = [sys.executable, "-m", "dicomfl.client.supernode", "--idle-s", f"{f.idle_poll_s:g}",
+    cmd = [sys.executable, "-m", "dicomfl.client.transport.supernode", "--idle-s", f"{f.idle_poll_s:g}",
            *(["--wake", str(wake)] if wake is not None else []), "--",
            "--superlink", f.superlink, "--port", str(f.port), "--node-config", node_config]
     if secret is not None:
@@ -145,7 +146,7 @@ def supernode_command(cfg: SiteConfig, worker_socket: Path | None = None, secret
 
 
 def worker_command(cfg: SiteConfig, sock: Path, secret: Path | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "dicomfl.client.worker", str(Path(cfg.source).resolve()), "--socket", str(sock)]
+    cmd = [sys.executable, "-m", "dicomfl.client.transport.warm", str(Path(cfg.source).resolve()), "--socket", str(sock)]
     if secret is not None:
         f = cfg.federation
         cmd += ["--runtime-api", f"127.0.0.1:{f.port}", "--secret-file", str(secret), "--task-poll-s", f"{f.task_poll_s:g}"]
@@ -177,7 +178,7 @@ def start(cfg: SiteConfig) -> int:
             sock = socket_path(state)
         except PermissionError as exc:
             raise ConfigError(f"{cfg.source}: site.state_dir: no private place for the worker's socket: {exc}") from None
-    secret = write_secret(sock.parent) if sock is not None and cfg.federation.message_path == "direct" else None
+    secret = write_superexec_secret(sock.parent) if sock is not None and cfg.federation.message_path == "direct" else None
     cmd = supernode_command(cfg, sock, secret)
     env = child_env({"FLWR_HOME": str(state / "flwr-home")})
     env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S)

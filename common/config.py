@@ -319,13 +319,13 @@ class FederationSection(_Strict):
     port: int = Field(default=9094, ge=1, le=65535)  # the SuperNode's own runtime API, on loopback
     restart_backoff_s: float = Field(default=5.0, gt=0)
     # One long-lived worker process holds torch, the site's data and the trainers; the ClientApp
-    # Flower starts per message only forwards to it (dicomfl.client.worker). false: each message's
+    # Flower starts per message only forwards to it (dicomfl.client.transport.warm). false: each message's
     # ClientApp does the work itself (imports torch, opens the data): slower; for comparison.
     warm_worker: bool = True
     # How a message reaches the warm worker. direct: the worker takes the SuperNode's ClientApp
     # tasks itself over the SuperNode's Runtime API (SuperNode in process isolation; no process per
-    # message; dicomfl.client.tasks). forwarder: Flower starts a flwr-clientapp process per
-    # message, which forwards it over the worker's socket (dicomfl.client.forwarder).
+    # message; dicomfl.client.transport.tasks). forwarder: Flower starts a flwr-clientapp process per
+    # message, which forwards it over the worker's socket (dicomfl.client.transport.forwarder).
     message_path: Literal["direct", "forwarder"] = "direct"
     # direct: how often an idle worker asks the SuperNode for a task (seconds), until the SuperNode
     # first wakes it (wake_worker); from then on it is woken and asks only every second when idle.
@@ -335,7 +335,7 @@ class FederationSection(_Strict):
     # comparison, benchmarks/round_bench.py).
     wake_worker: bool = True
     # The longest the SuperNode waits before asking the SuperLink again for a message (Flower's
-    # own wait is a fixed 3 s with no option; dicomfl.client.supernode caps it). Each idle site asks
+    # own wait is a fixed 3 s with no option; dicomfl.client.transport.supernode caps it). Each idle site asks
     # the SuperLink 1/idle_poll_s times a second.
     idle_poll_s: float = Field(default=0.25, ge=0.05, le=3.0)
 

@@ -61,12 +61,12 @@ def key_already_registered(error_message: str) -> bool:
 
     Flower's CLI reports the SuperLink's error only as text (its JSON output has no error code),
     so this is the one place that reads it: against Flower's own public message for
-    ``ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE`` (pinned by tests/test_layers.py).
+    ``ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE`` (:func:`.flower_adapter.public_key_in_use_message`,
+    pinned by tests/test_layers.py).
     """
-    from flwr.supercore.error.base import ApiErrorCode
-    from flwr.supercore.error.catalog import API_ERROR_MAP
+    from .flower_adapter import public_key_in_use_message
 
-    expected = API_ERROR_MAP[ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE].public_message.rstrip(".")
+    expected = public_key_in_use_message().rstrip(".")
     return expected.lower() in error_message.lower()
 
 

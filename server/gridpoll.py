@@ -14,12 +14,13 @@ the reply.
 
 A reply's head reaches the SuperLink before its objects (the SuperNode sends the head, then
 pushes the objects), and Flower's grid (flwr 1.41, ``HttpGrid.pull_messages``) waits for an object
-that is not there yet 1 s, then 2, 4, ... (``pull_objects``' defaults; no option). Measured on
-loopback, that added 1-1.5 s to every round for objects that arrived milliseconds later.
-While a round is out, :func:`send_and_collect` gives the grid's module a ``pull_objects`` whose
-back-off starts at 0.05 s and never exceeds the poll interval (Flower's own function, called
-with other keyword defaults; this process only), and gives Flower's own back when the round's
-replies are in. If Flower's module does not have that shape, nothing is changed.
+that is not there yet 1 s, then 2, 4, ... (``pull_objects``' defaults; no option): seconds added
+to every round for objects that arrive milliseconds later. While a round is out,
+:func:`send_and_collect` gives the grid's module a ``pull_objects`` whose back-off starts at
+0.05 s and never exceeds the poll interval (Flower's own function, called with other keyword
+defaults; this process only; :func:`.flower_adapter.quick_object_pulls`), and gives Flower's own
+back when the round's replies are in. If Flower's module does not have that shape, nothing is
+changed.
 
 How long a reply's objects are waited for is the round's: every call's limit ends at the round's
 timeout (Flower's own: up to 500 asks per object, or 2 h per reply). The grid pulls the replies
@@ -36,10 +37,7 @@ reply only from the node its message went to, so a reply from any other node is 
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
-import sys
 import time
 from collections.abc import Iterable, Iterator
 
@@ -47,58 +45,12 @@ from flwr.app import Message
 
 from dicomfl.common.wire import is_packed, pack
 
+from .flower_adapter import quick_object_pulls, restore_object_pulls
+
 log = logging.getLogger("dicomfl.server")
 
 
 MAX_BACKOFF_S = 5.0  # the longest wait between pulls after failed ones
-FIRST_OBJECT_BACKOFF_S = 0.05  # the first wait before asking again for a reply's object not there yet
-
-
-class _QuickPulls:
-    """Flower's ``pull_objects`` with a short back-off, no limit on the number of asks, and, while
-    a round is out, an overall limit that ends at the round's ``deadline`` (``time.monotonic()``)
-    however many replies the grid pulls one after the other."""
-
-    def __init__(self, func, cap: float) -> None:
-        self.func, self.cap, self.deadline = func, cap, None
-
-    def __call__(self, *args, **kwargs):
-        kwargs.setdefault("initial_backoff", min(FIRST_OBJECT_BACKOFF_S, self.cap))
-        kwargs.setdefault("backoff_cap", self.cap)
-        kwargs.setdefault("max_tries_per_object", None)
-        if self.deadline is not None:
-            kwargs.setdefault("max_time", max(0.1, self.deadline - time.monotonic()))
-        return self.func(*args, **kwargs)
-
-
-def quick_object_pulls(grid, cap: float, deadline: float | None = None) -> _QuickPulls | None:
-    """Make ``grid``'s module pull objects not yet at the SuperLink again after 0.05 s, doubling up
-    to ``cap`` s (instead of 1 s up to 10 s), with no limit on the number of asks and, if
-    ``deadline`` is given, none after it (else Flower's 2 h). Returns what was installed (None:
-    the module does not have the expected shape; nothing was changed). Undo with
-    :func:`restore_object_pulls`."""
-    module = sys.modules.get(type(grid).__module__)
-    pull = getattr(module, "pull_objects", None)
-    if isinstance(pull, _QuickPulls):
-        pull = pull.func
-    try:
-        params = inspect.signature(pull).parameters if callable(pull) else {}
-    except (TypeError, ValueError):
-        return None
-    if not {"initial_backoff", "backoff_cap", "max_time", "max_tries_per_object"} <= set(params):
-        return None
-    quick = _QuickPulls(pull, max(float(cap), 0.01))
-    quick.deadline = deadline
-    module.pull_objects = quick
-    return quick
-
-
-def restore_object_pulls(grid) -> None:
-    """Give ``grid``'s module back Flower's own ``pull_objects``."""
-    module = sys.modules.get(type(grid).__module__)
-    pull = getattr(module, "pull_objects", None)
-    if isinstance(pull, _QuickPulls):
-        module.pull_objects = pull.func
 
 
 def _as_the_sites(reply: Message, sent: Message | None) -> Message:

@@ -61,7 +61,7 @@ def _worker_pid(context: Context) -> int | None:
 
 def _kill_worker_while_it_holds(msg: Message, context: Context, call_next) -> Message:
     """Stop the worker, hand it the message, SIGKILL it once the forwarder is connected to it."""
-    from dicomfl.client import forwarder
+    from dicomfl.client.transport import forwarder
 
     pid = _worker_pid(context)
     if pid is None:

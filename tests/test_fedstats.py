@@ -149,9 +149,9 @@ def _message(kind: str, config: dict, arrays=None, node: int = 1) -> Message:
     if arrays is not None:
         content[P.ARRAYS if kind == MessageType.TRAIN else P.MODEL_PREFIX + "global"] = ArrayRecord(arrays)
     msg = Message(content=content, dst_node_id=node, message_type=kind)
-    from dicomfl.workbench.inprocess import _as_flower_would
+    from dicomfl.workbench.flower_adapter import stamp_message_id
 
-    _as_flower_would(msg, "hostile")
+    stamp_message_id(msg, "hostile")
     return msg
 
 

@@ -49,10 +49,16 @@ def imported_modules(source: str, package: str) -> list[tuple[int, str]]:
     return out
 
 
-def violations(layer: str, source: str, filename: str = "<string>") -> list[str]:
-    """Imports in a file of ``layer`` that break the dependency rule."""
+def package_of(path: Path) -> str:
+    """The dotted package a file of the tree is in (``client/transport/x.py``: ``dicomfl.client.transport``)."""
+    rel = path.relative_to(ROOT)
+    return ".".join([PACKAGES[rel.parts[0]], *rel.parts[1:-1]])
+
+
+def violations(layer: str, source: str, filename: str = "<string>", package: str | None = None) -> list[str]:
+    """Imports in a file of ``layer`` (in ``package``, default the layer's top) that break the dependency rule."""
     bad = []
-    for line, mod in imported_modules(source, PACKAGES[layer]):
+    for line, mod in imported_modules(source, package or PACKAGES[layer]):
         parts = mod.split(".")
         if parts[0] != "dicomfl" or len(parts) < 2 or parts[1] == layer:
             continue
@@ -65,7 +71,7 @@ def test_the_dependency_rule_holds_in_the_tree():
     bad = []
     for layer in PACKAGES:
         for f in sorted((ROOT / layer).rglob("*.py")):
-            bad += violations(layer, f.read_text(), str(f.relative_to(ROOT)))
+            bad += violations(layer, f.read_text(), str(f.relative_to(ROOT)), package_of(f))
     assert bad == []
 
 
@@ -156,7 +162,7 @@ def test_flower_message_the_registration_adapter_reads():
 
 
 def test_flower_internals_the_inprocess_grid_sets():
-    """workbench/inprocess.py sets Flower's TaskIdentity and stamps message ids. When Flower no
+    """workbench/flower_adapter.py (for the in-process grid) sets Flower's TaskIdentity and stamps message ids. When Flower no
     longer needs the first (a Message can be built in a bare process) or stores ids elsewhere,
     this fails: drop or move the adapter."""
     code = textwrap.dedent("""
@@ -170,10 +176,112 @@ def test_flower_internals_the_inprocess_grid_sets():
     assert r.stdout.strip() == "needs-identity", r.stderr
     from flwr.app import Message, RecordDict
 
-    from dicomfl.workbench.inprocess import _as_flower_would, _task_identity
+    from dicomfl.workbench.flower_adapter import stamp_message_id, task_identity
 
-    _task_identity()
+    task_identity()
     m = Message(RecordDict(), dst_node_id=1, message_type="train")
     assert m.metadata.message_id == ""
-    _as_flower_would(m, "inproc-1")
+    stamp_message_id(m, "inproc-1")
     assert m.metadata.message_id == "inproc-1"
+
+
+# ------------------------------------------------- Flower internals only in the Flower adapters
+#: The one module per side that may use Flower beyond its public API (see each module's doc).
+FLOWER_ADAPTERS = {"client/transport/flower_adapter.py", "server/flower_adapter.py", "workbench/flower_adapter.py"}
+#: Flower's public API as dicomfl uses it: these modules, any name not starting with "_" ...
+FLOWER_PUBLIC = {"flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.serverapp.strategy", "flwr.simulation"}
+
+
+def _flower_common_names() -> frozenset[str]:
+    """... and of ``flwr.common`` only the names it exports (``flwr.common.serde``,
+    ``flwr.common.constant`` and the like are Flower's own plumbing)."""
+    import flwr.common
+
+    return frozenset(flwr.common.__all__)
+
+
+def flower_internals(source: str, filename: str = "<string>") -> list[str]:
+    """Where a file uses Flower beyond its public API: an import of another ``flwr`` module (its
+    protobufs, the SuperNode, the SuperLink, supercore, ...), of an underscored name, of a
+    ``flwr.common`` name it does not export; a write into an object's ``__dict__`` under a
+    private key (how Flower's private fields are set); or a module looked up in ``sys.modules``
+    (how a Flower module's attribute is replaced without importing it by name)."""
+    bad, common_names = [], _flower_common_names()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            bad += [f"{filename}:{node.lineno}: import {a.name}" for a in node.names
+                    if a.name.split(".")[0] == "flwr" and a.name not in FLOWER_PUBLIC]
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "flwr":
+            mod, names = node.module, [a.name for a in node.names]
+            if mod == "flwr":
+                wrong = [n for n in names if f"flwr.{n}" not in FLOWER_PUBLIC]
+            elif mod == "flwr.common":
+                wrong = [n for n in names if n not in common_names or n.startswith("_")]
+            elif mod in FLOWER_PUBLIC:
+                wrong = [n for n in names if n.startswith("_")]
+            else:
+                wrong = names
+            bad += [f"{filename}:{node.lineno}: from {mod} import {n}" for n in wrong]
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) \
+                and node.value.attr == "__dict__" and isinstance(node.slice, ast.Constant) \
+                and isinstance(node.slice.value, str) and node.slice.value.startswith("_"):
+            bad += [f"{filename}:{node.lineno}: __dict__[{node.slice.value!r}]"]
+        elif isinstance(node, ast.Attribute) and node.attr in ("get", "__getitem__") \
+                and isinstance(node.value, ast.Attribute) and node.value.attr == "modules" \
+                and isinstance(node.value.value, ast.Name) and node.value.value.id == "sys" \
+                or isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) \
+                and node.value.attr == "modules" and isinstance(node.value.value, ast.Name) \
+                and node.value.value.id == "sys":
+            bad += [f"{filename}:{node.lineno}: a module from sys.modules"]
+    return bad
+
+
+def test_flower_internals_are_used_only_in_the_flower_adapters():
+    bad = []
+    for layer in PACKAGES:
+        for f in sorted((ROOT / layer).rglob("*.py")):
+            name = str(f.relative_to(ROOT))
+            if name not in FLOWER_ADAPTERS:
+                bad += flower_internals(f.read_text(), name)
+    assert bad == []
+
+
+def test_each_flower_adapter_is_in_the_tree_and_uses_flower_internals():
+    """An adapter that no longer reaches into Flower is not an adapter: fold it back or drop it."""
+    for name in sorted(FLOWER_ADAPTERS):
+        assert flower_internals((ROOT / name).read_text(), name), name
+
+
+@pytest.mark.parametrize("line", [
+    "import flwr.supernode.start_client_internal as loop",
+    "def f():\n    from flwr.supernode.cli import flower_supernode",
+    "from flwr.supercore.task_identity import TaskIdentity",
+    "from flwr.proto.runtime_pb2 import AcquireTaskRequest",
+    "from flwr.common.serde import message_to_proto",
+    "from flwr.common.constant import SubStatus",
+    "from flwr.common import _private_thing",
+    "from flwr.app import _internal",
+    "from flwr.app.message import make_message",
+    "from flwr.superlink.grid.http_grid import HttpGrid",
+    "from flwr.server.superlink import fleet",
+    "from flwr import supernode",
+    "msg.metadata.__dict__['_message_id'] = 'x'",
+    "module = sys.modules.get(type(grid).__module__)",
+    "sys.modules['flwr.superlink.grid.http_grid'].pull_objects = f",
+])
+def test_the_flower_rule_catches_an_internal(line):
+    assert flower_internals(textwrap.dedent(line))
+
+
+@pytest.mark.parametrize("line", [
+    "from flwr.app import ArrayRecord, Context, Message",
+    "from flwr.clientapp import ClientApp",
+    "from flwr.serverapp import Grid, ServerApp, strategy",
+    "from flwr.serverapp.strategy import FedAvg",
+    "from flwr.common import Message, ndarray_to_bytes",
+    "from flwr import app",
+    "'torch' in sys.modules",  # asking whether something is loaded reaches into nothing
+    "from flwrapp import x",  # not Flower: another module whose name starts alike
+])
+def test_the_flower_rule_lets_the_public_api_pass(line):
+    assert flower_internals(line) == []

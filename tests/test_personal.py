@@ -22,7 +22,8 @@ from dicomfl.common.model import build_model, get_weights, norm_parameter_names
 from dicomfl.server.checkpoint import Checkpoints, read_npz
 from dicomfl.server.federation import Federation
 from dicomfl.server.replies import Rejection, validate_personal_reply
-from dicomfl.workbench.inprocess import InProcessGrid, _task_identity
+from dicomfl.workbench.flower_adapter import task_identity
+from dicomfl.workbench.inprocess import InProcessGrid
 
 SITES = ("site-a", "site-b", "site-c")
 MODEL = {"mode": "fused", "image_size": 32, "width": 4, "depth": 1, "meta_hidden": 8, "head_hidden": 8}
@@ -151,7 +152,7 @@ def _ctx(site_yaml) -> Context:
 
 
 def _personalize_msg(run="p1", steps=4, checks=2, dp=True, target=8.0, **extra) -> Message:
-    _task_identity()
+    task_identity()
     cfg = {"run": run, "server-round": 3, "num-rounds": 3, "local-epochs": 1, "local-steps": 0, "dp": dp,
            "target-epsilon": target, "delta": 1e-5, "seed": 0, "model": MC.model_dump_json(),
            "personalize-steps": steps, "personalize-lr-scale": 1.0, "personalize-checks": checks, **extra}
@@ -203,7 +204,7 @@ def test_a_hostile_personal_flag_or_run_in_an_evaluate_message_is_refused(cohort
     site = _site(cohort, tmp_path)
     handler = SiteHandler()
     for cfg in ({"personal": "yes", "run": "r"}, {"personal": True, "run": "../../etc"}):
-        _task_identity()
+        task_identity()
         msg = Message(content=RecordDict({P.CONFIG: ConfigRecord({"model": MC.model_dump_json(), **cfg})}),
                       dst_node_id=1, message_type="evaluate")
         msg.metadata.__dict__["_message_id"] = "e-1"
@@ -212,7 +213,7 @@ def test_a_hostile_personal_flag_or_run_in_an_evaluate_message_is_refused(cohort
 
 
 def test_the_coordinator_checks_personalize_replies():
-    _task_identity()
+    task_identity()
     g = get_weights(build_model(MC))
     sent = Message(RecordDict({P.CONFIG: ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type="train")
 

@@ -26,7 +26,8 @@ from dicomfl.server.checkpoint import Checkpoints, read_npz
 from dicomfl.server.checks import control_problems
 from dicomfl.server.federation import Federation
 from dicomfl.server.replies import Rejection, validate_train_reply
-from dicomfl.workbench.inprocess import InProcessGrid, _task_identity
+from dicomfl.workbench.flower_adapter import task_identity
+from dicomfl.workbench.inprocess import InProcessGrid
 
 SITES = ("site-a", "site-b", "site-c")
 MODEL = {"mode": "fused", "image_size": 32, "width": 4, "depth": 1, "meta_hidden": 8, "head_hidden": 8}
@@ -178,7 +179,7 @@ def _site(cohort, tmp_path, name="site-a", optimizer="sgd", **privacy):
 
 
 def _train_msg(control, run="sc1", rnd=1, steps=3) -> Message:
-    _task_identity()
+    task_identity()
     g = P.to_record(get_weights(build_model(MC)))
     cfg = {"run": run, "server-round": rnd, "num-rounds": 3, "local-epochs": 1, "local-steps": steps, "dp": False,
            "target-epsilon": 0.0, "delta": 1e-5, "seed": 0, "model": MC.model_dump_json()}
@@ -302,7 +303,7 @@ def test_a_corrupt_or_stale_control_file_counts_as_zeros(cohort, tmp_path, caplo
 
 # ---------------------------------------------------------------------------- the coordinator's side
 def _reply(arrays, delta=None, n=10.0) -> Message:
-    _task_identity()
+    task_identity()
     content = RecordDict({P.ARRAYS: _rec(arrays), P.METRICS: MetricRecord({"num-examples": n, "train-loss": 0.5})})
     if delta is not None:
         content[P.CONTROL_DELTA] = _rec(delta)

@@ -18,8 +18,8 @@ from pathlib import Path
 import yaml
 
 from dicomfl.client.daemon import LOCK_NAME
-from dicomfl.client.tasks import SECRET_NAME
-from dicomfl.client.worker import socket_path
+from dicomfl.client.transport.secret import SECRET_NAME
+from dicomfl.client.transport.warm import socket_path
 from dicomfl.common.supervise import stop_group
 
 CLI = [sys.executable, "-m", "dicomfl.workbench.cli"]

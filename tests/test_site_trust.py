@@ -20,7 +20,7 @@ from dicomfl.common import protocol as P
 from dicomfl.common.config import ModelConfig, load_site_config
 from dicomfl.common.errors import ConfigError
 from dicomfl.common.model import build_model, get_weights
-from dicomfl.workbench.inprocess import _task_identity
+from dicomfl.workbench.flower_adapter import task_identity
 
 MC = ModelConfig(image_size=32, width=8, depth=2, meta_hidden=32, head_hidden=32)
 
@@ -39,7 +39,7 @@ def _site(cohort, tmp_path, **privacy):
 
 
 def _train_msg(run="r1", rnd=1, rounds=3, local=False, dp=False, **extra) -> Message:
-    _task_identity()
+    task_identity()
     g = P.to_record(get_weights(build_model(MC)))
     cfg = {"run": run, "server-round": rnd, "num-rounds": rounds, "local-epochs": 1, "local-steps": 0, "dp": dp,
            "target-epsilon": 0.0, "delta": 1e-5, "seed": 0, "model": MC.model_dump_json(), **extra}

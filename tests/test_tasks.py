@@ -1,5 +1,5 @@
-"""The warm worker's direct path to the SuperNode (dicomfl.client.tasks) and the SuperNode shell
-that caps its idle wait (dicomfl.client.supernode), against a real Flower SuperNode started in
+"""The warm worker's direct path to the SuperNode (dicomfl.client.transport.tasks) and the SuperNode
+shell that caps its idle wait (dicomfl.client.transport.supernode), against a real Flower SuperNode started in
 process isolation on loopback (no SuperLink needed: its Runtime API serves the worker either way).
 The full path, messages included, runs in tests/test_deployment.py."""
 
@@ -15,9 +15,12 @@ import time
 
 import pytest
 
-from dicomfl.client import supernode as shell
-from dicomfl.client.tasks import (SECRET_BYTES, WOKEN_MIN_GAP_S, WOKEN_POLL_S, TaskLoop, Wakeup, read_secret, wake,
-                                  write_secret)
+from dicomfl.client.transport import supernode as shell
+from dicomfl.client.transport.secret import SECRET_BYTES
+from dicomfl.client.transport.secret import read_superexec_secret as read_secret
+from dicomfl.client.transport.secret import write_superexec_secret as write_secret
+from dicomfl.client.transport.tasks import WOKEN_MIN_GAP_S, WOKEN_POLL_S, TaskLoop
+from dicomfl.client.transport.wakeup import Wakeup, wake
 from dicomfl.common.supervise import free_port, stop_group
 
 
@@ -97,7 +100,7 @@ def supernode(tmp_path):
     log = tmp_path / "supernode.log"
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
     with open(log, "wb") as fh:
-        p = subprocess.Popen([sys.executable, "-m", "dicomfl.client.supernode", "--idle-s", "0.25", "--",
+        p = subprocess.Popen([sys.executable, "-m", "dicomfl.client.transport.supernode", "--idle-s", "0.25", "--",
                               "--insecure", "--superlink", f"127.0.0.1:{free_port()}", "--port", str(port),
                               "--isolation", "process", "--superexec-auth-secret-file", str(secret)],
                              stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=env)

@@ -17,7 +17,8 @@ from dicomfl.common import wire as W
 from dicomfl.common.config import load_run_config
 from dicomfl.server.federation import Federation
 from dicomfl.server.replies import Rejection, validate_train_reply
-from dicomfl.workbench.inprocess import InProcessGrid, _as_flower_would, _task_identity
+from dicomfl.workbench.flower_adapter import stamp_message_id, task_identity
+from dicomfl.workbench.inprocess import InProcessGrid
 
 from .test_federation import MODEL, SITES, _audit_reply, _header_strings, write_run
 
@@ -60,7 +61,7 @@ def _same(a: RecordDict, b: RecordDict, ignore: frozenset = frozenset()) -> None
 
 
 def _objects(content: RecordDict) -> dict:
-    _task_identity()
+    task_identity()
     return get_all_nested_objects(Message(content=content, dst_node_id=1, message_type="train"))
 
 
@@ -223,9 +224,9 @@ def test_large_form_with_missing_or_extra_arrays_is_refused():
 
 
 def test_the_coordinator_rejects_a_malformed_compact_reply_by_naming_the_form():
-    _task_identity()
+    task_identity()
     sent = Message(content=RecordDict({P.CONFIG: ConfigRecord({"a": 1})}), dst_node_id=7, message_type="train")
-    _as_flower_would(sent, "m1")
+    stamp_message_id(sent, "m1")
     reference = _weights(0, 100)
     good = Message(content=W.pack(_reply_content(n=100)), reply_to=sent)
     plain = Message(content=_reply_content(n=100), reply_to=sent)
@@ -238,11 +239,11 @@ def test_the_coordinator_rejects_a_malformed_compact_reply_by_naming_the_form():
 
 
 def test_a_site_answers_a_malformed_compact_message_with_bad_request(cohort):
-    _task_identity()
+    task_identity()
     from flwr.app import Context
 
     msg = Message(content=_tampered(HOSTILE["blob-short"]), dst_node_id=1, message_type="train")
-    _as_flower_would(msg, "m2")
+    stamp_message_id(msg, "m2")
     ctx = Context(run_id=1, node_id=1, node_config={"site-config": str(cohort / "site-a" / "site.yaml")},
                   state=RecordDict(), run_config={})
     reply = SiteHandler().handle(msg, ctx)
@@ -264,7 +265,7 @@ class PushPullGrid(InProcessGrid):
     def push_messages(self, messages):
         ids = []
         for i, msg in enumerate(messages):
-            _as_flower_would(msg, f"pp-{len(self.sent)}-{i}")
+            stamp_message_id(msg, f"pp-{len(self.sent)}-{i}")
             ids.append(msg.metadata.message_id)
             self.forms.append((msg.metadata.message_type, W.is_packed(msg.content)))
             for reply in self.send_and_receive([msg]):

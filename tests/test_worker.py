@@ -29,20 +29,21 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
-from dicomfl.client import forwarder, worker
-from dicomfl.client.worker import ERROR, HELLO, MESSAGE, REPLY, WorkerServer, read_frame, write_frame
+from dicomfl.client.transport import forwarder
+from dicomfl.client.transport import warm as worker
+from dicomfl.client.transport.warm import ERROR, HELLO, MESSAGE, REPLY, WorkerServer, read_frame, write_frame
 from dicomfl.common import protocol as P
-from dicomfl.workbench.inprocess import _as_flower_would, _task_identity
+from dicomfl.workbench.flower_adapter import stamp_message_id, task_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _message(kind: str = "train", n: int = 4, mid: str = "m-1") -> Message:
-    _task_identity()
+    task_identity()
     content = RecordDict({P.CONFIG: ConfigRecord({"run": "t", "server-round": 1}),
                           P.ARRAYS: P.to_record({"w": np.arange(n, dtype=np.float32)})})
     msg = Message(content, dst_node_id=7, message_type=kind)
-    _as_flower_would(msg, mid)
+    stamp_message_id(msg, mid)
     return msg
 
 
@@ -295,7 +296,7 @@ def test_the_clientapp_process_imports_neither_torch_nor_the_data_path():
     code = textwrap.dedent("""
         import sys
         import flwr.supernode.runtime.run_clientapp  # what flwr-clientapp itself loads
-        import dicomfl.client.app, dicomfl.client.forwarder, tests.faultapps
+        import dicomfl.client.app, dicomfl.client.transport.forwarder, tests.faultapps
         heavy = [m for m in sys.modules if m == "torch" or m.startswith(("torch.", "dicomfl.common.model",
                  "dicomfl.common.train", "dicomfl.common.ingest", "dicomfl.client.handler", "dicomfl.client.trainer"))]
         print(heavy)
@@ -325,13 +326,13 @@ def test_the_worker_s_replies_equal_the_in_process_handler_s(cohort, tmp_path):
            "target-epsilon": 0.0, "delta": 1e-5, "seed": 0, "model": json.dumps(MODEL)}
 
     def messages():
-        _task_identity()
+        task_identity()
         train = Message(RecordDict({P.ARRAYS: P.to_record(weights), P.CONFIG: ConfigRecord(cfg)}), dst_node_id=7,
                         message_type="train")
         ev = Message(RecordDict({P.CONFIG: ConfigRecord(cfg), P.MODEL_PREFIX + "global": P.to_record(weights)}),
                      dst_node_id=7, message_type="evaluate")
-        _as_flower_would(train, "t-1")
-        _as_flower_would(ev, "e-1")
+        stamp_message_id(train, "t-1")
+        stamp_message_id(ev, "e-1")
         return train, ev
 
     threads = torch.get_num_threads()
@@ -342,7 +343,7 @@ def test_the_worker_s_replies_equal_the_in_process_handler_s(cohort, tmp_path):
     try:
         t.start()
         deadline = time.monotonic() + 60
-        while (st := worker.read_status(state)) is None or st.get("socket") != str(sock):
+        while (st := worker.read_worker_status(state)) is None or st.get("socket") != str(sock):
             assert time.monotonic() < deadline and t.is_alive(), "the worker did not start"
             time.sleep(0.1)
         ctx = Context(run_id=5, node_id=7, node_config={forwarder.WORKER_SOCKET: str(sock), "site-config": str(site_yaml)},
@@ -454,7 +455,7 @@ class _PollGrid:
         self.t0 = time.monotonic()
         ids = []
         for i, m in enumerate(messages):
-            _as_flower_would(m, f"id-{i}")
+            stamp_message_id(m, f"id-{i}")
             self.msgs[m.metadata.message_id] = m
             ids.append(m.metadata.message_id if m.metadata.dst_node_id in self.ready_after else None)
         return ids
@@ -473,7 +474,7 @@ class _PollGrid:
 def test_send_and_collect_yields_replies_as_they_come_and_stops_at_the_timeout():
     from dicomfl.server.gridpoll import send_and_collect
 
-    _task_identity()
+    task_identity()
     grid = _PollGrid({1: 0.0, 2: 0.3, 3: 99.0})  # node 3 never answers in time; node 4 could not be pushed
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2, 3, 4)]
     t0 = time.monotonic()
@@ -509,7 +510,7 @@ class _FlakyGrid(_PollGrid):
 def test_a_failed_pull_is_asked_again_later_and_the_round_goes_on():
     from dicomfl.server.gridpoll import send_and_collect
 
-    _task_identity()
+    task_identity()
     grid = _FlakyGrid({1: 0.0}, failures=3)
     msgs = [Message(RecordDict(), dst_node_id=1, message_type="train")]
     assert len(list(send_and_collect(grid, msgs, timeout=30, poll_interval=0.05))) == 1
@@ -539,7 +540,7 @@ class _UnavailableGrid(_PollGrid):
 def test_flowers_own_error_in_place_of_a_sites_reply_is_counted_as_that_sites():
     from dicomfl.server.gridpoll import send_and_collect
 
-    _task_identity()
+    task_identity()
     grid = _UnavailableGrid({1: 0.0, 2: 0.0})
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2)]
     got = {r.metadata.src_node_id: r for r in send_and_collect(grid, msgs, timeout=5, poll_interval=0.05)}
@@ -555,7 +556,7 @@ def test_the_coordinator_asks_again_soon_for_reply_objects_not_yet_at_the_superl
     import flwr.superlink.grid.http_grid as http_grid
     import flwr.supercore.inflatable.inflatable_utils as objects
 
-    from dicomfl.server.gridpoll import quick_object_pulls, restore_object_pulls
+    from dicomfl.server.flower_adapter import quick_object_pulls, restore_object_pulls
 
     grid = http_grid.HttpGrid.__new__(http_grid.HttpGrid)  # the module is what matters, not a connection
     saved = http_grid.pull_objects
@@ -599,10 +600,10 @@ def test_send_and_collect_falls_back_to_send_and_receive_on_a_grid_without_push_
             self.timeout = timeout
             return [Message(RecordDict(), reply_to=m) for m in messages]
 
-    _task_identity()
+    task_identity()
     g = Plain()
     msgs = [Message(RecordDict(), dst_node_id=1, message_type="train")]
-    _as_flower_would(msgs[0], "p-1")
+    stamp_message_id(msgs[0], "p-1")
     assert len(list(send_and_collect(g, msgs, timeout=7, poll_interval=0.1))) == 1 and g.timeout == 7
 
 

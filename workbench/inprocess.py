@@ -4,12 +4,10 @@ Used by the benchmark (a full grid of configurations fits in one process) and by
 message goes to a site handler (default :class:`~dicomfl.client.handler.SiteHandler`, the one the
 ClientApp wraps), as a SuperNode would hand it over. ``down`` marks sites as unreachable.
 
-Flower adapter (the one place this project reaches into Flower's internals): Flower's own
-processes set :class:`flwr.supercore.task_identity.TaskIdentity` before any ``Message`` is built
-(its constructor reads the run and node ids from there), and the SuperLink stamps each message's
-id into ``Metadata.__dict__["_message_id"]`` when it is pushed. Outside those processes nobody does
-either, so :func:`_as_flower_would` does both, the way Flower's legacy ``start_grid`` and its
-``HttpGrid`` do. ``tests/test_layers.py`` fails when Flower stops needing this.
+Flower's own processes set a task identity before any ``Message`` is built, and the SuperLink
+stamps each message's id when it is pushed; outside them nobody does, so this grid does both
+through :mod:`dicomfl.workbench.flower_adapter` (the workbench's one place that reaches into
+Flower's internals).
 """
 
 from __future__ import annotations
@@ -19,21 +17,9 @@ from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
 
+from .flower_adapter import stamp_message_id, task_identity
+
 Handler = Callable[[Message, Context], Message]
-
-
-def _task_identity() -> None:
-    """Give this process a task identity if Flower has not (Message() needs one)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("run_id", "node_id", "task_id"):
-        if getattr(TaskIdentity, f"_{attr}") is None:
-            setattr(TaskIdentity, attr, 1)
-
-
-def _as_flower_would(msg: Message, fallback_id: str) -> None:
-    """Stamp a message id where the SuperLink would on push (Flower uses the object id; any unique id does)."""
-    msg.metadata.__dict__["_message_id"] = msg.metadata.message_id or fallback_id
 
 
 class InProcessGrid:
@@ -51,7 +37,7 @@ class InProcessGrid:
     """
 
     def __init__(self, site_configs: list[Path], handler: Handler | None = None, resolver=None) -> None:
-        _task_identity()
+        task_identity()
         if handler is None:
             from dicomfl.client.handler import SiteHandler
 
@@ -86,7 +72,7 @@ class InProcessGrid:
             node = msg.metadata.dst_node_id
             if node in self.down or node not in self.nodes:
                 continue
-            _as_flower_would(msg, f"inproc-{len(self.sent)}-{i}")
+            stamp_message_id(msg, f"inproc-{len(self.sent)}-{i}")
             self.sent.append(msg)
             reply = self.app(msg, self.nodes[node])
             self.received.append(reply)

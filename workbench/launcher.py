@@ -24,7 +24,7 @@ import yaml
 from dicomfl.common.config import load_coordinator_config, load_run_config, load_site_config
 from dicomfl.common.supervise import child_env, free_port, kill_session, pid_alive, stop_group
 
-from dicomfl.client.worker import read_status
+from dicomfl.client.transport.warm import read_worker_status
 from dicomfl.server import flwrcli, runner
 from dicomfl.server.coordinator import read_ready, ready_file
 from dicomfl.server.pki import make_all
@@ -145,7 +145,7 @@ class LocalFederation:
 
     def worker_pid(self, name: str) -> int | None:
         """The pid of the site's running warm worker (from its ``worker.json``), or None."""
-        st = read_status(self.state_dir(name))
+        st = read_worker_status(self.state_dir(name))
         pid = st.get("pid") if st else None
         return pid if isinstance(pid, int) and pid_alive(pid) else None
 

@@ -1,10 +1,10 @@
-"""The site's warm worker: one long-lived process per site that answers the coordinator's messages.
+"""The warm worker: one long-lived process per site that answers the coordinator's messages.
 
 ``dicomfl site start`` runs it beside the SuperNode (both supervised by the daemon). It imports
 torch once, opens the site's data once per run (from the site cache), keeps the site's trainer
 (its split tensors) between rounds, and serves a :class:`~dicomfl.client.handler.SiteHandler`
 over a Unix socket that only the site's own user can open. The ClientApp that Flower starts for
-each message (:mod:`dicomfl.client.app`) is a thin forwarder (:mod:`dicomfl.client.forwarder`)
+each message (:mod:`dicomfl.client.app`) is a thin forwarder (:mod:`.forwarder`)
 that hands the message over and returns the reply; it imports neither torch nor the data path.
 
 Channel (this module; the forwarder uses the same functions)
@@ -56,6 +56,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
+
+from . import flower_adapter as flower
 
 log = logging.getLogger("dicomfl.site.worker")
 
@@ -113,18 +115,12 @@ def read_frame(sock: socket.socket, expect: frozenset[bytes] | set[bytes], max_s
 
 
 def encode_message(msg: Message) -> bytes:
-    from flwr.common.serde import message_to_proto
-
-    return message_to_proto(msg).SerializeToString()
+    return flower.message_to_bytes(msg)
 
 
 def decode_message(payload: bytes) -> Message:
-    from flwr.common.serde import message_from_proto
-    from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
-
     try:
-        proto = ProtoMessage.FromString(payload)
-        return message_from_proto(proto)
+        return flower.message_from_bytes(payload)
     except Exception as exc:  # noqa: BLE001 - whatever the bytes were, they are not a message
         raise FrameError("bad-message", type(exc).__name__) from None
 
@@ -187,14 +183,14 @@ def socket_path(state_dir: Path, *, make: bool = True) -> Path:
     raise PermissionError(f"no socket path of at most {SUN_PATH_MAX} bytes for {state_dir}")
 
 
-def status_path(state_dir: Path) -> Path:
+def worker_status_path(state_dir: Path) -> Path:
     return Path(state_dir) / STATUS_NAME
 
 
-def read_status(state_dir: Path) -> dict | None:
+def read_worker_status(state_dir: Path) -> dict | None:
     """The running worker's ``{"pid", "socket", "started"}``, or None."""
     try:
-        return json.loads(status_path(state_dir).read_text())
+        return json.loads(worker_status_path(state_dir).read_text())
     except (OSError, ValueError):
         return None
 
@@ -354,8 +350,8 @@ def _warm_resolver(site_yaml: Path):
     from dicomfl.common.ingest import ingest
     from dicomfl.common.logs import site_logger
 
-    from .handler import SiteResolver
-    from .trainer import SiteTrainer
+    from ..handler import SiteResolver
+    from ..trainer import SiteTrainer
 
     class WarmSite(SiteResolver):
         def __init__(self) -> None:
@@ -401,7 +397,7 @@ def run_worker(site_yaml: Path, sock_path: Path | None = None, stop: threading.E
     """Load the site, bind the socket, serve until SIGTERM/SIGINT (or ``stop``).
 
     With ``runtime_api`` (and the SuperExec ``secret_file``) the worker also takes the SuperNode's
-    ClientApp tasks itself (:mod:`dicomfl.client.tasks`), one at a time with the socket's requests;
+    ClientApp tasks itself (:mod:`.tasks`), one at a time with the socket's requests;
     with ``wake_socket`` the SuperNode wakes it there when a message has arrived.
     """
     from dicomfl.common.config import load_site_config
@@ -412,7 +408,7 @@ def run_worker(site_yaml: Path, sock_path: Path | None = None, stop: threading.E
     state = cfg.site.state_dir
     slog = site_logger(state, cfg.site.name)
     t0 = time.perf_counter()
-    from .handler import SiteHandler  # torch, once for the life of the worker
+    from ..handler import SiteHandler  # torch, once for the life of the worker
 
     resolver = _warm_resolver(site_yaml)
     handler = SiteHandler(resolver)
@@ -450,7 +446,8 @@ def run_worker(site_yaml: Path, sock_path: Path | None = None, stop: threading.E
             signal.signal(s, lambda signum, frame: stop.set())
     loop = None
     if runtime_api is not None:
-        from .tasks import TaskLoop, read_secret
+        from .secret import read_superexec_secret
+        from .tasks import TaskLoop
 
         def handle_task(msg: Message, context: Context) -> Message:
             with server._busy:  # one message at a time, with the socket's requests
@@ -461,7 +458,7 @@ def run_worker(site_yaml: Path, sock_path: Path | None = None, stop: threading.E
                                 node_config={"site-config": str(site_yaml)}, state=RecordDict(), run_config={})
                 return handler.handle(msg, local)
 
-        from .tasks import Wakeup
+        from .wakeup import Wakeup
 
         wakeup = None
         if wake_socket is not None:
@@ -470,11 +467,11 @@ def run_worker(site_yaml: Path, sock_path: Path | None = None, stop: threading.E
             except OSError as exc:  # the worker still finds its tasks by asking
                 slog.warning("worker: no wake-up socket at %s (%s); asking for tasks every %.2f s", wake_socket,
                              exc.strerror or type(exc).__name__, task_poll_s)
-        loop = TaskLoop(runtime_api, handle_task, read_secret(secret_file), task_poll_s, slog, wakeup=wakeup)
+        loop = TaskLoop(runtime_api, handle_task, read_superexec_secret(secret_file), task_poll_s, slog, wakeup=wakeup)
         threading.Thread(target=loop.serve_forever, args=(stop,), name="tasks", daemon=True).start()
         slog.info("worker takes the SuperNode's tasks at %s every %.2f s when idle%s", runtime_api, task_poll_s,
                   f", or when woken at {wake_socket}" if wakeup is not None else "")
-    status = status_path(state)
+    status = worker_status_path(state)
     tmp = status.with_name(f".{status.name}.{os.getpid()}")
     tmp.write_text(json.dumps({"pid": os.getpid(), "socket": str(path), "started": time.time()}))
     os.replace(tmp, status)
@@ -485,7 +482,7 @@ def run_worker(site_yaml: Path, sock_path: Path | None = None, stop: threading.E
         server.close()
         if loop is not None and loop.wakeup is not None:
             loop.wakeup.close()
-        st = read_status(state)
+        st = read_worker_status(state)
         if st is not None and st.get("pid") == os.getpid():
             status.unlink(missing_ok=True)
         slog.info("worker (pid %d) stopped after %d message(s)", os.getpid(),
@@ -494,7 +491,7 @@ def run_worker(site_yaml: Path, sock_path: Path | None = None, stop: threading.E
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dicomfl.client.worker",
+    ap = argparse.ArgumentParser(prog="python -m dicomfl.client.transport.warm",
                                  description="The site's warm worker (started by `dicomfl site start`).")
     ap.add_argument("site_yaml", type=Path)
     ap.add_argument("--socket", type=Path, default=None, help="default: from the site's state_dir")

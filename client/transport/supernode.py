@@ -1,4 +1,4 @@
-"""``python -m dicomfl.client.supernode --idle-s S [--wake PATH] -- <flower-supernode arguments>``:
+"""``python -m dicomfl.client.transport.supernode --idle-s S [--wake PATH] -- <flower-supernode arguments>``:
 Flower's SuperNode, with its idle wait capped at ``S`` seconds (``federation.idle_poll_s``), a
 short back-off for message objects not yet at the SuperLink, and (``--wake``) a wake-up for the
 site's warm worker each time a message has arrived.
@@ -16,25 +16,25 @@ the coordinator has not finished pushing is asked for again after 1 s, then 2, 4
 many sites the later objects are often not there yet at the first ask.
 
 This shell runs Flower's own ``flower-supernode`` entry point unchanged, after giving that one
-module a ``time`` whose ``sleep`` waits at most ``S`` seconds for its idle wait and at most
-:data:`LOCAL_WAIT_S` for its 0.5 s looks at its own memory for the worker's reply (no request;
-measured with the compact messages, 3 sites: overhead 0.77 / 0.88 s against 1.05 / 0.97 s in
-alternating runs), and a ``pull_objects`` whose back-off starts at 0.05 s and stops
-growing at ``S``, with no limit on the number of asks and at most :data:`PULL_MAX_S` in all (the
-same function, other keyword defaults). Nothing else in
+module (:func:`.flower_adapter.patch_supernode_waits`) a ``time`` whose ``sleep`` waits at most
+``S`` seconds for its idle wait and at most :data:`LOCAL_WAIT_S` for its 0.5 s looks at its own
+memory for the worker's reply (no request, so they can be short), and a ``pull_objects`` whose
+back-off starts at 0.05 s and stops growing at ``S``, with no limit on the number of asks and at
+most :data:`PULL_MAX_S` in all (the same function, other keyword defaults). Nothing else in
 Flower sees either. The cost: an idle site asks the SuperLink for messages ``1/S`` times a second
 instead of once every 3 s (a small unary request; at the default 0.25 s, 4 a second per site).
-That load is on the SuperLink, and grows with the number of sites: with 10 sites on this 2-core
-machine it was a large part of the SuperLink's work (see the README's round overhead notes).
+That load is on the SuperLink, and grows with the number of sites (see the README's round
+overhead notes).
 
-With ``--wake PATH`` the shell also wraps the loop's ``_pull_and_store_message`` (flwr 1.41): when it
-has stored a message and pulled all of its objects, one datagram goes to the worker's wake-up
-socket at ``PATH`` (:func:`dicomfl.client.tasks.wake`: never blocks, never raises), and the worker
-asks for the task at once instead of at its next poll (:class:`dicomfl.client.tasks.Wakeup`).
+With ``--wake PATH`` the shell also has the loop call :func:`.wakeup.wake` each time it has
+stored a message and pulled all of its objects (:func:`.flower_adapter.call_after_stored_message`):
+one datagram goes to the worker's wake-up socket at ``PATH`` (never blocks, never raises), and
+the worker asks for the task at once instead of at its next poll (:class:`.wakeup.Wakeup`).
 
-The shell checks that the module still has the shape it was written for (a module-level
-``time`` and the function that runs the loop). If a later Flower changes it, the SuperNode runs
-with Flower's own waits and the site log says so; nothing fails.
+The adapter checks that the module still has the shape it was written for (a module-level
+``time``, the function that runs the loop, a ``pull_objects`` taking the back-off keywords). If
+a later Flower changes it, the SuperNode runs with Flower's own waits and the site log says so;
+nothing fails.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ from __future__ import annotations
 import os
 import sys
 import time
+
+from . import flower_adapter as flower
+from .wakeup import wake
 
 
 PULL_FIRST_BACKOFF_S = 0.05  # the first wait before asking the SuperLink again for an object not there yet
@@ -76,50 +79,19 @@ def cap_idle_wait(cap: float) -> bool:
     """Cap the SuperNode loop's waits at ``cap`` seconds, and start its object pulls' back-off at
     ``cap``; False (and nothing changed) if this Flower's SuperNode module does not have the
     expected shape."""
-    import functools
-    import inspect
-
-    import flwr.supernode.start_client_internal as loop
-
-    if getattr(loop, "time", None) is not time or not callable(getattr(loop, "start_client_internal", None)):
-        return False
-    pull = getattr(loop, "pull_objects", None)
-    try:
-        params = inspect.signature(pull).parameters if callable(pull) else {}
-    except (TypeError, ValueError):
-        return False
-    if not {"initial_backoff", "backoff_cap", "max_tries_per_object", "max_time"} <= set(params):
-        return False
-    loop.time = _CappedClock(cap)
     # No limit on the number of asks (500 at this back-off would be about 2 min), PULL_MAX_S in all.
-    loop.pull_objects = functools.partial(pull, initial_backoff=min(PULL_FIRST_BACKOFF_S, cap), backoff_cap=cap,
-                                          max_tries_per_object=None, max_time=PULL_MAX_S)
-    return True
+    return flower.patch_supernode_waits(_CappedClock(cap), {
+        "initial_backoff": min(PULL_FIRST_BACKOFF_S, cap), "backoff_cap": cap, "max_tries_per_object": None,
+        "max_time": PULL_MAX_S})
 
 
 def wake_worker_on_message(path: str) -> bool:
     """After the loop has stored a message and its objects, wake the worker at ``path``; False (and
     nothing changed) if this Flower's SuperNode module does not have the expected function."""
-    import flwr.supernode.start_client_internal as loop
-
-    from .tasks import wake
-
-    pulled = getattr(loop, "_pull_and_store_message", None)
-    if not callable(pulled) or getattr(pulled, "_dicomfl_wakes", None) is not None:
-        return False
-
-    def pull_and_store_then_wake(*args, **kwargs):
-        run_id = pulled(*args, **kwargs)
-        if run_id is not None:  # a message is in the SuperNode's memory, with all of its objects
-            wake(path)
-        return run_id
-
-    pull_and_store_then_wake._dicomfl_wakes = path
-    loop._pull_and_store_message = pull_and_store_then_wake
-    return True
+    return flower.call_after_stored_message(lambda: wake(path), marker=path)
 
 
-USAGE = "usage: python -m dicomfl.client.supernode --idle-s SECONDS [--wake PATH] -- <flower-supernode arguments>"
+USAGE = "usage: python -m dicomfl.client.transport.supernode --idle-s SECONDS [--wake PATH] -- <flower-supernode arguments>"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("dicomfl supernode: this Flower's SuperNode loop is not the one dicomfl knows; the worker "
                   "finds its tasks by asking", file=sys.stderr, flush=True)
-    from flwr.supernode.cli import flower_supernode
-
-    sys.argv = ["flower-supernode", *args[3:]]
-    return flower_supernode() or 0
+    return flower.run_flower_supernode(args[3:])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ only forwards: it encodes the message with Flower's own protobuf serde, sends it
 Unix socket (named by the node config key ``worker-socket``, which ``dicomfl site start`` sets),
 and returns the reply. It imports neither torch nor dicomfl's data path (model, training,
 ingestion), so it costs Flower's own start-up and nothing more; the worker
-(:mod:`dicomfl.client.worker`) holds torch, the site's data and the trainers between messages.
+(:mod:`dicomfl.client.transport.warm`) holds torch, the site's data and the trainers between messages.
 
 If the worker cannot be reached (it is restarting: the forwarder waits up to ``worker-wait-s``
 seconds, default 60, for its socket), the connection breaks, or the worker refuses the request,
@@ -29,7 +29,7 @@ from flwr.app import Context, Error, Message
 
 from dicomfl.common import protocol as P
 
-from .worker import ERROR, HELLO, MAX_FRAME, MESSAGE, REPLY, FrameError, decode_message, encode_message, read_frame, write_frame
+from .warm import ERROR, HELLO, MAX_FRAME, MESSAGE, REPLY, FrameError, decode_message, encode_message, read_frame, write_frame
 
 WORKER_SOCKET = "worker-socket"  # node config: the worker's socket path (set by the site daemon)
 WORKER_WAIT = "worker-wait-s"  # node config: how long to wait for a restarting worker (seconds)
