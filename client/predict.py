@@ -36,8 +36,7 @@ from dicomfl.common.config import SiteConfig
 from dicomfl.common.deid import Deidentifier
 from dicomfl.common.discover import walk
 from dicomfl.common.errors import ModelMismatch, printable
-from dicomfl.common.ingest import WORKER_ENV, FileJob, FileWorker, file_ref, tsv_field
-from dicomfl.common.ingest.perfile import Rejected
+from dicomfl.common.ingest import WORKER_ENV, FileJob, FileWorker, Rejected, file_ref, tsv_field
 from dicomfl.common.normalize import CLIP
 from dicomfl.common.splits import NAMES, VAL, assign
 from dicomfl.common.workers import PoolStartError, WorkerFailure, default_workers, imap_isolated

@@ -34,10 +34,11 @@ Reject details are reason codes, DICOM keywords and exception type names: never 
 from __future__ import annotations
 
 from dicomfl.common.cache import LazyRows
-from .perfile import MODALITIES, WORKER_ENV, FileJob, FileWorker, content_key, map_file, modality_code, process_file
+from .perfile import (MODALITIES, WORKER_ENV, Accepted, FileJob, FileWorker, Known, Rejected, Reply, content_key,
+                      map_file, modality_code, process_file)
 from .report import (PIPELINE_VERSION, IngestReport, IngestResult, SiteData, file_ref, fingerprint,
                      prepare_state_dir, read_rejects_map, storage_cause, tsv_field, write_rejects_map, write_report)
-from .stages import RETRY_REASONS, FileOutcome, ingest
+from .stages import RETRY_REASONS, Deferred, FileOutcome, ingest
 
 __all__ = ["IngestReport", "IngestResult", "LazyRows", "SiteData", "content_key", "file_ref", "ingest", "map_file",
            "prepare_state_dir", "process_file", "read_rejects_map", "write_rejects_map"]

@@ -33,7 +33,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Container, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -236,9 +236,15 @@ class Publication:
 
     triage: Triage
     store: ChunkStore
+    old: CacheState | None  # the index in force when the ingestion began (None: none, or no cache)
     rows_written: int = 0
     publish_s: float = 0.0
     halted: str | None = None
+    #: The chunk files the old index names, as they were before this run appended to its store.
+    old_chunks: set[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.old_chunks = {c for c, _ in self.old.store.chunks} if self.old is not None else set()
 
     @property
     def contents(self) -> list[str]:
@@ -248,7 +254,7 @@ class Publication:
     def recs(self) -> list[Record | None]:
         return self.triage.recs
 
-    def add(self, i: int, outcome: FileOutcome, old: CacheState | None) -> None:
+    def add(self, i: int, outcome: FileOutcome) -> None:
         """File ``i``'s outcome: its image appended to the store, its record kept (and cached
         unless the failure is the machine's). A store that cannot grow (ENOSPC, EDQUOT, EIO)
         defers the file and sets ``halted``; any other error propagates."""
@@ -256,7 +262,7 @@ class Publication:
         cacheable = True
         content = outcome.content
         if isinstance(outcome, Known):
-            rec = old.records[content]
+            rec = self.old.records[content]
         elif isinstance(outcome, Rejected):
             rec = Record("rejected", reason=outcome.reason, detail=outcome.detail)
             cacheable = not outcome.retry
@@ -292,7 +298,7 @@ class Publication:
             if self.recs[i] is None:
                 self.recs[i] = Record("rejected", reason=E.DEFERRED, detail=self.halted)
 
-    def publish(self, cache: SiteCache, fp: str, old: CacheState | None, old_chunks: set[str], use_cache: bool) -> None:
+    def publish(self, cache: SiteCache, fp: str, use_cache: bool) -> None:
         """Drop rows no file uses any more once they are most of the store, then publish the new
         index (what finished; the deferred files are not in it). A publish that fails on a full
         or failing disk leaves the previous index in force (CURRENT is swapped last), removes
@@ -314,7 +320,7 @@ class Publication:
                 t.recs = [t.new_records.get(c, r) for c, r in zip(t.contents, t.recs)]
         if not use_cache:
             return
-        store = self.store
+        store, old = self.store, self.old
         state = CacheState(fingerprint=fp, store=store, files=t.new_files, records=t.new_records)
         unchanged = (old is not None and store is old.store and not store.changed
                      and t.new_files == old.files and t.new_records == old.records)
@@ -330,7 +336,7 @@ class Publication:
             self.halted = self.halted or cause
             if state.index is None:  # not published: the previous index is in force
                 # The chunk files this run created are named by no index: their space goes now.
-                cache.remove_chunks({c for c, _ in store.chunks} - old_chunks)
+                cache.remove_chunks({c for c, _ in store.chunks} - self.old_chunks)
                 # Nothing of this run reached the cache: every file it decoded is tried again.
                 for i in t.todo:
                     if not (t.recs[i].status == "rejected" and t.recs[i].reason == E.DEFERRED):
@@ -482,7 +488,6 @@ def ingest(
         raise E.StorageError(storage_message(s.state_dir, cause, None)) from None
     try:
         old = cache.load(fp, size, N_FEATURES) if use_cache else None
-        old_chunks = {c for c, _ in old.store.chunks} if old is not None else set()
         try:
             if old is not None:
                 store = old.store
@@ -504,7 +509,7 @@ def ingest(
         if progress:
             progress(done, total)
 
-        pub = Publication(tri, store)
+        pub = Publication(tri, store, old)  # before any row is appended: it notes the old index's chunks
         d = dispatch(cfg, key, [tri.rels[i] for i in tri.todo], frozenset(old.records) if old else frozenset(), workers)
         report.workers = d.workers if tri.todo else 0
         try:
@@ -515,7 +520,7 @@ def ingest(
                     report.cache_hits += 1
                 else:
                     report.decoded += 1
-                pub.add(i, outcome, old)
+                pub.add(i, outcome)
                 done += 1
                 if progress:
                     progress(done, total)
@@ -528,7 +533,7 @@ def ingest(
         del d
         if pub.halted is not None:
             pub.defer_unfinished()
-        pub.publish(cache, fp, old, old_chunks, use_cache)
+        pub.publish(cache, fp, use_cache)
         report.cache_rows_written = pub.rows_written
         report.publish_s = pub.publish_s
         rels, recs, store, halted = tri.rels, pub.recs, pub.store, pub.halted
