@@ -87,7 +87,7 @@ def child_plain(args) -> dict:
 
 
 def child_ingest(args) -> dict:
-    import dicomfl.common.ingest as ingest_module
+    import dicomfl.common as common_package
     from dicomfl.common.config import load_site_config
     from dicomfl.common.ingest import ingest
 
@@ -100,7 +100,7 @@ def child_ingest(args) -> dict:
     r = res.report
     return {"files": r.seen, "accepted": r.accepted, "decoded": r.decoded, "cache_hits": r.cache_hits,
             "workers": r.workers, "rows_written": r.cache_rows_written, "publish_s": r.publish_s, "seconds": dt,
-            "files_per_s": r.seen / dt, "cpu_ms_per_file": cpu / max(1, r.seen) * 1e3, "code": str(Path(ingest_module.__file__).resolve().parents[1]),
+            "files_per_s": r.seen / dt, "cpu_ms_per_file": cpu / max(1, r.seen) * 1e3, "code": str(Path(common_package.__file__).resolve().parents[1]),
             **_rss()}
 
 

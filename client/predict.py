@@ -6,10 +6,11 @@
     -> the parent scales each image as training does, runs the model in batches, and writes one
        row per image: the site's key, the file, the probability, the decision and the model.
 
-The same code computes the pixels and features as ingestion does (:func:`~dicomfl.common.ingest.
-process_file`), so an image gets the same probability here as in the site's cross-site
-evaluation. The decision threshold is the one evaluation uses: Youden's J on the site's own
-validation split (read from its ingested data), unless the operator gives one.
+The same code computes the pixels and features as ingestion does (the ingestion's own per-file
+worker, :class:`~dicomfl.common.ingest.FileWorker`), so an image gets the same probability here
+as in the site's cross-site evaluation. The decision threshold is the one evaluation uses:
+Youden's J on the site's own validation split (read from its ingested data), unless the
+operator gives one.
 
 The predictions file is the site's own data for its own use: it holds the site's key (accession
 number, Study Instance UID, ...) and the file's path, is written only where the operator says,
@@ -24,23 +25,20 @@ import csv
 import logging
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from dicomfl.common import errors as E
 from dicomfl.common.config import SiteConfig
 from dicomfl.common.deid import Deidentifier
-from dicomfl.common.discover import looks_like_dicom, walk
+from dicomfl.common.discover import walk
 from dicomfl.common.errors import ModelMismatch, printable
 from dicomfl.common.files import AtomicFile
-from dicomfl.common.ingest import WORKER_ENV, content_key, file_ref, map_file, process_file, tsv_field
-from dicomfl.common.labels import key_value
-from dicomfl.common.normalize import robust_scale
+from dicomfl.common.ingest import WORKER_ENV, FileJob, FileWorker, Rejected, file_ref, tsv_field
+from dicomfl.common.normalize import CLIP
 from dicomfl.common.outputs import check_output as check_path
 from dicomfl.common.outputs import open_folder
 from dicomfl.common.splits import NAMES, VAL, assign
@@ -79,55 +77,15 @@ class PredictReport:
         return asdict(self)
 
 
-# ------------------------------------------------------------------------------- worker side
-
-_P: dict[str, Any] = {}
+# ------------------------------------------------------------------------------- per file
 
 
-def _init_worker(cfg: SiteConfig, key: bytes, root: str) -> None:
-    import contextlib
-
-    for name in ("gdcm", "openjpeg", "rle"):
-        with contextlib.suppress(ImportError):
-            __import__(name)
-    import pydicom.pixels  # noqa: F401
-
-    _P.update(cfg=cfg, key=key, root=root, deid=Deidentifier(key, cfg.deid))
-
-
-def _header_key(mm, rel: str, label_key: str) -> str | None:
-    """The site's key of one file, read from its original header (pixels not read)."""
-    import pydicom
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            mm.seek(0)
-            ds = pydicom.dcmread(mm, force=True, stop_before_pixels=True)
-            return key_value(ds, rel, label_key)
-        except Exception:  # noqa: BLE001 - an unreadable header is rejected by process_file
-            return None
-        finally:
-            mm.seek(0)
-
-
-def _work(rel: str) -> tuple:
-    """One file: ``("rejected", reason, detail)`` or ``("accepted", key, patient, scaled image, features)``."""
-    cfg: SiteConfig = _P["cfg"]
-    mapped = map_file(os.path.join(_P["root"], rel), cfg.ingest.max_file_bytes)
-    if isinstance(mapped, E.RejectedFile):
-        return ("rejected", mapped.reason, mapped.detail)
-    with mapped as mm:
-        if not looks_like_dicom(mm[:132]):
-            return ("rejected", E.NOT_DICOM, "")
-        key = _header_key(mm, rel, cfg.site.label_key)
-        if key is not None and len(key) > MAX_KEY:
-            key = None
-        rec, img, feats = process_file(mm, rel, content_key(mm, _P["key"]), cfg, _P["deid"])
-    if rec.status != "accepted":
-        return ("rejected", rec.reason, rec.detail)
-    x = robust_scale(np.asarray(img, dtype=np.float32)[None])[0]  # as training scales it
-    return ("accepted", key, rec.patient, x, np.asarray(feats, dtype=np.float32))
+def _scaled(img: np.ndarray, stats: np.ndarray) -> np.ndarray:
+    """One image robust-scaled from its ``[median, p99 - p1]``, as training's loader scales the
+    cached images (the same arithmetic as :func:`~dicomfl.common.normalize.robust_scale`)."""
+    out = (np.asarray(img, dtype=np.float32) - stats[0]) / stats[1]
+    np.clip(out, -CLIP, CLIP, out=out)
+    return out
 
 
 # ------------------------------------------------------------------------------- parent side
@@ -277,16 +235,16 @@ def predict_files(
             report.predicted += len(pending)
             pending.clear()
 
-        outcomes = imap_isolated(_work, rels, workers=n_workers, timeout_s=cfg.ingest.file_timeout_s,
-                                 memory_bytes=mem, initializer=_init_worker, initargs=(cfg, key, str(root)),
-                                 env=WORKER_ENV)
+        # The ingestion's own per-file worker, asked for the site's key too (images in the replies).
+        job = FileJob(cfg=cfg, key=key, root=str(root), site_key=True)
+        outcomes = imap_isolated(FileWorker(job), rels, workers=n_workers, timeout_s=cfg.ingest.file_timeout_s,
+                                 memory_bytes=mem, env=WORKER_ENV)
         done = 0
         try:
             for i, outcome in outcomes:
                 rel = rels[i]
-                if isinstance(outcome, WorkerFailure) or outcome[0] == "rejected":
-                    reason, detail = ((outcome.reason, outcome.detail) if isinstance(outcome, WorkerFailure)
-                                      else outcome[1:3])
+                if isinstance(outcome, (WorkerFailure, Rejected)):
+                    reason, detail = outcome.reason, outcome.detail
                     reasons[reason] = reasons.get(reason, 0) + 1
                     report.rejected += 1
                     ref = file_ref(deid, rel)
@@ -294,10 +252,11 @@ def predict_files(
                     rej_fh.fh.write(f"{ref}\t{tsv_field(rel)}\t{reason}\n")
                     if reason != E.NOT_DICOM:
                         log.warning("rejected %s: %s%s", ref, reason, f" ({detail})" if detail else "")
-                else:
-                    _, k, patient, x, f = outcome
-                    split = NAMES[assign(patient, cfg.splits.val, cfg.splits.test, cfg.splits.seed)]
-                    pending.append((k or "", rel, split, x, f))
+                else:  # Accepted (nothing is Known: the job lists no cached contents)
+                    k = outcome.site_key if outcome.site_key is not None and len(outcome.site_key) <= MAX_KEY else None
+                    split = NAMES[assign(outcome.patient, cfg.splits.val, cfg.splits.test, cfg.splits.seed)]
+                    pending.append((k or "", rel, split, _scaled(outcome.image, outcome.stats),
+                                    np.asarray(outcome.features, dtype=np.float32)))
                     if len(pending) >= BATCH:
                         flush()
                 done += 1

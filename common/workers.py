@@ -39,15 +39,29 @@ This is a small supervisor of its own (stdlib ``multiprocessing``: one ``Process
   hospital that redistributes the package -- and the parts it would save us (a death, a timeout)
   are the easy ones; the stderr silencing, the address-space limit, the type-name-only error
   reports and the bounded streaming would still be ours.
-* What remains is about 340 lines of code (without docstrings) on documented stdlib APIs,
+* What remains is a few hundred lines of code on documented stdlib APIs,
   with no dependency, that we can read end to end.
 
 Processes are started with the ``spawn`` method, never plain ``fork`` (the parent may have torch
 and its threads loaded; a forked child of a threaded parent can deadlock). As with any ``spawn``
 pool, a worker re-imports the parent's ``__main__`` script (not a ``python -m`` module): keep the
 entry point's module-level imports light (import torch inside functions), or every worker pays
-for them. A replacement worker costs one interpreter start plus ``initializer`` (about 1 s with
-pydicom and its decoders); it is paid per crash, not per item.
+for them. A replacement worker costs one interpreter start plus ``initializer`` (with pydicom and
+its decoders to import, that is the bulk of a worker's start); it is paid per crash, not per item.
+
+Per-worker state
+----------------
+A task that needs state in each worker (a config, a key, decoders imported, a reply-slot file)
+is a :class:`WorkerTask`: the object itself is sent to each worker once, when the worker is
+spawned, and its :meth:`~WorkerTask.start` runs there before the first item. Each worker holds
+its own copy, so no module global is needed and two pools with different settings do not share
+anything.
+
+Reply slots
+-----------
+A large result (an image) need not travel through the pipe: a worker can write it into its own
+:class:`ReplySlots` file, a few image-sized slots mapped by the worker and the parent, and reply
+with a :class:`SlotRef` of a few bytes; the parent copies the image out (:class:`SlotReader`).
 
 Memory
 ------
@@ -58,9 +72,9 @@ array) as it arrives and keep the parent's memory flat. Results may come back ou
 carries its item's index in ``items``.
 
 Why a second item in the pipe: with one, a worker that has replied waits for the parent to wake
-up, read the reply and hand it the next item. With two workers on two cores the parent is a
-third process competing for them, and that wait showed: two workers ingested only 1.3x the files
-of one. A worker works on its items in the order it got them, so the parent always knows which
+up, read the reply and hand it the next item. When there are as many workers as cores, the parent
+is one more process competing for them, and each worker would sit idle for that wait once per
+item. A worker works on its items in the order it got them, so the parent always knows which
 one it is on (the first not yet answered), and the guarantees stay per item (a busy worker gets
 its next item only if it is small, :data:`PREFETCH_MAX_BYTES`, so the hand-over never blocks):
 
@@ -96,6 +110,7 @@ Example
 from __future__ import annotations
 
 import contextlib
+import mmap
 import multiprocessing
 import os
 import resource
@@ -107,7 +122,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
+
+import numpy as np
 
 from .errors import DECODER_CRASH, DEFERRED, INTERRUPTED, TIMEOUT, WORKER_ERROR, WORKER_MEMORY, RejectedFile
 
@@ -117,9 +134,14 @@ __all__ = [
     "TIMEOUT",
     "WORKER_MEMORY",
     "WORKER_ERROR",
+    "PREFETCH",
     "IsolatedPool",
     "PoolStartError",
+    "ReplySlots",
+    "SlotReader",
+    "SlotRef",
     "WorkerFailure",
+    "WorkerTask",
     "default_workers",
     "imap_isolated",
 ]
@@ -136,6 +158,8 @@ START_TIMEOUT_S = 120.0
 MAX_START_FAILURES = 3
 #: Bounded waits for a process to exit after it was asked to, or killed.
 _JOIN_S = 5.0
+#: Items a worker holds at most by default: the one it works on and the next (see the module notes).
+PREFETCH = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +183,23 @@ class WorkerFailure:
 
 class PoolStartError(RuntimeError):
     """Workers cannot start: they die or hang during start-up, or ``initializer`` raised."""
+
+
+class WorkerTask:
+    """Per-item work that keeps state in each worker process.
+
+    Pass an instance as a pool's ``fn``: it is pickled once per worker when the worker is spawned
+    (so it holds only picklable settings until started), :meth:`start` runs in the worker before
+    its first item (after its output is silenced, before the memory limit, under the same rules
+    as ``initializer``), and the object is then called once per item. The state :meth:`start`
+    builds lives in that worker's copy of the object and nowhere else.
+    """
+
+    def start(self) -> None:
+        """Set up this worker (import decoders, open files); the default does nothing."""
+
+    def __call__(self, item: Any) -> Any:
+        raise NotImplementedError
 
 
 def default_workers() -> int:
@@ -265,9 +306,12 @@ def _worker_main(
     _silence_output()
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    if initializer is not None:
+    if initializer is not None or isinstance(fn, WorkerTask):
         try:
-            initializer(*initargs)
+            if initializer is not None:
+                initializer(*initargs)
+            if isinstance(fn, WorkerTask):
+                fn.start()
         except BaseException as exc:
             conn.send(("init-failed", type(exc).__name__))
             return
@@ -371,9 +415,10 @@ class IsolatedPool(Generic[T, R]):
 
     Parameters
     ----------
-    fn : callable
-        ``fn(item) -> result``. Must be picklable by reference (a module-level function), as
-        must its items and results. Raise :class:`~dicomfl.common.errors.RejectedFile` for a
+    fn : callable or WorkerTask
+        ``fn(item) -> result``. A module-level function (picklable by reference), or a
+        :class:`WorkerTask` instance (sent to each worker once, started there). Items and
+        results must be picklable. Raise :class:`~dicomfl.common.errors.RejectedFile` for a
         known rejection.
     workers : int, optional
         Number of worker processes; default :func:`default_workers` (the CPUs this process may
@@ -423,7 +468,7 @@ class IsolatedPool(Generic[T, R]):
         initargs: tuple = (),
         start_timeout_s: float = START_TIMEOUT_S,
         env: dict[str, str] | None = None,
-        prefetch: int = 2,
+        prefetch: int = PREFETCH,
     ) -> None:
         n = default_workers() if workers is None else int(workers)
         if n < 1:
@@ -740,7 +785,7 @@ def imap_isolated(
     initializer: Callable[..., object] | None = None,
     initargs: tuple = (),
     env: dict[str, str] | None = None,
-    prefetch: int = 2,
+    prefetch: int = PREFETCH,
 ) -> Iterator[tuple[int, R | WorkerFailure]]:
     """Run ``fn`` over ``items`` in crash-isolated worker processes, streaming the outcomes.
 
@@ -763,3 +808,164 @@ def imap_isolated(
     with IsolatedPool(fn, workers=workers, timeout_s=timeout_s, memory_bytes=memory_bytes,
                       initializer=initializer, initargs=initargs, env=env, prefetch=prefetch) as pool:
         yield from pool.imap(items)
+
+
+# --------------------------------------------------------------------------------------------
+# Reply slots: large results handed over through a shared file instead of the pipe
+
+
+class SlotRef(NamedTuple):
+    """Where a worker left one image: its slot file's name and the image's sequence number."""
+
+    name: str
+    seq: int
+
+
+class ReplySlots:
+    """Where a worker leaves its images for the parent: :data:`SLOTS` image-sized slots in a file
+    of its own (mode 0600, in a 0700 scratch folder that the caller creates and removes), used
+    in turn.
+
+    Sent through the worker's pipe, an image is pickled, cut into pipe-sized writes that each
+    wait for the parent to read, and unpickled into a new array: CPU for the worker and the
+    parent per file, and a worker held back from its next file until the parent has read it all.
+    Written to a mapped slot, the reply is a few hundred bytes and the parent copies the image
+    from the slot straight to where it goes (e.g. one ``pwrite`` into a cache chunk).
+
+    ``2 * PREFETCH`` slots are enough. A worker holds at most :data:`PREFETCH` items, and the
+    pool hands it a new one only after reading a reply; it reads at most ``PREFETCH`` replies of
+    one worker before the caller has copied their images (the caller copies each image before
+    it asks the pool for the next outcome). So at most ``PREFETCH`` images read but not yet
+    copied plus ``PREFETCH`` new ones are in a worker's slots at once, and by the time it writes
+    its result ``k + SLOTS`` into the slot of result ``k``, that one has been copied. Each slot
+    starts with the sequence number of the image in it; the reference carries it too, and the
+    parent checks it before and after copying, so a broken promise raises (the caller rejects
+    that item), never returns a wrong image.
+    """
+
+    HEADER = 16  # bytes before each slot's image: the sequence number (8 bytes) and padding
+    SLOTS = 2 * PREFETCH
+
+    def __init__(self, path: str, image_size: int, mm: mmap.mmap) -> None:
+        self.path, self.image_size, self._mm = path, int(image_size), mm
+        self.image_bytes = self.image_size * self.image_size * 4
+        self.slot_bytes = self.HEADER + self.image_bytes
+        self._seq = 0
+
+    @classmethod
+    def file_bytes(cls, image_size: int) -> int:
+        """The size of one worker's slot file for ``image_size`` x ``image_size`` float32 images."""
+        return cls.SLOTS * (cls.HEADER + int(image_size) * int(image_size) * 4)
+
+    @classmethod
+    def create(cls, folder: str, image_size: int) -> ReplySlots:
+        """A new slot file in ``folder`` for this process (worker side).
+
+        Its blocks are allocated now (``posix_fallocate``), not on the first write: a write to
+        a mapped page that a full file system cannot back kills the writer with SIGBUS, which
+        would read as a decoder crash on a good file. Allocated up front, a full disk is an
+        ``OSError`` (ENOSPC) here instead, and the worker sends its images in its replies.
+
+        Raises
+        ------
+        OSError
+            The file cannot be created or its space allocated (the file is removed).
+        """
+        path = os.path.join(folder, f"w{os.getpid()}.slots")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            size = cls.file_bytes(image_size)
+            os.posix_fallocate(fd, 0, size)
+            mm = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        return cls(path, image_size, mm)
+
+    @classmethod
+    def attach(cls, path: str, image_size: int) -> ReplySlots:
+        """Map a worker's slot file read-only (parent side)."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = cls.file_bytes(image_size)
+            if os.fstat(fd).st_size != size:
+                raise ValueError("reply slot file size")
+            mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        return cls(path, image_size, mm)
+
+    def put(self, img: np.ndarray) -> SlotRef:
+        """Write ``img`` (float32, image_size x image_size) into the next slot; returns the
+        reference ``(file name, sequence number)`` for the reply."""
+        seq = self._seq
+        self._seq += 1
+        at = (seq % self.SLOTS) * self.slot_bytes
+        arr = np.ascontiguousarray(img, dtype=np.float32)
+        if arr.shape != (self.image_size, self.image_size):
+            raise ValueError("image shape")
+        self._mm[at:at + 8] = seq.to_bytes(8, "little")
+        np.frombuffer(self._mm, np.float32, self.image_size * self.image_size, at + self.HEADER)[:] = arr.reshape(-1)
+        return SlotRef(os.path.basename(self.path), seq)
+
+    def read(self, seq: int) -> np.ndarray:
+        """A copy of the image of reference ``seq`` (parent side); the slot's sequence number is
+        checked before and after the copy."""
+        at = (seq % self.SLOTS) * self.slot_bytes
+        self._check(seq, at)
+        with memoryview(self._mm) as view:
+            out = np.frombuffer(view[at + self.HEADER:at + self.slot_bytes], np.float32).copy()
+        self._check(seq, at)
+        return out.reshape(self.image_size, self.image_size)
+
+    def _check(self, seq: int, at: int) -> None:
+        if int.from_bytes(self._mm[at:at + 8], "little") != seq:
+            raise RuntimeError("a worker's reply slot was overwritten before it was read")
+
+    def close(self) -> None:
+        self._mm.close()
+
+
+class SlotReader:
+    """The parent's side of its workers' reply slots in ``folder``: each worker's file is mapped
+    on its first reply and kept for the ``keep`` workers that replied last. A crashed worker's
+    replacement writes to a new file, and the parent's memory must not grow with the crashes: a
+    file is unmapped when it falls out, and removed once its worker is gone (the folder itself
+    is the caller's to remove)."""
+
+    def __init__(self, folder: str, image_size: int, keep: int) -> None:
+        self.folder, self.image_size, self.keep = folder, int(image_size), int(keep)
+        self._attached: dict[str, ReplySlots] = {}  # the most recent last
+
+    def read(self, ref: SlotRef) -> np.ndarray:
+        """A copy of the image ``ref`` points at.
+
+        Raises
+        ------
+        OSError, ValueError, RuntimeError
+            The slot file is gone or not a slot file, or the slot was overwritten.
+        """
+        name, seq = ref
+        slots = self._attached.pop(name, None)
+        if slots is None:
+            if os.path.basename(name) != name or not (name.startswith("w") and name.endswith(".slots")):
+                raise ValueError("reply slot name")
+            slots = ReplySlots.attach(os.path.join(self.folder, name), self.image_size)
+            while len(self._attached) >= self.keep:
+                old_name = next(iter(self._attached))
+                self._attached.pop(old_name).close()
+                with contextlib.suppress(ValueError, OSError):
+                    os.kill(int(old_name[1:-len(".slots")]), 0)  # still running: keep its file
+                    continue
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.folder, old_name))
+        self._attached[name] = slots
+        return slots.read(seq)
+
+    def close(self) -> None:
+        for slots in self._attached.values():
+            slots.close()
+        self._attached.clear()

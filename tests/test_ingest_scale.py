@@ -424,7 +424,7 @@ def test_reply_slots_hand_images_over_and_refuse_an_overwritten_one(tmp_path):
     """A worker's reply slots (two per file it may hold): what it puts is what the parent reads;
     a slot written again before its image was read is refused (the parent rejects that file),
     never misread."""
-    from dicomfl.common.ingest import PREFETCH, ReplySlots
+    from dicomfl.common.workers import PREFETCH, ReplySlots
 
     assert ReplySlots.SLOTS == 2 * PREFETCH
     rng = np.random.default_rng(1)

@@ -24,6 +24,7 @@ from dicomfl.common.workers import (
     IsolatedPool,
     PoolStartError,
     WorkerFailure,
+    WorkerTask,
     default_workers,
     imap_isolated,
 )
@@ -340,3 +341,45 @@ def test_arguments():
         IsolatedPool(C.behave, workers=1, timeout_s=0)
     with pytest.raises(ValueError):
         IsolatedPool(C.behave, workers=1, timeout_s=1, memory_bytes=0)
+
+
+class _Tagged(WorkerTask):
+    """A task with per-worker state: ``start`` runs in the worker, once, before its first item."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.started = 0
+
+    def start(self) -> None:
+        self.started += 1
+        self.pid = os.getpid()
+
+    def __call__(self, item: int) -> tuple:
+        return self.tag, self.started, self.pid, item
+
+
+class _FailsToStart(WorkerTask):
+    def start(self) -> None:
+        raise OSError("no slot file")
+
+    def __call__(self, item: int) -> int:
+        return item
+
+
+def test_a_worker_task_keeps_its_state_in_each_worker():
+    """The task object goes to each worker once and is started there (not in the parent); two
+    pools with different settings share nothing."""
+    task = _Tagged("a")
+    with IsolatedPool(task, workers=2, timeout_s=60) as pool:
+        got = dict(pool.imap(range(8)))
+        pids = set(pool.spawned_pids)
+    assert sorted(got) == list(range(8))
+    assert {(tag, started) for tag, started, _pid, _item in got.values()} == {("a", 1)}
+    assert {pid for _tag, _started, pid, _item in got.values()} <= pids
+    assert task.started == 0  # the parent's copy was never started
+    assert {tag for tag, *_ in dict(imap_isolated(_Tagged("b"), range(3), workers=1, timeout_s=60)).values()} == {"b"}
+
+
+def test_a_worker_task_that_cannot_start_is_a_pool_start_error():
+    with pytest.raises(PoolStartError, match="OSError"):
+        dict(imap_isolated(_FailsToStart(), range(3), workers=1, timeout_s=60))
