@@ -40,7 +40,7 @@ from .checks import screen_updates
 from .identity import SiteIdentities
 from .replies import (Rejection, aggregation_message, dedupe_replies, validate_eval_reply, validate_personal_reply,
                       validate_train_reply)
-from .selection import BEST_MODEL, best_earlier, select
+from .selection import BestModel
 from .strategies import Registered, for_run
 from .strategies.base import StrategyWrapper
 from .strategies.local import LocalBaseline, LocalNorm
@@ -210,12 +210,8 @@ class Federation:
             if cfg.cross_site.every and rnd % cfg.cross_site.every == 0 and rnd < cfg.run.rounds:
                 self.cross_site(self._models(state), tag=f"round-{rnd:04d}")
         models = self._models(state)
-        earlier = best_earlier(state.history, state.round)
-        earlier_path = self.ckpt.dir / f"round-{earlier[0]:04d}" / "global.npz" if earlier else None
-        if earlier_path is not None and earlier_path.is_file():
-            models = {P.GLOBAL_MODEL: models.pop(P.GLOBAL_MODEL), BEST_MODEL: read_npz(earlier_path), **models}
-        else:
-            earlier = None
+        best = BestModel(self.ckpt.dir)
+        models = {P.GLOBAL_MODEL: models.pop(P.GLOBAL_MODEL), **best.candidates(state.history, state.round), **models}
         personalized = None
         if cfg.run.personalize is not None or cfg.run.local_norm:
             personalized, shared = self.personalize(state)
@@ -223,8 +219,8 @@ class Federation:
                 models[P.personal_model_id(site)] = arr
                 write_npz(self.ckpt.dir / f"personal-{site}.npz", arr)
         final = self.cross_site(models, tag="final", personal=personalized is not None)
-        selected = select(final, state.round, earlier)
-        write_npz(self.ckpt.dir / "best.npz", models[BEST_MODEL] if selected["chosen"] == "best" else state.global_weights)
+        selected, chosen = best.choose(final, state.round, models, state.global_weights)
+        write_npz(self.ckpt.dir / "best.npz", chosen)
         sites = {s for h in state.history for key in ("sites", "errors", "rejected") for s in h.get(key, {})}
         summary = {"run": cfg.run.name, "rounds": state.round, "strategy": cfg.run.strategy, "history": state.history,
                    "cross_site": final, "selected": selected, "sites": sorted(sites | set(state.local_weights)),
