@@ -13,6 +13,7 @@ is cheap, for every command.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -534,25 +535,69 @@ class ModelConfig(BaseModel):
 
 
 
-# The federated strategies a run can name, with the extra parameters each takes (the one list;
-# dicomfl.server.strategies builds them from Flower's, see its table).
-STRATEGY_PARAMS: dict[str, frozenset[str]] = {
-    "fedavg": frozenset(),
-    "fedprox": frozenset(),
-    "fedadam": frozenset({"eta_l", "beta_1", "beta_2", "tau"}),
-    "fedyogi": frozenset({"eta_l", "beta_1", "beta_2", "tau"}),
-    "fedadagrad": frozenset({"eta_l", "tau"}),
-    "fedavgm": frozenset({"server_momentum"}),
-    "fedmedian": frozenset(),
-    "fedtrimmedavg": frozenset({"beta"}),
-    "krum": frozenset({"num_malicious_nodes"}),
-    "multikrum": frozenset({"num_malicious_nodes", "num_nodes_to_select"}),
-    "bulyan": frozenset({"num_malicious_nodes"}),
-    "scaffold": frozenset(),
+@dataclass(frozen=True)
+class ParamBound:
+    """One strategy parameter's type and range (``lo``/``hi`` None: unbounded on that side)."""
+
+    kind: type  # int or float
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself is not allowed
+    hi_open: bool = True  # hi itself is not allowed
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not allowed (one line), or None."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind is int and not isinstance(value, int)):
+            return f"must be {'an int' if self.kind is int else 'a number'}"
+        v = float(value)
+        below = self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo)
+        above = self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi)
+        if below or above or v != v:
+            lo = "-inf" if self.lo is None else f"{self.lo:g}"
+            hi = "inf" if self.hi is None else f"{self.hi:g}"
+            return f"must be in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+        return None
+
+
+_FRACTION = ParamBound(float, 0.0, 1.0)  # [0, 1)
+_POSITIVE = ParamBound(float, 0.0, None, lo_open=True)
+_FEDOPT = {"eta_l": _POSITIVE, "beta_1": _FRACTION, "beta_2": _FRACTION, "tau": _POSITIVE}
+_KRUM_F = ParamBound(int, 0)
+
+# The federated strategies a run can name, with the parameters each takes in run.strategy_params and
+# their bounds: the pure data, checked when run.yaml is read. How each is built, the state it keeps
+# across a resume and the replies it needs are its entry in dicomfl.server.strategies (one entry per
+# name here; a test holds the two to the same names and parameters).
+STRATEGY_TABLE: dict[str, dict[str, ParamBound]] = {
+    "fedavg": {},
+    "fedprox": {},
+    "fedadam": dict(_FEDOPT),
+    "fedyogi": dict(_FEDOPT),
+    "fedadagrad": {"eta_l": _POSITIVE, "tau": _POSITIVE},
+    "fedavgm": {"server_momentum": _FRACTION},
+    "fedmedian": {},
+    "fedtrimmedavg": {"beta": ParamBound(float, 0.0, 0.5)},
+    "krum": {"num_malicious_nodes": _KRUM_F},
+    "multikrum": {"num_malicious_nodes": _KRUM_F, "num_nodes_to_select": ParamBound(int, 1)},
+    "bulyan": {"num_malicious_nodes": _KRUM_F},
+    "scaffold": {},
 }
-FEDERATED_STRATEGIES: tuple[str, ...] = tuple(STRATEGY_PARAMS)
-SERVER_OPTIMIZERS = frozenset({"fedadam", "fedyogi", "fedadagrad"})  # server_lr is their eta
+STRATEGY_PARAMS: dict[str, frozenset[str]] = {k: frozenset(v) for k, v in STRATEGY_TABLE.items()}
+FEDERATED_STRATEGIES: tuple[str, ...] = tuple(STRATEGY_TABLE)
 StrategyName = Literal[FEDERATED_STRATEGIES]  # type: ignore[valid-type]
+
+
+def strategy_params_problem(name: str, params: dict[str, Any]) -> str | None:
+    """Why ``params`` cannot be strategy ``name``'s parameters (one line naming the key), or None."""
+    takes = STRATEGY_TABLE[name]
+    extra = sorted(set(params) - set(takes))
+    if extra:
+        return f"{name} does not take {extra}; it takes {sorted(takes) or 'none'}"
+    for key in sorted(params):
+        why = takes[key].problem(params[key])
+        if why is not None:
+            return f"{name}: {key} {why}"
+    return None
 
 
 class PersonalizeSection(_Strict):
@@ -595,10 +640,10 @@ class RunSection(_Strict):
     lr_min_factor: float = Field(default=0.1, ge=1e-3, le=1.0)
     out_dir: Path | None = None  # default: runs/<name>, relative to the working directory
     seed: int = 0
-    # Server learning rate: eta of FedAdam/FedYogi/FedAdagrad (default 0.01 for them); FedAvgM's
-    # server_learning_rate and SCAFFOLD's eta_g only when set here (their own default is 1.0).
-    # Ignored by the others.
-    server_lr: float = Field(default=0.01, gt=0)
+    # Server learning rate: eta of FedAdam/FedYogi/FedAdagrad, FedAvgM's server_learning_rate,
+    # SCAFFOLD's eta_g. None: the strategy's own default (its entry in dicomfl.server.strategies:
+    # 0.01 for the server optimizers, 1.0 for FedAvgM and SCAFFOLD). Ignored by the others.
+    server_lr: float | None = Field(default=None, gt=0)
     # The strategy's own parameters (dicomfl.server.strategies), e.g. {num_malicious_nodes: 1}.
     strategy_params: dict[str, int | float] = Field(default_factory=dict)
     # ---- what one site's reply may do to the global model (checked before aggregation)
@@ -669,17 +714,15 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _strategy_params(self) -> "RunConfig":
-        takes = STRATEGY_PARAMS[self.run.strategy]
-        extra = sorted(set(self.run.strategy_params) - takes)
-        if extra:
-            raise ValueError(f"run.strategy_params: {self.run.strategy} does not take {extra}; it takes "
-                             f"{sorted(takes) or 'none'}")
+        why = strategy_params_problem(self.run.strategy, self.run.strategy_params)
+        if why is not None:
+            raise ValueError(f"run.strategy_params: {why}")
         return self
 
 
 def run_config_dict(name: str, *, model: "ModelConfig | dict", sites: list = (), out_dir: "Path | str | None" = None,
                     rounds: int = 5, strategy: str = "fedavg", proximal_mu: float = 0.0, min_sites: int = 2,
-                    local_epochs: int = 1, seed: int = 0, server_lr: float = 0.01, round_timeout_s: float = 600,
+                    local_epochs: int = 1, seed: int = 0, server_lr: float | None = None, round_timeout_s: float = 600,
                     local_baseline: bool = True, cross_site_every: int = 0, dp: bool = False,
                     target_epsilon: float | None = 8.0, delta: float = 1.0e-5, replicates: int = 0) -> dict[str, Any]:
     """A run config as a plain mapping, ready for ``yaml.safe_dump`` (the one builder of run configs:
@@ -688,7 +731,7 @@ def run_config_dict(name: str, *, model: "ModelConfig | dict", sites: list = (),
     """
     raw = {"run": {"name": name, "rounds": rounds, "strategy": strategy, "proximal_mu": proximal_mu,
                    "min_sites": min_sites, "local_epochs": local_epochs, "round_timeout_s": round_timeout_s,
-                   "seed": seed, "server_lr": server_lr},
+                   "seed": seed, **({} if server_lr is None else {"server_lr": server_lr})},
            "cross_site": {"every": cross_site_every, "local_baseline": local_baseline,
                           **({"replicates": replicates} if replicates else {})},
            "model": model.model_dump(exclude_none=True) if isinstance(model, BaseModel) else dict(model),

@@ -1,8 +1,10 @@
 """The coordinator's round loop, over any Flower ``Grid`` (a real SuperLink or an in-process one).
 
-Per round: Flower's strategy (any of :mod:`dicomfl.server.strategies`) samples the sites and
-builds the train messages; each site's local-only baseline model rides along in its own message
-(so the baseline is trained alongside the federation with the same budget). Every reply is
+Per round: the run's strategy (its registry entry in :mod:`dicomfl.server.strategies`, inside the
+run's wrappers, e.g. the local-only baseline and local GroupNorm) samples the
+sites and builds the train messages. The loop calls the strategy interface of
+:mod:`dicomfl.server.strategies.base` (``configure_train``, ``check_replies``, ``aggregate_train``,
+``state``) and knows none of the methods inside. Every reply is
 treated as hostile: a node's second reply counts once (:func:`~.replies.dedupe_replies`), each
 reply is validated before anything reads it (:func:`~.replies.validate_train_reply`: schema,
 whitelisted numbers, exact names/shapes/real float dtypes, finite values, a bounded and plausible
@@ -13,8 +15,8 @@ with the site's name and the round goes on. Everything is checkpointed. At the e
 ``cross_site.every`` rounds) every site evaluates every model.
 
 The loop calls the strategy's ``configure_train``/``aggregate_train`` itself instead of
-``Strategy.start`` because it must resume from a checkpoint at round k (Flower has no resume),
-send per-site baseline models, and filter bad updates before aggregation.
+``Strategy.start`` because it must resume from a checkpoint at round k (Flower has no resume) and
+filter bad updates before aggregation.
 """
 
 from __future__ import annotations
@@ -26,22 +28,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypedDict
 
-import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from dicomfl.common import protocol as P
-from dicomfl.common.config import SERVER_OPTIMIZERS, RunConfig
+from dicomfl.common.config import RunConfig
 from dicomfl.common.model import build_model, get_weights, norm_parameter_names
 
 from . import crosssite, fedstats
 from .checkpoint import Checkpoints, State, clean, read_npz, write_json, write_npz
-from .checks import control_problems, screen_updates
+from .checks import screen_updates
 from .identity import SiteIdentities
 from .replies import (Rejection, aggregation_message, dedupe_replies, validate_eval_reply, validate_personal_reply,
                       validate_train_reply)
-from .scaffold import Scaffold
-from .selection import BEST_MODEL, best_earlier, select
-from .strategies import STATEFUL_ATTRIBUTES, make_strategy, min_replies
+from .selection import BestModel
+from .strategies import Registered, for_run
+from .strategies.base import StrategyWrapper
+from .strategies.local import LocalBaseline, LocalNorm
 
 log = logging.getLogger("dicomfl.server")
 
@@ -77,33 +79,21 @@ def lr_scale(schedule: str, server_round: int, rounds: int, min_factor: float) -
     return float(min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
-def strategy_for(cfg: RunConfig):
-    """The run's Flower strategy (see :mod:`dicomfl.server.strategies`)."""
-    r = cfg.run
-    explicit_lr = r.strategy in SERVER_OPTIMIZERS or "server_lr" in r.model_fields_set
-    return make_strategy(r.strategy, fraction_train=r.fraction_train, min_sites=r.min_sites,
-                         proximal_mu=r.proximal_mu, server_lr=r.server_lr if explicit_lr else None,
-                         **r.strategy_params)
+def strategy_for(cfg: RunConfig) -> Registered:
+    """The run's strategy, built from its registry entry (see :mod:`dicomfl.server.strategies`)."""
+    return for_run(cfg.run)
 
 
-def _strategy_state(strategy, name: str) -> dict[str, dict]:
-    """The strategy's state between rounds (server optimizer moments, momentum) as named arrays."""
-    out = {}
-    for attr in STATEFUL_ATTRIBUTES.get(name, ()):
-        v = getattr(strategy, attr, None)
-        if isinstance(v, dict):
-            out[attr] = v
-        elif isinstance(v, list):
-            out[attr] = {f"{i:06d}": a for i, a in enumerate(v)}
-    return out
-
-
-_LIST_STATE = frozenset({"momentum_vector"})  # kept by Flower as a list of arrays, saved as a dict
-
-
-def _restore_strategy_state(strategy, saved: dict[str, dict]) -> None:
-    for attr, arrays in saved.items():
-        setattr(strategy, attr, [arrays[k] for k in sorted(arrays)] if attr in _LIST_STATE else arrays)
+def round_strategy(cfg: RunConfig, local_model) -> StrategyWrapper:
+    """The run's strategy inside the wrappers the run asks for: ``run.local_norm``
+    (:class:`~.strategies.local.LocalNorm`) and ``cross_site.local_baseline``
+    (:class:`~.strategies.local.LocalBaseline`, which sends ``local_model(node_id)``)."""
+    strategy: StrategyWrapper = strategy_for(cfg)
+    if cfg.run.local_norm:
+        strategy = LocalNorm(strategy, norm_parameter_names(build_model(cfg.model)))
+    if cfg.cross_site.local_baseline:
+        strategy = LocalBaseline(strategy, local_model)
+    return strategy
 
 
 class Federation:
@@ -140,9 +130,9 @@ class Federation:
             trusted = getattr(grid, "trusted_names", None)
             identities = SiteIdentities.trusted(trusted()) if callable(trusted) else SiteIdentities.insecure()
         self.identities = identities
-        self.strategy = strategy_for(cfg)
-        # run.local_norm: the GroupNorm parameters every reply must leave at the global model's values
-        self.norm_names = norm_parameter_names(build_model(cfg.model)) if cfg.run.local_norm else frozenset()
+        self.strategy = round_strategy(cfg, self._local_model)
+        self._state: State | None = None  # the run's state while it runs (the local baselines are in it)
+        self._initial: dict | None = None  # the initial model: a site's local baseline before its first reply
         self.feature_stats: dict | None = None  # the run's global feature standardization (server.fedstats)
 
     # ------------------------------------------------------------------ helpers
@@ -165,6 +155,10 @@ class Federation:
         self.identities.refresh(self.grid)
         kept = dedupe_replies(replies, key=lambda m: self.name(m.metadata.src_node_id))
         return kept.replies, {str(k): n for k, n in kept.duplicates.items()}
+
+    def _local_model(self, node_id: int) -> dict:
+        """The local-only baseline model to send ``node_id``: its site's latest, else the initial one."""
+        return self._state.local_weights.get(self.name(node_id), self._initial)
 
     def _emit(self, kind: str, **data) -> None:
         self.on_event(kind, data)
@@ -198,13 +192,14 @@ class Federation:
         state = self.ckpt.latest() if resume else None
         if state is not None:
             start = state.round + 1
-            _restore_strategy_state(self.strategy, state.strategy_state)
+            self.strategy.set_state(state.strategy_state)
             log.info("resuming run %s after round %d of %d", cfg.run.name, state.round, cfg.run.rounds)
             state.interruptions.append(state.round)
             self._emit("resume", round=state.round)
         else:
             state = State(round=0, global_weights=initial)
             start = 1
+        self._state, self._initial = state, initial
         write_json(self.out_dir / "run_config.json", clean(cfg.model_dump(mode="json")))
         self.identities.refresh(self.grid)
         self.feature_stats = state.feature_stats
@@ -215,12 +210,8 @@ class Federation:
             if cfg.cross_site.every and rnd % cfg.cross_site.every == 0 and rnd < cfg.run.rounds:
                 self.cross_site(self._models(state), tag=f"round-{rnd:04d}")
         models = self._models(state)
-        earlier = best_earlier(state.history, state.round)
-        earlier_path = self.ckpt.dir / f"round-{earlier[0]:04d}" / "global.npz" if earlier else None
-        if earlier_path is not None and earlier_path.is_file():
-            models = {P.GLOBAL_MODEL: models.pop(P.GLOBAL_MODEL), BEST_MODEL: read_npz(earlier_path), **models}
-        else:
-            earlier = None
+        best = BestModel(self.ckpt.dir)
+        models = {P.GLOBAL_MODEL: models.pop(P.GLOBAL_MODEL), **best.candidates(state.history, state.round), **models}
         personalized = None
         if cfg.run.personalize is not None or cfg.run.local_norm:
             personalized, shared = self.personalize(state)
@@ -228,8 +219,8 @@ class Federation:
                 models[P.personal_model_id(site)] = arr
                 write_npz(self.ckpt.dir / f"personal-{site}.npz", arr)
         final = self.cross_site(models, tag="final", personal=personalized is not None)
-        selected = select(final, state.round, earlier)
-        write_npz(self.ckpt.dir / "best.npz", models[BEST_MODEL] if selected["chosen"] == "best" else state.global_weights)
+        selected, chosen = best.choose(final, state.round, models, state.global_weights)
+        write_npz(self.ckpt.dir / "best.npz", chosen)
         sites = {s for h in state.history for key in ("sites", "errors", "rejected") for s in h.get(key, {})}
         summary = {"run": cfg.run.name, "rounds": state.round, "strategy": cfg.run.strategy, "history": state.history,
                    "cross_site": final, "selected": selected, "sites": sorted(sites | set(state.local_weights)),
@@ -256,21 +247,13 @@ class Federation:
             log.warning("round %d: rejected the update from %s: %s", rec["round"], site, why)
 
     def _round(self, rnd: int, state: State, initial: dict) -> None:
-        cfg, r, t0 = self.cfg, self.cfg.run, time.perf_counter()
+        r, t0 = self.cfg.run, time.perf_counter()
         self._emit("round-start", round=rnd, rounds=r.rounds)
         config = self._base_config(rnd)
-        scaffold = self.strategy if isinstance(self.strategy, Scaffold) else None
-        n_nodes = len(list(self.grid.get_node_ids()))
-        control = scaffold.server_control(state.global_weights) if scaffold is not None else None
         messages = list(self.strategy.configure_train(rnd, P.to_record(state.global_weights), config, self.grid))
         sampled = [m.metadata.dst_node_id for m in messages]
         for m in messages:  # each message gets its own RecordDict (Flower shares one between them)
-            content = RecordDict({P.ARRAYS: m.content[P.ARRAYS], P.CONFIG: m.content[P.CONFIG]})
-            if control is not None:
-                content[P.CONTROL] = P.to_record(control)
-            if cfg.cross_site.local_baseline:
-                content[P.LOCAL_ARRAYS] = P.to_record(state.local_weights.get(self.name(m.metadata.dst_node_id), initial))
-            m.content = content
+            m.content = RecordDict(dict(m.content.items()))
         t1 = time.perf_counter()
         replies, duplicates = self._replies(messages)
         exchange_s = time.perf_counter() - t1
@@ -283,7 +266,7 @@ class Federation:
             site = self.name(msg.metadata.src_node_id)
             res = validate_train_reply(msg, state.global_weights, max_examples=r.max_examples,
                                        previous_examples=state.examples.get(site), max_examples_growth=r.max_examples_growth,
-                                       local_reference=initial, expect_control=scaffold is not None)
+                                       local_reference=initial, expect_control=self.strategy.needs.control_delta)
             if isinstance(res, Rejection):
                 self._reject(rec, "errors" if res.kind == "error" else "rejected", site, res.reason)
                 continue
@@ -305,17 +288,9 @@ class Federation:
         rec["missing"] = sorted(expected - replied)
         for site in rec["missing"]:
             log.warning("round %d: no reply from %s within %.0f s; left out of this round", rnd, site, r.round_timeout_s)
-        for site in sorted(valid):  # run.local_norm: a site's own GroupNorm values must not leave it
-            if any(not np.array_equal(valid[site].arrays[k], state.global_weights[k]) for k in self.norm_names):
-                self._reject(rec, "rejected", site, "sent its own GroupNorm parameters (run.local_norm keeps them at the site)")
-                del valid[site]
-        if scaffold is not None:  # a bad control delta costs the site its whole update: x and c move together
-            bad = control_problems({s: v.control_delta for s, v in valid.items()}, {s: v.arrays for s, v in valid.items()},
-                                   state.global_weights, control, max_norm=r.max_control_norm,
-                                   max_ratio=r.max_update_norm_ratio)
-            for site, why in sorted(bad.items()):
-                self._reject(rec, "rejected", site, why)
-                del valid[site]
+        for site, why in sorted(self.strategy.check_replies(rnd, valid).items()):  # the strategy's own rules
+            self._reject(rec, "rejected", site, why)
+            del valid[site]
         screened = screen_updates({s: v.arrays for s, v in valid.items()}, {s: v.num_examples for s, v in valid.items()},
                                   state.global_weights, max_update_norm_rel=r.max_update_norm_rel,
                                   max_update_norm_ratio=r.max_update_norm_ratio, clip_update_norm=r.clip_update_norm,
@@ -329,19 +304,13 @@ class Federation:
         accepted = [aggregation_message(valid[s], arrays=screened.arrays[s], weight=screened.weights[s])
                     for s in sorted(screened.arrays)]
         rec["aggregated"] = sorted(screened.arrays)
-        needed = max(1, min(r.min_sites, len(sampled)), min_replies(r.strategy, int(r.strategy_params.get("num_malicious_nodes", 0))))
+        needed = max(1, min(r.min_sites, len(sampled)), self.strategy.min_replies())
         arrays = None
         if len(accepted) >= needed:
             arrays, agg = self.strategy.aggregate_train(rnd, accepted)
             rec["train_loss"] = float(agg["train-loss"]) if agg is not None and "train-loss" in agg else None
         if arrays is not None:
-            if scaffold is not None:
-                scaffold.aggregate_controls([valid[s].control_delta for s in sorted(screened.arrays)],
-                                            max(n_nodes, len(screened.arrays)), state.global_weights)
-            new = P.from_record(arrays)
-            for k in self.norm_names:  # the weighted mean of equal values, exactly
-                new[k] = np.array(state.global_weights[k], copy=True)
-            state.global_weights = new
+            state.global_weights = P.from_record(arrays)
         else:
             rec["aggregated"] = []
             log.warning("round %d: %d usable updates (%s needs %d); the global model is unchanged",
@@ -351,7 +320,7 @@ class Federation:
         state.round = rnd
         state.history.append(rec)
         state.node_names = dict(self.identities.nodes)
-        state.strategy_state = _strategy_state(self.strategy, r.strategy)
+        state.strategy_state = self.strategy.state()
         self.ckpt.save(state)
         self._emit("round-end", **rec)
 

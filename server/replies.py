@@ -712,7 +712,8 @@ def aggregation_message(valid: ValidTrain, arrays: Mapping[str, np.ndarray] | No
     -------
     flwr.app.Message
         A reply with the original metadata, ``arrays`` and ``metrics`` = {num-examples,
-        train-loss}.
+        train-loss}, and the validated ``scaffold-delta`` when the reply had one (a SCAFFOLD run:
+        :class:`dicomfl.server.scaffold.Scaffold` aggregates it).
     """
     from copy import copy
 
@@ -724,6 +725,8 @@ def aggregation_message(valid: ValidTrain, arrays: Mapping[str, np.ndarray] | No
         P.ARRAYS: P.to_record({k: np.ascontiguousarray(v) for k, v in src.items()}),  # the form the strategy sent
         P.METRICS: MetricRecord({NUM_EXAMPLES: w, TRAIN_LOSS: valid.train_loss}),
     })
+    if valid.control_delta is not None:  # SCAFFOLD's wrapper takes it out before its FedAvg sees the reply
+        content[P.CONTROL_DELTA] = P.to_record(valid.control_delta)
     return Message(content=content, metadata=copy(valid.message.metadata))
 
 

@@ -5,11 +5,16 @@ trains (``val-auroc`` in its train reply), so round r scores the global model of
 final model is scored the same way in the final cross-site validation (``val-auroc`` next to the
 test metrics). A model's score is the mean over the sites that reported one: every hospital
 counts once, whatever its size. The test splits are never used to choose.
+
+:class:`BestModel` is what the round loop calls at the end of a run: ``candidates`` adds the best
+earlier global model to the final cross-site validation, ``choose`` picks between it and the
+final one from that validation's numbers.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from dicomfl.common import protocol as P
 
@@ -60,3 +65,35 @@ def select(cross_site: dict, final_round: int, earlier: tuple[int, float] | None
         chosen = "best"
     return {"chosen": chosen, "round": cand[chosen]["round"], "val_auroc": cand[chosen]["val_auroc"],
             "by": "mean validation AUROC over the sites", "candidates": cand}
+
+
+class BestModel:
+    """The end-of-run choice between the final global model and the best earlier one.
+
+    Parameters
+    ----------
+    checkpoint_dir : Path
+        The run's checkpoints (``round-<k>/global.npz``): where the earlier models are read from.
+    """
+
+    def __init__(self, checkpoint_dir: Path) -> None:
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.earlier: tuple[int, float] | None = None
+
+    def candidates(self, history: list[dict], final_round: int) -> dict[str, dict]:
+        """``{BEST_MODEL: arrays}`` for the final cross-site validation, or {} when no earlier
+        round scored (or its checkpoint is gone)."""
+        from .checkpoint import read_npz
+
+        self.earlier = best_earlier(history, final_round)
+        path = self.checkpoint_dir / f"round-{self.earlier[0]:04d}" / "global.npz" if self.earlier else None
+        if path is None or not path.is_file():
+            self.earlier = None
+            return {}
+        return {BEST_MODEL: read_npz(path)}
+
+    def choose(self, cross_site: dict, final_round: int, models: dict[str, dict], final: dict) -> tuple[dict, dict]:
+        """(the choice, see :func:`select`; the chosen model's arrays), from the final cross-site
+        validation of ``models`` (``final``: the final global model's arrays)."""
+        selected = select(cross_site, final_round, self.earlier)
+        return selected, models[BEST_MODEL] if selected["chosen"] == "best" else final

@@ -70,13 +70,15 @@ class BenchConfig(BaseModel):
     # cohort at train.lr 1e-3 (README: learning curves; bench_learning_curves.csv shows it per run).
     rounds: int = Field(default=25, ge=1)
     local_epochs: int = Field(default=1, ge=1)
-    server_lr: float = 0.01
+    # The server learning rate of the strategies that have one; None: each strategy's own default
+    # (its registry entry: 0.01 for the server optimizers, 1 for SCAFFOLD). FedAvgM gets 1 - fedavgm_momentum.
+    server_lr: float | None = Field(default=None, gt=0)
     # The sites' learning rate in every benchmark training (local, pooled, federated, LOSO, scale);
     # None: each site's own train.lr. (SCAFFOLD's sites use scaffold_lr.)
     lr: float | None = Field(default=None, gt=0)
     # SCAFFOLD (strategies: [..., scaffold]) trains with plain SGD at every site: the sites' own
     # train.lr suits their optimizer (Adam by default), so SCAFFOLD's sites use this one instead.
-    # Its server step eta_g is 1 (server_lr is the server optimizers').
+    # Its server step eta_g is its registry default, 1 (unless server_lr is set).
     scaffold_lr: float = Field(default=0.05, gt=0)
     # FedAvgM (Hsu et al. 2019): server momentum beta, with server learning rate 1 - beta, so that
     # its effective step eta / (1 - beta) is FedAvg's (1): the momentum, not a larger step, is measured.
@@ -225,8 +227,6 @@ class Bench:
         if job.strategy == "fedavgm":
             cfg["run"]["server_lr"] = round(1.0 - self.cfg.fedavgm_momentum, 12)
             cfg["run"]["strategy_params"] = {"server_momentum": self.cfg.fedavgm_momentum}
-        if job.strategy == "scaffold":
-            cfg["run"].pop("server_lr")  # eta_g = 1, the paper's and FedAvg's step
         path = out.parent / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
