@@ -323,7 +323,7 @@ class Bench:
         g = s["cross_site"]["matrix"]["global"]
         eps = [m.get("epsilon") for h in s["history"] for m in h["sites"].values() if m.get("epsilon") is not None]
         curve = [float(np.nanmean([m.get("val-auroc", math.nan) if m.get("val-auroc") is not None else math.nan
-                                   for m in h["sites"].values()])) for h in s["history"]]
+                                   for _, m in sorted(h["sites"].items())])) for h in s["history"]]  # sorted: a float mean depends on its order, replies arrive in any
         res = {"per_site": {site: _pick(g.get(site)) for site in self.names}, "epsilon": max(eps) if eps else None,
                "curve": curve, "declined": sum(len(h["declined"]) for h in s["history"]),
                "selected": (s.get("selected") or {}).get("chosen")}
