@@ -30,13 +30,14 @@ accountant are the site's alone. :func:`effective_budget` is that rule.
 from __future__ import annotations
 
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .accountant import count_release, epsilon, noisy_counts, plan_noise, planned_steps, sample_rate, steps_per_epoch
-from .ledger import (LEDGER_VERSION, RUN_FIELDS, ledger_lock, ledger_path, migrate, read_unverified, read_verified,
-                     seal_empty, stream_label, write_signed)
+from .ledger import (LEDGER_VERSION, RUN_FIELDS, LedgerIntegrityError, ledger_lock, ledger_path, migrate,
+                     read_unverified, read_verified, refuse, seal_empty, stream_label, write_signed)
 
 #: The kinds of release; the first three are also the streams (the models a run trains here).
 MODEL_KINDS = ("train", "local", "personal")
@@ -69,9 +70,10 @@ class Release:
         return self.kind if self.kind in MODEL_KINDS else "train"
 
     @property
-    def epsilon(self) -> float:
-        """The release's own epsilon: infinite without DP (its stream's accountant composes the rest)."""
-        return math.inf if not self.private else math.nan
+    def epsilon(self) -> float | None:
+        """Infinite for a release without DP; None for a DP release, whose cost is its entries,
+        composed with the rest of its stream by the stream's accountant (at the stream's delta)."""
+        return math.inf if not self.private else None
 
 
 @dataclass(frozen=True)
@@ -176,9 +178,7 @@ class PrivacyAccount:
         try:
             data = migrate(data)
         except ValueError:
-            from .ledger import _refuse
-
-            raise _refuse(ledger_path(state_dir), "cannot be read (not a ledger)") from None
+            raise refuse(ledger_path(state_dir), "cannot be read (not a ledger)") from None
         sequence = int(data.get("sequence") or 0) if signed else (int(seal["sequence"]) if seal is not None else 0)
         acct = cls(data=data, lifetime_epsilon=lifetime_epsilon, state_dir=state_dir, key=key, sequence=sequence)
         if not signed and (ledger_path(state_dir).exists() or data["runs"]):
@@ -350,11 +350,25 @@ def read_site_ledger(state_dir: Path) -> dict:
     return read_unverified(state_dir)
 
 
+def _read_unlocked(state_dir: Path, key: bytes) -> dict:
+    """The verified ledger, read without the lock (a round may hold it for minutes): a write that
+    lands between reading the seal and reading the ledger can look like a rollback, so a failed
+    check is tried twice more before it counts."""
+    for attempt in range(3):
+        try:
+            return read_verified(state_dir, key)[0]
+        except LedgerIntegrityError:
+            if attempt == 2:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
+
+
 def site_spend(state_dir: Path, accountant: str, delta: float, key: bytes | None = None) -> dict:
     """What a site has spent: per stream and in total (all histories composed), and the releases
     made without DP, for ``dicomfl privacy status``, ``dicomfl site status`` and the budget check.
     With ``key`` the ledger is verified first (:class:`~.ledger.LedgerIntegrityError`)."""
-    data = migrate(read_verified(state_dir, key)[0] if key is not None else read_unverified(state_dir))
+    data = migrate(_read_unlocked(state_dir, key) if key is not None else read_unverified(state_dir))
     runs = {}
     everything: list = []
     for name, r in sorted(data["runs"].items()):

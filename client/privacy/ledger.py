@@ -75,7 +75,8 @@ def _seal_mac(key: bytes, seal: dict) -> str:
     return hmac.new(key, _SEAL_DOMAIN + _canonical(seal), hashlib.sha256).hexdigest()
 
 
-def _refuse(path: Path, why: str) -> LedgerIntegrityError:
+def refuse(path: Path, why: str) -> LedgerIntegrityError:
+    """The one-line refusal, naming the file first."""
     return LedgerIntegrityError(f"{path}: privacy ledger {why}; the site will not train on a fresh budget "
                                 f"(restore the ledger and its seal from a backup)")
 
@@ -144,9 +145,9 @@ def _read_seal(state_dir: Path, key: bytes) -> dict | None:
         if not isinstance(mac, str) or not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
             raise ValueError("malformed")
     except (OSError, ValueError):
-        raise _refuse(path, "seal cannot be read") from None
+        raise refuse(path, "seal cannot be read") from None
     if not hmac.compare_digest(mac, _seal_mac(key, seal)):
-        raise _refuse(path, "seal does not verify under the site's key (edited, or signed with another key: after "
+        raise refuse(path, "seal does not verify under the site's key (edited, or signed with another key: after "
                             "a key rotation, run dicomfl privacy reseal)")
     return seal
 
@@ -160,28 +161,28 @@ def read_verified(state_dir: Path, key: bytes) -> tuple[dict, dict | None, bool]
     path = ledger_path(state_dir)
     if not path.exists():
         if seal is not None and seal["sequence"] > 0:
-            raise _refuse(path, f"is missing but its seal ({SEAL_FILE}) counts {seal['sequence']} write(s)")
+            raise refuse(path, f"is missing but its seal ({SEAL_FILE}) counts {seal['sequence']} write(s)")
         return {"version": 1, "runs": _legacy_runs(path.parent)}, seal, False
     try:
         data = _load(path)
     except (OSError, ValueError) as exc:
-        raise _refuse(path, f"cannot be read ({exc if isinstance(exc, ValueError) else type(exc).__name__})") from None
+        raise refuse(path, f"cannot be read ({exc if isinstance(exc, ValueError) else type(exc).__name__})") from None
     mac = data.get("hmac")
     if mac is None:
         if seal is not None:
-            raise _refuse(path, f"is unsigned but its seal ({SEAL_FILE}) says it was signed")
+            raise refuse(path, f"is unsigned but its seal ({SEAL_FILE}) says it was signed")
         return data, None, False
     if not isinstance(mac, str) or not hmac.compare_digest(mac, ledger_mac(key, data)):
-        raise _refuse(path, "does not verify under the site's key (edited, or signed with another key: after a key "
+        raise refuse(path, "does not verify under the site's key (edited, or signed with another key: after a key "
                             "rotation, run dicomfl privacy reseal)")
     seq = data.get("sequence")
     if seal is None:
-        raise _refuse(path, f"is signed but its seal ({SEAL_FILE}) is missing")
+        raise refuse(path, f"is signed but its seal ({SEAL_FILE}) is missing")
     if seq == seal["sequence"]:
         if not hmac.compare_digest(str(seal.get("ledger")), mac):
-            raise _refuse(path, f"is not the one its seal ({SEAL_FILE}) covers")
+            raise refuse(path, f"is not the one its seal ({SEAL_FILE}) covers")
     elif seq != seal["sequence"] + 1:  # one ahead: the site stopped between writing the two
-        raise _refuse(path, f"is at write {seq} but its seal ({SEAL_FILE}) is at write {seal['sequence']} "
+        raise refuse(path, f"is at write {seq} but its seal ({SEAL_FILE}) is at write {seal['sequence']} "
                             f"(an older or foreign copy)")
     return data, seal, True
 
@@ -270,5 +271,5 @@ def reseal(state_dir: Path, old_key: bytes, new_key: bytes) -> int:
         try:
             data = migrate(data)
         except ValueError:
-            raise _refuse(ledger_path(state_dir), "cannot be read (not a ledger)") from None
+            raise refuse(ledger_path(state_dir), "cannot be read (not a ledger)") from None
         return write_signed(state_dir, new_key, data, previous)["sequence"]
