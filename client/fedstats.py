@@ -43,7 +43,7 @@ from dicomfl.common.fedstats import (FeatureTransform, STAT_KINDS, check_standar
 from dicomfl.common.protocol import FEATURE_MEAN, FEATURE_STD
 from dicomfl.common.splits import TRAIN
 
-from .privacy import Ledger, effective_budget, ledger_lock
+from .privacy import Release, effective_budget, site_account
 
 
 def stats_release(sigma: float) -> list:
@@ -98,16 +98,17 @@ def site_statistics(site, plan) -> dict[str, float]:
         raise NoTrainingData("no labelled training images")
     features = released(site.model_cfg.drop_features)
     dp_on, target, delta = effective_budget(site.cfg.privacy, plan if plan.dp else None)
-    if not dp_on:
-        return {"num-examples": float(n), **sums(iter_blocks(train.features), features)}
-    with ledger_lock(site.cfg.site.state_dir):
-        return _private(site, plan, train, features, target, delta)
+    with site_account(site.cfg) as account:
+        if not dp_on:  # exact numbers: logged as a release that is not private
+            account.charge(Release("fedstats", plan.run, private=False))
+            return {"num-examples": float(n), **sums(iter_blocks(train.features), features)}
+        return _private(account, site, plan, train, features, target, delta)
 
 
-def _private(site, plan, train, features: tuple[str, ...], target, delta: float) -> dict[str, float]:
+def _private(account, site, plan, train, features: tuple[str, ...], target, delta: float) -> dict[str, float]:
     p = site.cfg.privacy
-    led = Ledger.open(site.cfg.site.state_dir, plan.run, accountant=p.accountant, delta=delta, target_epsilon=target,
-                      max_grad_norm=p.max_grad_norm, site_budget=p.target_epsilon)
+    led = account.stream(plan.run, accountant=p.accountant, delta=delta, target_epsilon=target,
+                         max_grad_norm=p.max_grad_norm)
     n = len(train)
     out = {"num-examples": float(n), "noise-multiplier": float(led.stats_noise_multiplier or p.stats_noise_multiplier)}
     kept = led.feature_stats
@@ -116,19 +117,17 @@ def _private(site, plan, train, features: tuple[str, ...], target, delta: float)
         return {**out, **kept, "epsilon": led.spent()}
     if kept is not None:  # another feature list in the same run: a second release would be another spend
         raise BadRequest("query: this run's feature statistics were released for other features")
-    entry = stats_release(p.stats_noise_multiplier)
-    ok, after = led.affordable_release(entry)
-    if not ok:
+    decision = account.charge(Release("fedstats", plan.run, entries=(tuple(stats_release(p.stats_noise_multiplier)),)))
+    if not decision.granted:
         site.log.warning("run %s: declined to release feature statistics: epsilon would reach %.3f (site total so far "
-                         "%.3f; run target %s, site budget %s)", plan.run, after, led.spent_total(), target,
-                         p.target_epsilon)
-        return {**out, "declined": 1.0, "epsilon": led.spent(), "epsilon-if-released": after}
+                         "%.3f; per-run cap %s, lifetime budget %s)", plan.run, decision.epsilon_after,
+                         led.spent_total(), target, p.lifetime_epsilon)
+        return {**out, "declined": 1.0, "epsilon": led.spent(), "epsilon-if-released": decision.epsilon_after}
     exact = sums(iter_blocks(train.features), features)
-    stats = noisy(exact, features, n, p.stats_noise_multiplier)
-    led.feature_stats = stats
+    led.feature_stats = noisy(exact, features, n, p.stats_noise_multiplier)  # what the charge paid for, kept
     led.stats_noise_multiplier = p.stats_noise_multiplier
-    led.history = led.history + [entry]
     led.save()
+    stats = led.feature_stats
     site.log.info("run %s: released feature statistics of %d features under DP (sigma %.3g); epsilon spent by the run "
                   "%.3f, by the site %.3f", plan.run, len(features), p.stats_noise_multiplier, led.spent(),
                   led.spent_total())

@@ -280,7 +280,7 @@ class SiteHandler:
             content[P.CONTROL_DELTA] = P.to_record(delta_c)
         content[P.METRICS] = _numbers(metrics, P.TRAIN_METRICS)
         if P.LOCAL_ARRAYS in msg.content and site.cfg.privacy.share_local_model:  # the site's opt-in, never the coordinator's
-            local_plan = RoundPlan(**{**plan.__dict__, "run": f"{plan.run}.local", "proximal_mu": 0.0})
+            local_plan = RoundPlan(**{**plan.__dict__, "kind": "local", "proximal_mu": 0.0})
             local_weights = _weights(msg, P.LOCAL_ARRAYS)
             # the incoming local model on validation data, as for the global model (its learning curve)
             lval = site.evaluate(local_weights, split=VAL, features=plan.features)

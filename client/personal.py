@@ -14,8 +14,8 @@ second reply schema.) The coordinator checks that those entries equal what it se
 more; the site starts from it (with its own GroupNorm values under ``local-norm``), trains
 ``steps`` steps in ``checks`` chunks, scores every candidate (the start and each chunk's end) on
 its validation split, and keeps the best (ties: the earlier). Under DP each chunk is DP-SGD,
-charged to the site's ledger as a run ``<run>.personal`` under the same site budget as every
-other run (so it may be declined, then the best candidate so far is kept). Choosing by validation
+charged to the site's privacy account as the run's ``personal`` stream, under the same lifetime
+budget as every other release (so it may be declined, then the best candidate so far is kept). Choosing by validation
 AUROC uses the validation split outside the accountant, as the ``val-auroc`` the site reports each
 round already does.
 
@@ -112,7 +112,7 @@ def personalize(site: SiteTrainer, global_weights: dict[str, np.ndarray], plan: 
     (weights, metrics)
         The chosen model and whitelisted numbers: ``num-examples``, ``steps`` (fine-tuning steps of
         the chosen candidate), ``declined`` (1 if the privacy budget stopped the fine-tuning
-        early), ``epsilon`` (what ``<run>.personal`` spent, under DP), and the chosen model's
+        early), ``epsilon`` (what the run's personal stream spent, under DP), and the chosen model's
         ``val-auroc`` / ``val-loss`` / ``val-balanced_accuracy`` / ``val-num-examples``.
     """
     start = with_local_norms(site, plan.run, global_weights) if local_norm else dict(global_weights)
@@ -121,7 +121,7 @@ def personalize(site: SiteTrainer, global_weights: dict[str, np.ndarray], plan: 
     current = start
     chunks = [steps // checks + (1 if i < steps % checks else 0) for i in range(checks)] if steps > 0 else []
     for k, chunk in enumerate([c for c in chunks if c > 0], start=1):
-        chunk_plan = RoundPlan(run=f"{plan.run}.personal", server_round=k, num_rounds=len([c for c in chunks if c > 0]),
+        chunk_plan = RoundPlan(run=plan.run, kind="personal", server_round=k, num_rounds=len([c for c in chunks if c > 0]),
                                # as many epochs as it takes: the chunk's steps, not one epoch's, bound it
                                local_epochs=chunk, local_steps=chunk, proximal_mu=0.0, dp=plan.dp,
                                target_epsilon=plan.target_epsilon, delta=plan.delta, seed=plan.seed,

@@ -2,7 +2,9 @@
 
 Read-only and PHI-free: counts, timestamps and reason codes from the files the site's own
 processes write (``intake/status.json``, ``reports/ingest.json``, ``privacy/ledger.json``); no
-header value, key or path of an image appears in them.
+header value, key or path of an image appears in them. The ledger is verified under the site's key
+when the key can be read (an edited ledger is reported, never its contents); releases made without
+DP are listed by run and kind, so a privacy officer sees them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from dicomfl.common.config import SiteConfig
 from dicomfl.common.jsonfile import read_json
 
 from .intake import read_status as intake_status
-from .privacy import site_spend
+from dicomfl.common.errors import ConfigError
+
+from dicomfl.common.protocol import RUN_NAME_RE
+
+from .privacy import RELEASE_KINDS, LedgerIntegrityError, site_spend
 
 _INGEST_KEYS = ("seen", "accepted", "rejected", "labelled", "unlabelled", "cache_hits", "decoded", "workers",
                 "elapsed_s", "files_per_s", "rejected_by_reason", "splits", "deferred", "deferred_by_reason")
@@ -59,11 +65,22 @@ def site_status(cfg: SiteConfig) -> dict[str, Any]:
     state = cfg.site.state_dir
     intake = cfg.site.intake
     p = cfg.privacy
+    budgets = {"budget": p.lifetime_epsilon, "run_cap": p.run_epsilon}
     try:
-        spend = site_spend(state, p.accountant, p.delta)
-        privacy = {"epsilon_total": float(spend["epsilon_total"]), "budget": p.target_epsilon, "runs": len(spend["runs"])}
+        try:
+            key = cfg.secret_key
+        except ConfigError:  # the key is the daemon's; without it the spend is shown unverified
+            key = None
+        spend = site_spend(state, p.accountant, p.delta, key=key)
+        privacy = {"epsilon_total": float(spend["epsilon_total"]), **budgets, "runs": len(spend["runs"]),
+                   "verified": key is not None,
+                   "not_private": [{k: r[k] for k in ("run", "kind", "releases")} for r in spend["not_private"]
+                                   if RUN_NAME_RE.fullmatch(r["run"]) and r["kind"] in RELEASE_KINDS]}
+    except LedgerIntegrityError:
+        privacy = {"epsilon_total": None, **budgets, "runs": None, "not_private": None,
+                   "error": "privacy/ledger.json cannot be read: it fails its integrity check (the site will not train)"}
     except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError):
-        privacy = {"epsilon_total": None, "budget": p.target_epsilon, "runs": None,
+        privacy = {"epsilon_total": None, **budgets, "runs": None, "not_private": None,
                    "error": "privacy/ledger.json cannot be read"}
     return {
         "site": cfg.site.name,

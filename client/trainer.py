@@ -21,7 +21,7 @@ from dicomfl.common.augment import AugmentSettings
 from dicomfl.common.fedstats import FeatureTransform, TransformedRows
 from dicomfl.common.train import SplitData, TrainSettings, evaluate, load_split, train_local
 
-from .privacy import Ledger, PrivacySession, effective_budget, ledger_lock
+from .privacy import PrivacySession, Release, effective_budget, site_account
 
 
 
@@ -30,6 +30,7 @@ class RoundPlan:
     """What the server asks for a round (numbers and short names only)."""
 
     run: str = "run"
+    kind: str = "train"  # which model of the run: train (the global model), local (baseline), personal
     server_round: int = 1
     num_rounds: int = 1
     local_epochs: int = 1
@@ -125,7 +126,8 @@ class SiteTrainer:
         gradient after the privacy step; it needs ``train.optimizer: sgd``.
 
         Under DP (the site's policy or the run's request) the round is charged to the site's
-        ledger first; if it would exceed the budget the site declines (``Outcome.declined``).
+        privacy account first; if it would exceed a budget the site declines (``Outcome.declined``).
+        Without DP the round is charged as a release that is not private (the account logs it).
 
         Returns
         -------
@@ -151,11 +153,13 @@ class SiteTrainer:
             augment=AugmentSettings.of(t.augment), optimizer=t.optimizer, correction=correction,
         )
         dp_on, target, delta = effective_budget(self.cfg.privacy, plan if plan.dp else None)
-        if not dp_on:
+        if not dp_on:  # logged as a release that is not private, then trained
+            with site_account(self.cfg) as account:
+                account.charge(Release(plan.kind, plan.run, plan.server_round, private=False))
             out = self._trained(train_local(self.model(), train, settings, global_weights=global_weights), len(train))
         else:
-            with ledger_lock(self.cfg.site.state_dir):  # one private round at a time per site: the budget is shared
-                out = self._train_privately(train, settings, global_weights, plan, target, delta)
+            with site_account(self.cfg) as account:  # one private round at a time per site: the budget is shared
+                out = self._train_privately(account, train, settings, global_weights, plan, target, delta)
         out.lr = settings.lr
         return out
 
@@ -164,31 +168,32 @@ class SiteTrainer:
                "train-seconds": res.seconds, "declined": 0.0}
         return Outcome(weights=res.weights, metrics=out)
 
-    def _train_privately(self, train: SplitData, settings: TrainSettings, global_weights, plan: RoundPlan,
+    def _train_privately(self, account, train: SplitData, settings: TrainSettings, global_weights, plan: RoundPlan,
                          target: float | None, delta: float) -> Outcome:
         p = self.cfg.privacy
-        session = PrivacySession(Ledger.open(self.cfg.site.state_dir, plan.run, accountant=p.accountant, delta=delta,
-                                             target_epsilon=target, max_grad_norm=p.max_grad_norm,
-                                             site_budget=p.target_epsilon), p)
+        session = PrivacySession(account.stream(plan.run, plan.kind, accountant=p.accountant, delta=delta,
+                                                target_epsilon=target, max_grad_norm=p.max_grad_norm), p)
+        spent = session.ledger.spent()  # before this round's charge
         budget = session.budget(n_train=len(train), batch_size=settings.batch_size, num_rounds=plan.num_rounds,
-                                local_epochs=plan.local_epochs, local_steps=plan.local_steps)
+                                local_epochs=plan.local_epochs, local_steps=plan.local_steps,
+                                server_round=plan.server_round)
         ledger = session.ledger
-        metrics = {"num-examples": float(len(train)), "epsilon": ledger.spent(), "delta": delta,
+        metrics = {"num-examples": float(len(train)), "epsilon": spent, "delta": delta,
                    "noise-multiplier": ledger.noise_multiplier if ledger.noise_multiplier is not None else float("nan"),
                    "target-epsilon": target if target is not None else float("nan")}
         if not budget.affordable:
-            session.decline(plan.server_round)
-            self.log.warning("round %d of run %s: declined to train: epsilon would reach %.3f (site total so far %.3f; "
-                             "run target %s, site budget %s)", plan.server_round, plan.run, budget.epsilon_after,
-                             ledger.spent_total(), target, p.target_epsilon)
+            self.log.warning("round %d of run %s (%s): declined to train: epsilon would reach %.3f (site total so far "
+                             "%.3f; per-run cap %s, lifetime budget %s)", plan.server_round, plan.run, plan.kind,
+                             budget.epsilon_after, ledger.spent_total(), target, p.lifetime_epsilon)
             metrics.update({"declined": 1.0, "epsilon-if-trained": budget.epsilon_after})
             return Outcome(weights=None, metrics=metrics, declined=True)
         dp, settings.class_counts = session.settings(train.labels, self.model_cfg.n_classes)
         settings.class_weights = p.class_weights == "noisy"
         res = train_local(self.model(), train, settings, dp=dp, global_weights=global_weights)
         metrics["epsilon"] = session.record(plan.server_round, res.history)
-        self.log.info("round %d of run %s: trained privately; epsilon spent by the run %.3f of %s, by the site %.3f of %s",
-                      plan.server_round, plan.run, metrics["epsilon"], target, ledger.spent_total(), p.target_epsilon)
+        self.log.info("round %d of run %s (%s): trained privately; epsilon spent by the run %.3f of %s, by the site "
+                      "%.3f of %s", plan.server_round, plan.run, plan.kind, metrics["epsilon"], target,
+                      ledger.spent_total(), p.lifetime_epsilon)
         return self._trained(res, len(train), metrics)
 
     # --------------------------------------------------------------- evaluate

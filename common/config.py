@@ -229,9 +229,28 @@ class SplitsSection(_Strict):
         return v
 
 
+_DEPRECATED_SEEN: set[str] = set()
+
+
+def _deprecated(key: str, instead: str) -> None:
+    """One line, once per process, for a key that is still accepted for one release."""
+    if key not in _DEPRECATED_SEEN:
+        _DEPRECATED_SEEN.add(key)
+        import logging
+
+        logging.getLogger("dicomfl.config").warning("%s is deprecated (accepted for one release): %s", key, instead)
+
+
 class PrivacySection(_Strict):
+    """The site's privacy policy: it decides, whatever a run asks (client/privacy/account.py: a
+    run's ``privacy:`` may ask for less privacy loss, never more)."""
+
     dp: bool = False
-    target_epsilon: float | None = Field(default=8.0, gt=0)
+    # The per-run cap: the most one run's model (the global model with the releases made for it,
+    # the local baseline, the personalized model: each its own stream) may spend of this site's data.
+    run_epsilon: float | None = Field(default=8.0, gt=0)
+    # The lifetime budget of the site's data: everything every run releases, composed.
+    lifetime_epsilon: float | None = Field(default=8.0, gt=0)
     delta: float = Field(default=1.0e-5, gt=0, lt=1)
     max_grad_norm: float = Field(default=1.0, gt=0)
     noise_multiplier: float | None = Field(default=None, ge=0)
@@ -241,7 +260,7 @@ class PrivacySection(_Strict):
     grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
     # Class-balanced loss weights under DP. "noisy": the label counts are released once per run with
     # Gaussian noise (this multiplier; L2 sensitivity 1) and charged to the site's privacy ledger
-    # (sigma 10 adds about 0.015 to epsilon 12 under RDP). "none": unweighted loss, nothing released.
+    # (`dicomfl privacy plan` shows what it adds). "none": unweighted loss, nothing released.
     class_weights: Literal["noisy", "none"] = "noisy"
     count_noise_multiplier: float = Field(default=10.0, gt=0)
     # Federated feature statistics under DP (dicomfl.client.fedstats): the per-feature counts, sums and
@@ -258,6 +277,19 @@ class PrivacySection(_Strict):
     # model on resamples of this site's test split, for paired comparisons between models; 0 (the
     # default) sends none, whatever the coordinator asks.
     eval_replicates: int = Field(default=0, ge=0, le=5000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_target(cls, data: Any) -> Any:
+        # privacy.target_epsilon (deprecated) was both budgets: it still sets both, for one release
+        if isinstance(data, dict) and "target_epsilon" in data:
+            if "run_epsilon" in data or "lifetime_epsilon" in data:
+                raise ValueError("privacy.target_epsilon: replaced by run_epsilon and lifetime_epsilon; set only those")
+            _deprecated("privacy.target_epsilon", "it sets both privacy.run_epsilon (the per-run cap) and "
+                        "privacy.lifetime_epsilon (the data's lifetime budget); write those two keys instead")
+            old = data["target_epsilon"]
+            data = {**{k: v for k, v in data.items() if k != "target_epsilon"}, "run_epsilon": old, "lifetime_epsilon": old}
+        return data
 
 
 class AugmentSection(_Strict):

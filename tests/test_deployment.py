@@ -285,7 +285,7 @@ def test_untrusted_parties_through_a_real_deployment(fed, tmp_path):
     site_yaml = fed.sites["site-a"]
     original = site_yaml.read_text()
     raw = yaml.safe_load(original)
-    raw["privacy"] = {**(raw.get("privacy") or {}), "dp": True, "target_epsilon": 2.0, "noise_multiplier": 2.0,
+    raw["privacy"] = {**(raw.get("privacy") or {}), "dp": True, "run_epsilon": 2.0, "lifetime_epsilon": 2.0, "noise_multiplier": 2.0,
                       "delta": 1e-5, "max_grad_norm": 1.0,
                       "stats_noise_multiplier": 1000.0}  # the feature-statistics release costs almost nothing here
     raw.setdefault("train", {})["batch_size"] = 16

@@ -188,7 +188,7 @@ def test_local_steps_are_exactly_s_even_when_that_is_more_than_one_pass(train_a)
 
 
 def test_under_dp_s_steps_over_several_passes_are_what_the_accountant_records(train_a):
-    """The site's privacy plan charges S steps a round (client/privacy.py: planned_steps): with
+    """The site's privacy plan charges S steps a round (client/privacy/accountant.py: planned_steps): with
     Poisson sampling over several passes, the steps taken and the accountant's steps are both S."""
     per_pass = -(-len(train_a) // 16)
     s = 2 * per_pass + 1

@@ -264,21 +264,24 @@ def privacy_status(
 ) -> None:
     """Print what the site has spent of its privacy budget, by run and in total.
 
-    The budget belongs to the site's data: every run (the global model's training and the local
-    baseline alike) is charged to one ledger, <state_dir>/privacy/ledger.json, and the total of
-    all of it is held to privacy.target_epsilon.
+    The budget belongs to the site's data: every release (the global model's training, the local
+    baseline, the personalized model, the label counts and feature statistics) is charged to one
+    account, <state_dir>/privacy/ledger.json (signed under the site's key, and verified here), each
+    model's spend held to privacy.run_epsilon and the total of all of it to privacy.lifetime_epsilon.
     """
     from dicomfl.client.privacy import site_spend
     from dicomfl.common.config import load_site_config
 
     try:
         site = load_site_config(site_yaml, check_files=False)
+        p = site.privacy
+        spend = site_spend(site.site.state_dir, p.accountant, p.delta, key=site.secret_key)
     except DicomflError as exc:
         _fail(str(exc))
-    p = site.privacy
-    spend = site_spend(site.site.state_dir, p.accountant, p.delta)
-    budget = p.target_epsilon
-    spend.update({"site": site.site.name, "budget": budget})
+    except (OSError, ValueError):
+        _fail(f"{site_yaml}: the privacy ledger in its state_dir cannot be read")
+    budget = p.lifetime_epsilon
+    spend.update({"site": site.site.name, "budget": budget, "run_cap": p.run_epsilon})
     if json_out:
         out.print_json(json.dumps(spend))
         return
@@ -292,6 +295,29 @@ def privacy_status(
     out.print(t)
     out.print(f"total epsilon {spend['epsilon_total']:.4f} (all runs composed) of a budget of "
               f"{'none set' if budget is None else f'{budget:g}'}", markup=False, highlight=False)
+    for r in spend["not_private"]:
+        out.print(f"not private (no DP, epsilon infinite): run {r['run']}, {r['kind']}: {r['releases']} release(s)",
+                  markup=False, highlight=False)
+
+
+@privacy_app.command("reseal")
+def privacy_reseal(
+    site_yaml: Path = typer.Argument(..., help="The site's config (site.yaml); its site.secret_file holds the new key."),
+    old_key_file: Path = typer.Option(..., "--old-key-file", help="The key the ledger is signed with now."),
+) -> None:
+    """Re-sign the site's privacy ledger after a key rotation: verify it (and its seal) with the
+    old key, then sign both with the key in site.secret_file. A ledger that does not verify under
+    the old key is refused (exit 2), and nothing is written."""
+    from dicomfl.client.privacy import reseal
+    from dicomfl.common.config import load_site_config, read_secret
+
+    try:
+        site = load_site_config(site_yaml, check_files=False)
+        seq = reseal(site.site.state_dir, read_secret(old_key_file), site.secret_key)
+    except DicomflError as exc:
+        _fail(str(exc))
+    out.print(f"resealed {site.site.state_dir}/privacy/ledger.json under the key in {site.site.secret_file} "
+              f"(write {seq})", markup=False, highlight=False)
 
 
 @app.command()
@@ -421,7 +447,10 @@ def site_status(
     if p.get("error"):
         say(f"privacy: {p['error']} (budget {budget})")
     else:
-        say(f"privacy: epsilon {p['epsilon_total']:.4f} spent over {p['runs']} run(s) of a budget of {budget}")
+        say(f"privacy: epsilon {p['epsilon_total']:.4f} spent over {p['runs']} run(s) of a budget of {budget}"
+            + ("" if p.get("verified") else " (ledger not verified: the site key cannot be read)"))
+        for r in p.get("not_private") or []:
+            say(f"privacy: not private (no DP, epsilon infinite): run {r['run']}, {r['kind']}: {r['releases']} release(s)")
     r = st["releases"]
     say(f"opt-in releases: local-only model {'shared' if r['local_model'] else 'kept at the site'} "
         f"(privacy.share_local_model); replicate AUROCs "

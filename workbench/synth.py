@@ -466,7 +466,7 @@ def _synth(out_dir: Path, sites: int, per_site: int, seed: int, image_size: int,
             f"deid: {{retain_patient_characteristics: true, retain_longitudinal_modified_dates: false}}\n"
             f"preprocess: {{image_size: {image_size}}}\n"
             f"{splits}"
-            f"privacy: {{dp: false, target_epsilon: 8.0, delta: 1.0e-5, max_grad_norm: 1.0, share_local_model: true}}\n"
+            f"privacy: {{dp: false, run_epsilon: 8.0, lifetime_epsilon: 8.0, delta: 1.0e-5, max_grad_norm: 1.0, share_local_model: true}}\n"
             f"train: {{batch_size: 32, lr: 1.0e-3}}\n"
         )
         summary.append({**asdict(p), "images": per_site, "patients": n_patients, "positives": positives})
