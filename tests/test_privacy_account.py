@@ -308,9 +308,9 @@ def test_reseal_signs_under_the_new_key_and_the_old_key_then_fails(cohort, site_
 
 # ------------------------------------------------------------------------------------- two budgets
 def _account(tmp_path, lifetime):
-    from dicomfl.common.config import read_secret
+    from dicomfl.common.config import read_site_key
 
-    key = read_secret(_key(tmp_path / "k.key"))
+    key = read_site_key(_key(tmp_path / "k.key"))
     state = tmp_path / "acct"
     with ledger_lock(state):
         return PrivacyAccount.open(state, key, lifetime_epsilon=lifetime), state, key

@@ -309,11 +309,11 @@ def privacy_reseal(
     old key, then sign both with the key in site.secret_file. A ledger that does not verify under
     the old key is refused (exit 2), and nothing is written."""
     from dicomfl.client.privacy import reseal
-    from dicomfl.common.config import load_site_config, read_secret
+    from dicomfl.common.config import load_site_config, read_site_key
 
     try:
         site = load_site_config(site_yaml, check_files=False)
-        seq = reseal(site.site.state_dir, read_secret(old_key_file), site.secret_key)
+        seq = reseal(site.site.state_dir, read_site_key(old_key_file), site.secret_key)
     except DicomflError as exc:
         _fail(str(exc))
     out.print(f"resealed {site.site.state_dir}/privacy/ledger.json under the key in {site.site.secret_file} "

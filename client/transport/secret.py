@@ -4,7 +4,7 @@ The site daemon writes a fresh one at each start (``<state_dir>/run/superexec.se
 :data:`SECRET_BYTES` random bytes, in the worker's private run directory) and passes it to the
 SuperNode (``--superexec-auth-secret-file``) and to the worker (``--secret-file``): another local
 user who can reach the SuperNode's Runtime API port cannot take the site's tasks. (The site's own
-``site.secret_file``, read by :func:`dicomfl.common.config.read_secret`, is another secret.)
+``site.secret_file``, read by :func:`dicomfl.common.config.read_site_key`, is another secret.)
 """
 
 from __future__ import annotations
