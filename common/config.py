@@ -597,9 +597,14 @@ class RunSection(_Strict):
     # 3-15% of the norm (Adam, lr 1e-3, 2-200 steps).
     max_update_norm_rel: float = Field(default=1.0, ge=0)
     # ... or above this many times the median distance of the round's updates (>= 3 left; 0 = off).
-    # 4: a sign flip x9 or noise x5 of one site in three is out (it was 10, which let x9 in), and
-    # an honest site up to 4x the median still counts (clipped, below).
-    max_update_norm_ratio: float = Field(default=4.0, ge=0)
+    # Also the ratio of SCAFFOLD's control-delta rule, whose honest spread is wider (5x seen).
+    max_update_norm_ratio: float = Field(default=10.0, ge=0)
+    # The model updates' median rule uses the smaller of this and max_update_norm_ratio (both > 0;
+    # 0 = this one off). 4: a sign flip x9 or noise x5 of one site in three is out (10 let x9 in
+    # every round, and clipping alone does not save the attacked site), and an honest site up to 4x
+    # the median still counts (clipped, below). Not with strategy scaffold, whose control
+    # corrections spread honest updates wider (4.8x seen): there only max_update_norm_ratio applies.
+    max_update_median_ratio: float = Field(default=4.0, ge=0)
     # Clip each accepted update to this L2 distance from the global model (None = no clipping;
     # robust aggregation and central DP assume a fixed bound).
     clip_update_norm: float | None = Field(default=None, gt=0)

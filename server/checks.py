@@ -24,7 +24,7 @@ The rules that hold by default (:class:`ScreenRules`, from the run's ``run:`` se
 * free riders (:func:`free_riders`): an update at (almost) zero distance from the global model, or
   with three or more updates one far below the round's median, is rejected as ``free-rider``: it
   would only dilute the others' step, and with a large ``num-examples`` claim take a large share;
-* the median rule (``max_update_norm_ratio``, :func:`norm_outliers`) at a ratio that a x9 sign
+* the median rule (:func:`norm_outliers`; ``max_update_median_ratio``) at a ratio that a x9 sign
   flip or x5 noise of one site in three exceeds (the round's median is then an honest distance);
 * a clip bound relative to the round (:func:`relative_clip_bound`): every accepted update is
   clipped (not rejected) to ``clip_update_median_ratio`` x the round's median update distance
@@ -440,8 +440,17 @@ class ScreenRules:
 
     @classmethod
     def from_run(cls, run: Any) -> "ScreenRules":
-        """The rules of a run's ``run:`` section (any object with these attributes; missing ones off)."""
-        return cls(**{f.name: getattr(run, f.name) for f in fields(cls) if hasattr(run, f.name)})
+        """The rules of a run's ``run:`` section (any object with these attributes; missing ones off).
+
+        The median rule's ratio is the smaller of ``max_update_norm_ratio`` (which SCAFFOLD's
+        control-delta rule also uses) and ``max_update_median_ratio``, each counted when > 0; with
+        strategy ``scaffold`` only the first (its control corrections spread honest updates wider).
+        """
+        kw = {f.name: getattr(run, f.name) for f in fields(cls) if hasattr(run, f.name)}
+        keys = ("max_update_norm_ratio",) + (() if getattr(run, "strategy", None) == "scaffold" else ("max_update_median_ratio",))
+        ratios = [float(getattr(run, k, 0.0) or 0.0) for k in keys]
+        kw["max_update_norm_ratio"] = min((v for v in ratios if v > 0), default=0.0)
+        return cls(**kw)
 
 
 @dataclass

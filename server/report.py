@@ -59,12 +59,15 @@ def robustness_lines(n_sites: int, run) -> list[str]:
                 "every round (a sign flip, noise). The median-ratio, direction and token-update rules need at least 3 "
                 "sites; so do robust aggregators (median, trimmed mean, Krum, Bulyan), which with two sites are the "
                 "mean or pick one of the two."]
+    from .checks import ScreenRules
+
+    ratio = ScreenRules.from_run(run).max_update_norm_ratio
     direction = (f" and one whose cosine with the round's median update is below run.min_update_cosine "
                  f"{run.min_update_cosine:g}" if run.min_update_cosine > -1 else "")
     return [f"With {n_sites} sites, each round rejects a free-rider (an update equal to the global model, or below "
             f"run.free_rider_ratio {run.free_rider_ratio:g}x the round's median), an update beyond the norm bounds "
-            f"(run.max_update_norm_rel {run.max_update_norm_rel:g}x the global norm, run.max_update_norm_ratio "
-            f"{run.max_update_norm_ratio:g}x the round's median){direction}; every other update is clipped to "
+            f"(run.max_update_norm_rel {run.max_update_norm_rel:g}x the global norm; {ratio:g}x the round's median, "
+            f"run.max_update_median_ratio){direction}; every other update is clipped to "
             f"run.clip_update_median_ratio {run.clip_update_median_ratio:g}x the round's median distance, and no site "
             f"has more than run.max_weight_share {run.max_weight_share:g} of the weight. This holds against a minority "
             "of malicious sites; sites that collude into a majority of a round decide its median."]

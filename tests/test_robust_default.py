@@ -59,6 +59,9 @@ def test_the_defaults_turn_the_rules_on():
     assert RULES.free_rider_rel > 0 and RULES.free_rider_ratio > 0
     assert RULES.max_update_norm_rel > 0 and RULES.max_weight_share < 1
     assert ScreenRules() == ScreenRules.from_run(object())  # nothing named: every rule off
+    # SCAFFOLD's honest updates spread wider: only max_update_norm_ratio applies there
+    scaffold = RunConfig(run={"strategy": "scaffold"}).run
+    assert ScreenRules.from_run(scaffold).max_update_norm_ratio == scaffold.max_update_norm_ratio
 
 
 def test_honest_updates_all_count_with_the_defaults():

@@ -103,7 +103,8 @@ class AttackedSite:
 #: The screening defaults before the robust-by-default rules (run: keys): the absolute bound and
 #: the 10x median ratio only. The new defaults are the run's own (common/config.py).
 OLD_DEFAULTS: tuple[tuple[str, object], ...] = (
-    ("max_update_norm_rel", 1.0), ("max_update_norm_ratio", 10.0), ("clip_update_norm", None),
+    ("max_update_norm_rel", 1.0), ("max_update_norm_ratio", 10.0), ("max_update_median_ratio", 0.0),
+    ("clip_update_norm", None),
     ("max_weight_share", 0.5), ("clip_update_median_ratio", 0.0), ("min_update_cosine", -1.0),
     ("free_rider_rel", 0.0), ("free_rider_ratio", 0.0))
 SCENARIOS = ("honest", *ATTACKS)
