@@ -33,11 +33,11 @@ The rules that hold by default (:class:`ScreenRules`, from the run's ``run:`` se
 * optionally (off by default), direction (:func:`direction_outliers`), with three or more
   updates: an update whose cosine with the round's coordinate-wise median update is below
   ``min_update_cosine`` is rejected. It is off because with three sites on differing data the
-  honest updates are nearly orthogonal to each other (pairwise cosines about -0.2 to 0.4), and
+  honest updates can be nearly orthogonal to each other (some pairwise cosines negative), and
   the coordinate-wise median of three leans, coordinate by coordinate, towards the outlier's
-  side: a x9 sign-flipped update keeps a positive cosine with it (0.05 to 0.6 where the honest
-  ones had 0.2 to 0.8). The mean of the others is worse: one large update drags it, and the
-  honest sites' cosines with it.
+  side: a x9 sign-flipped update then keeps a positive cosine with it, no lower than an honest
+  one's (benchmarks/results/2026-12-04-robust-default.md). The mean of the others is worse: one
+  large update drags it, and the honest sites' cosines with it.
 
 With two sites nobody can tell which of two disagreeing updates is honest: only the absolute
 bound, the relative clip and the weight cap apply; the median and direction rules need >= 3.

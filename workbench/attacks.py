@@ -179,7 +179,7 @@ def markdown(results: list[dict], names: list[str], attacker: str, command: str,
            "global - 9 x its honest update; `noise-x5` global + Gaussian noise of 5 x its honest update's norm; "
            "`free-rider-1e6` the global model back, claiming 10^6 examples. **old**: the screening defaults before "
            "(absolute bound 1x the global norm, 10x median ratio, weight share 0.5); **new**: the run's defaults now "
-           "(plus free-rider, direction and 2x-median clip rules).", "",
+           "(median rule at 4x instead of 10x, the free-rider rules and the 2x-median clip; the direction rule is off).", "",
            "## Mean test AUROC over sites (paired differences with 95% intervals)", "",
            "Paired difference: the same site, test resample and seed for both (workbench/headline.py, hierarchical "
            "bootstrap over test images and seeds). Honest cost goal: `new - old` of the honest rows >= -0.01. "
