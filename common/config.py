@@ -684,10 +684,31 @@ class RunSection(_Strict):
     # 3-15% of the norm (Adam, lr 1e-3, 2-200 steps).
     max_update_norm_rel: float = Field(default=1.0, ge=0)
     # ... or above this many times the median distance of the round's updates (>= 3 left; 0 = off).
+    # Also the ratio of SCAFFOLD's control-delta rule, whose honest spread is wider (5x seen).
     max_update_norm_ratio: float = Field(default=10.0, ge=0)
+    # The model updates' median rule uses the smaller of this and max_update_norm_ratio (both > 0;
+    # 0 = this one off). 4: a sign flip x9 or noise x5 of one site in three is out (10 let x9 in
+    # every round, and clipping alone does not save the attacked site), and an honest site up to 4x
+    # the median still counts (clipped, below). Not with strategy scaffold, whose control
+    # corrections spread honest updates wider (4.8x seen): there only max_update_norm_ratio applies.
+    max_update_median_ratio: float = Field(default=4.0, ge=0)
     # Clip each accepted update to this L2 distance from the global model (None = no clipping;
     # robust aggregation and central DP assume a fixed bound).
     clip_update_norm: float | None = Field(default=None, gt=0)
+    # Clip (not reject) each accepted update to this many times the round's median update distance
+    # (with 2 sites: the smaller of the two), so no site's step is more than this many honest
+    # steps, and a large honest update still counts in its direction (0 = off).
+    clip_update_median_ratio: float = Field(default=2.0, ge=0)
+    # With >= 3 sites: reject an update whose cosine with the round's coordinate-wise median update
+    # is below this (-1 = off). Off by default: with 3 sites on differing data the honest updates
+    # are nearly orthogonal, and the median of three leans towards an outlier, so a x9 sign flip
+    # still has a positive cosine with it (server/checks.py, direction_outliers).
+    min_update_cosine: float = Field(default=-1.0, ge=-1, le=1)
+    # Free riders, reported as such: an update within this fraction of the global model's norm of
+    # the global model (it sent the model back; 0 = off) ...
+    free_rider_rel: float = Field(default=1e-6, ge=0, lt=1)
+    # ... or, with >= 3 sites, below this fraction of the round's median update distance (0 = off).
+    free_rider_ratio: float = Field(default=0.01, ge=0, lt=1)
     # No site gets more than this share of the aggregation weight, whatever num-examples it
     # claims (1.0 = off; with 2 sites, 0.5 means equal weights).
     max_weight_share: float = Field(default=0.5, gt=0, le=1)

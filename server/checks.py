@@ -19,7 +19,31 @@ sent. Before anything is aggregated the coordinator can:
    ratio to the round's median, and that it is the site's model update scaled by one positive
    number, as :mod:`dicomfl.common.scaffold` defines it.
 
-:func:`screen_updates` runs 2-4 in that order and says what it did to each site. A rejected
+The rules that hold by default (:class:`ScreenRules`, from the run's ``run:`` section) add to 2-3:
+
+* free riders (:func:`free_riders`): an update at (almost) zero distance from the global model, or
+  with three or more updates one far below the round's median, is rejected as ``free-rider``: it
+  would only dilute the others' step, and with a large ``num-examples`` claim take a large share;
+* the median rule (:func:`norm_outliers`; ``max_update_median_ratio``) at a ratio that a x9 sign
+  flip or x5 noise of one site in three exceeds (the round's median is then an honest distance);
+* a clip bound relative to the round (:func:`relative_clip_bound`): every accepted update is
+  clipped (not rejected) to ``clip_update_median_ratio`` x the round's median update distance
+  (with two updates, the smaller one), so a large honest update still counts, in its direction,
+  and an attacker under the median rule moves the model by at most that many honest steps;
+* optionally (off by default), direction (:func:`direction_outliers`), with three or more
+  updates: an update whose cosine with the round's coordinate-wise median update is below
+  ``min_update_cosine`` is rejected. It is off because with three sites on differing data the
+  honest updates can be nearly orthogonal to each other (some pairwise cosines negative), and
+  the coordinate-wise median of three leans, coordinate by coordinate, towards the outlier's
+  side: a x9 sign-flipped update then keeps a positive cosine with it, no lower than an honest
+  one's (benchmarks/results/2026-12-04-robust-default.md). The mean of the others is worse: one
+  large update drags it, and the honest sites' cosines with it.
+
+With two sites nobody can tell which of two disagreeing updates is honest: only the absolute
+bound, the relative clip and the weight cap apply; the median and direction rules need >= 3.
+
+:func:`screen_updates` runs 2-4 in that order (the free-rider rule first, the direction rule
+after the norm rules) and says what it did to each site. A rejected
 update is logged with the site's name and the (PHI-free) reason, and the round goes on with the
 others.
 """
@@ -28,7 +52,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
@@ -287,6 +312,147 @@ def cap_weight_shares(weights: Mapping[str, float], max_share: float) -> dict[st
     return equal  # not reached when n * max_share > 1; kept as the safe answer
 
 
+def free_riders(distances: Mapping[str, float], global_norm: float, *, rel: float, ratio: float) -> dict[str, str]:
+    """Sites whose update is (almost) nothing: the global model sent back, or a token step.
+
+    Parameters
+    ----------
+    distances : mapping of str to float
+        Each site's update distance (:func:`distance`).
+    global_norm : float
+        ``||w_global||``.
+    rel : float
+        An update within ``rel * ||w_global||`` of the global model is no update (0: off). An
+        honest site that trained moves far more than float32 rounding (about 1e-7 relative).
+    ratio : float
+        With three or more updates, one below ``ratio`` x the round's median distance (0: off):
+        a site that trained on its data with the others' settings does not move 100x less.
+
+    Returns
+    -------
+    dict of str to str
+        The free riders and why (each reason starts with ``free-rider``).
+    """
+    out = {}
+    for s, d in distances.items():
+        if rel > 0 and d <= rel * max(global_norm, 1e-12):
+            out[s] = f"free-rider: update norm {d:.3g} is nothing next to the global model's norm {global_norm:.3g}"
+    rest = {s: d for s, d in distances.items() if s not in out}
+    if ratio > 0 and len(rest) >= 3:
+        med = float(np.median(list(rest.values())))
+        out.update({s: f"free-rider: update norm {d:.3g} is {d / med:.2g}x the round's median {med:.3g}"
+                    for s, d in rest.items() if d < ratio * med})
+    return out
+
+
+def direction_outliers(updates: Mapping[str, Arrays], reference: Arrays, min_cosine: float) -> tuple[dict[str, str], dict[str, float]]:
+    """Sites whose update points against the round's coordinate-wise median update.
+
+    Parameters
+    ----------
+    updates : mapping of str to mapping of str to numpy.ndarray
+        The sites' arrays (checked, the reference's names).
+    reference : mapping of str to numpy.ndarray
+        The global model.
+    min_cosine : float
+        Reject an update whose cosine with the median update is below this; -1 or less: off.
+
+    Returns
+    -------
+    rejected : dict of str to str
+        The sites and why. Empty with fewer than three updates: with two, the median is their mean,
+        and a sign-flipped update and an honest one have the same cosine with it.
+    cosines : dict of str to float
+        Each site's cosine with the median update (empty when the rule did not run).
+    """
+    if min_cosine <= -1 or len(updates) < 3:
+        return {}, {}
+    sites = sorted(updates)
+    dots = dict.fromkeys(sites, 0.0)
+    sq = dict.fromkeys(sites, 0.0)
+    msq = 0.0
+    for k, ref in reference.items():  # one parameter at a time: memory of n updates of one array
+        r = np.asarray(ref, np.float64).ravel()
+        deltas = np.stack([np.asarray(updates[s][k], np.float64).ravel() - r for s in sites])
+        med = np.median(deltas, axis=0)
+        msq += float(med @ med)
+        for i, s in enumerate(sites):
+            dots[s] += float(deltas[i] @ med)
+            sq[s] += float(deltas[i] @ deltas[i])
+    if msq <= 0:
+        return {}, {}
+    cos = {s: (dots[s] / math.sqrt(sq[s] * msq) if sq[s] > 0 else 0.0) for s in sites}
+    bad = {s: f"update direction against the others: cosine {c:+.2f} with the round's median update "
+              f"(below run.min_update_cosine {min_cosine:g})" for s, c in cos.items() if c < min_cosine}
+    return bad, cos
+
+
+def relative_clip_bound(distances: Mapping[str, float], ratio: float) -> float:
+    """``ratio`` x the round's median update distance (two updates: the smaller); ``inf`` when off.
+
+    With two updates the median would be their mean, which an attacker's large update raises as it
+    likes; the smaller of the two bounds what either can do to ``ratio`` x the other's step.
+    """
+    vals = [d for d in distances.values() if d > 0 and math.isfinite(d)]
+    if ratio <= 0 or len(vals) < 2:
+        return math.inf
+    ref = min(vals) if len(vals) == 2 else float(np.median(vals))
+    return ratio * ref
+
+
+@dataclass(frozen=True)
+class ScreenRules:
+    """Every parameter of :func:`screen_updates`, in one place (see the module docstring).
+
+    The defaults of :meth:`from_run` are the run's defaults (``run:`` section,
+    :class:`dicomfl.common.config.RunSection`); the defaults here turn every rule off, so that
+    ``ScreenRules()`` screens nothing.
+
+    Attributes
+    ----------
+    max_update_norm_rel : float
+        Absolute rule: reject ``distance > max_update_norm_rel * ||w_global||`` (0: off).
+    max_update_norm_ratio : float
+        Median rule: with >= 3 updates, reject one above this many times the median (0: off).
+    min_bound : float
+        Floor for the absolute bound.
+    clip_update_norm : float or None
+        A fixed clip bound on every accepted update (None: none).
+    clip_update_median_ratio : float
+        Clip every accepted update to this many times the round's median distance (0: off).
+    min_update_cosine : float
+        Direction rule, >= 3 updates: reject a cosine with the median update below this (-1: off).
+    free_rider_rel, free_rider_ratio : float
+        Free-rider rule (:func:`free_riders`; 0: off).
+    max_weight_share : float
+        Cap on one site's share of the weight (1: off).
+    """
+
+    max_update_norm_rel: float = 0.0
+    max_update_norm_ratio: float = 0.0
+    min_bound: float = 0.0
+    clip_update_norm: float | None = None
+    clip_update_median_ratio: float = 0.0
+    min_update_cosine: float = -1.0
+    free_rider_rel: float = 0.0
+    free_rider_ratio: float = 0.0
+    max_weight_share: float = 1.0
+
+    @classmethod
+    def from_run(cls, run: Any) -> "ScreenRules":
+        """The rules of a run's ``run:`` section (any object with these attributes; missing ones off).
+
+        The median rule's ratio is the smaller of ``max_update_norm_ratio`` (which SCAFFOLD's
+        control-delta rule also uses) and ``max_update_median_ratio``, each counted when > 0; with
+        strategy ``scaffold`` only the first (its control corrections spread honest updates wider).
+        """
+        kw = {f.name: getattr(run, f.name) for f in fields(cls) if hasattr(run, f.name)}
+        keys = ("max_update_norm_ratio",) + (() if getattr(run, "strategy", None) == "scaffold" else ("max_update_median_ratio",))
+        ratios = [float(getattr(run, k, 0.0) or 0.0) for k in keys]
+        kw["max_update_norm_ratio"] = min((v for v in ratios if v > 0), default=0.0)
+        return cls(**kw)
+
+
 @dataclass
 class Screened:
     """What :func:`screen_updates` did to a round's updates.
@@ -298,7 +464,7 @@ class Screened:
     weights : dict of str to float
         The accepted sites' aggregation weights, after the share cap.
     rejected : dict of str to str
-        Sites left out by the norm rules, and why.
+        Sites left out by the free-rider, norm and direction rules, and why.
     distances : dict of str to float
         Every site's update distance before clipping.
     clipped : dict of str to float
@@ -309,6 +475,11 @@ class Screened:
         ``||w_global||``.
     bound : float
         The absolute distance bound used (``inf`` when off).
+    clip_bound : float
+        The clip bound used this round: the smaller of ``clip_update_norm`` and the relative bound
+        (``inf`` when neither applied).
+    cosines : dict of str to float
+        Each site's cosine with the round's median update (when the direction rule ran).
     """
 
     arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
@@ -319,13 +490,13 @@ class Screened:
     capped: dict[str, float] = field(default_factory=dict)
     global_norm: float = 0.0
     bound: float = math.inf
+    clip_bound: float = math.inf
+    cosines: dict[str, float] = field(default_factory=dict)
 
 
-def screen_updates(updates: Mapping[str, Arrays], weights: Mapping[str, float], reference: Arrays, *,
-                   max_update_norm_rel: float = 0.0, max_update_norm_ratio: float = 0.0,
-                   min_bound: float = 0.0, clip_update_norm: float | None = None,
-                   max_weight_share: float = 1.0) -> Screened:
-    """Norm rules, then clipping, then the weight-share cap, on one round's checked updates.
+def screen_updates(updates: Mapping[str, Arrays], weights: Mapping[str, float], reference: Arrays,
+                   rules: ScreenRules | None = None, **legacy: Any) -> Screened:
+    """Free-rider, norm and direction rules, then clipping, then the weight-share cap, on one round.
 
     Parameters
     ----------
@@ -335,39 +506,53 @@ def screen_updates(updates: Mapping[str, Arrays], weights: Mapping[str, float], 
         Each site's validated ``num-examples`` (same keys as ``updates``).
     reference : mapping of str to numpy.ndarray
         The global model the sites were sent.
-    max_update_norm_rel : float, optional
-        Absolute rule: reject ``distance > max_update_norm_rel * ||w_global||`` (0: off).
-    max_update_norm_ratio : float, optional
-        Median rule, with >= 3 updates left (0: off).
-    min_bound : float, optional
-        Floor for the absolute bound.
-    clip_update_norm : float or None, optional
-        Clip each accepted update to this L2 norm (None: no clipping).
-    max_weight_share : float, optional
-        Cap on any one site's share of the weight (1.0: off).
+    rules : ScreenRules, optional
+        The rules (:meth:`ScreenRules.from_run` for a run's). Without it, the keyword arguments
+        name the rules to apply (the fields of :class:`ScreenRules`; the others are off).
+    **legacy
+        Fields of :class:`ScreenRules`, when ``rules`` is not given.
 
     Returns
     -------
     Screened
         The accepted (clipped) arrays and capped weights, and what was rejected, clipped, capped.
     """
+    if rules is None:
+        rules = ScreenRules(**legacy)
+    elif legacy:
+        raise TypeError("screen_updates: pass either rules or keyword rules, not both")
     gnorm = l2_norm(reference)
-    res = Screened(global_norm=gnorm, bound=norm_bound(gnorm, max_update_norm_rel, min_bound))
+    res = Screened(global_norm=gnorm, bound=norm_bound(gnorm, rules.max_update_norm_rel, rules.min_bound))
     res.distances = {s: distance(a, reference) for s, a in updates.items()}
-    res.rejected = norm_violations(res.distances, gnorm, max_update_norm_rel=max_update_norm_rel,
-                                   max_update_norm_ratio=max_update_norm_ratio, min_bound=min_bound)
+    # Order matters: the median is taken over the updates that passed the rules before, so updates
+    # far beyond the absolute bound cannot make an honest one look like a token step, nor free
+    # riders make an honest one look far.
+    rejected = free_riders(res.distances, gnorm, rel=rules.free_rider_rel, ratio=0.0)
+    rest = {s: d for s, d in res.distances.items() if s not in rejected}
+    rejected.update(norm_violations(rest, gnorm, max_update_norm_rel=rules.max_update_norm_rel, min_bound=rules.min_bound))
+    rest = {s: d for s, d in rest.items() if s not in rejected}
+    rejected.update(free_riders(rest, gnorm, rel=0.0, ratio=rules.free_rider_ratio))
+    rest = {s: d for s, d in rest.items() if s not in rejected}
+    rejected.update(norm_outliers(rest, rules.max_update_norm_ratio))
+    # The round's spread: the updates that are neither nothing nor beyond the norm bounds.
+    spread = {s: d for s, d in res.distances.items() if s not in rejected}
+    bad, res.cosines = direction_outliers({s: updates[s] for s in spread}, reference, rules.min_update_cosine)
+    rejected.update(bad)
+    res.rejected = rejected
+    fixed = rules.clip_update_norm if rules.clip_update_norm is not None else math.inf
+    res.clip_bound = min(fixed, relative_clip_bound(spread, rules.clip_update_median_ratio))
     for s, a in updates.items():
         if s in res.rejected:
             continue
-        if clip_update_norm is not None and math.isfinite(clip_update_norm):
-            clipped, scale = clip_update(a, reference, clip_update_norm)
+        if math.isfinite(res.clip_bound):
+            clipped, scale = clip_update(a, reference, res.clip_bound)
             if scale < 1.0:
                 res.clipped[s] = scale
             res.arrays[s] = clipped
         else:
             res.arrays[s] = dict(a)
     raw = {s: float(weights[s]) for s in res.arrays}
-    res.weights = cap_weight_shares(raw, max_weight_share)
+    res.weights = cap_weight_shares(raw, rules.max_weight_share)
     res.capped = {s: raw[s] for s in raw if res.weights[s] < raw[s]}
     return res
 

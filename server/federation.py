@@ -36,7 +36,7 @@ from dicomfl.common.model import build_model, get_weights, norm_parameter_names
 
 from . import crosssite, fedstats
 from .checkpoint import Checkpoints, State, clean, read_npz, write_json, write_npz
-from .checks import screen_updates
+from .checks import ScreenRules, screen_updates
 from .identity import SiteIdentities
 from .replies import (Rejection, aggregation_message, dedupe_replies, validate_eval_reply, validate_personal_reply,
                       validate_train_reply)
@@ -292,9 +292,7 @@ class Federation:
             self._reject(rec, "rejected", site, why)
             del valid[site]
         screened = screen_updates({s: v.arrays for s, v in valid.items()}, {s: v.num_examples for s, v in valid.items()},
-                                  state.global_weights, max_update_norm_rel=r.max_update_norm_rel,
-                                  max_update_norm_ratio=r.max_update_norm_ratio, clip_update_norm=r.clip_update_norm,
-                                  max_weight_share=r.max_weight_share)
+                                  state.global_weights, rules=ScreenRules.from_run(r))
         for site, why in screened.rejected.items():
             self._reject(rec, "rejected", site, why)
         rec["clipped"] = dict(screened.clipped)

@@ -46,6 +46,33 @@ def learning_curves(path: Path, history: list[dict]) -> None:
     plt.close(fig)
 
 
+def robustness_lines(n_sites: int, run) -> list[str]:
+    """What the run's update screening (``run:`` section, :mod:`dicomfl.server.checks`) can and
+    cannot defend against with ``n_sites`` sites: markdown lines for the run report and model card."""
+    if n_sites <= 2:
+        return [f"**With {n_sites} site(s), a malicious site cannot be told from an honest one**: when two updates "
+                "disagree, nothing says which is honest. Only the bounds apply: the absolute norm bound "
+                f"(run.max_update_norm_rel {run.max_update_norm_rel:g}x the global norm), the relative clip "
+                f"(run.clip_update_median_ratio {run.clip_update_median_ratio:g}x the smaller of the two updates), "
+                f"the weight cap (run.max_weight_share {run.max_weight_share:g}) and the free-rider rule for an update "
+                "equal to the global model. Within those bounds one site can still move the model in any direction "
+                "every round (a sign flip, noise). The median-ratio, direction and token-update rules need at least 3 "
+                "sites; so do robust aggregators (median, trimmed mean, Krum, Bulyan), which with two sites are the "
+                "mean or pick one of the two."]
+    from .checks import ScreenRules
+
+    ratio = ScreenRules.from_run(run).max_update_norm_ratio
+    direction = (f" and one whose cosine with the round's median update is below run.min_update_cosine "
+                 f"{run.min_update_cosine:g}" if run.min_update_cosine > -1 else "")
+    return [f"With {n_sites} sites, each round rejects a free-rider (an update equal to the global model, or below "
+            f"run.free_rider_ratio {run.free_rider_ratio:g}x the round's median), an update beyond the norm bounds "
+            f"(run.max_update_norm_rel {run.max_update_norm_rel:g}x the global norm; {ratio:g}x the round's median, "
+            f"run.max_update_median_ratio){direction}; every other update is clipped to "
+            f"run.clip_update_median_ratio {run.clip_update_median_ratio:g}x the round's median distance, and no site "
+            f"has more than run.max_weight_share {run.max_weight_share:g} of the weight. This holds against a minority "
+            "of malicious sites; sites that collude into a majority of a round decide its median."]
+
+
 def write_report(out_dir: Path, cfg, summary: dict) -> Path:
     out_dir = Path(out_dir)
     history = summary["history"]
@@ -67,6 +94,10 @@ def write_report(out_dir: Path, cfg, summary: dict) -> Path:
         lines.append(f"| {h['round']} | {', '.join(h.get('aggregated', [])) or '-'} | {_f(h.get('train_loss'))} | {rej} | "
                      f"{', '.join(h.get('declined', [])) or '-'} | {errs} | {', '.join(h.get('missing', [])) or '-'} | "
                      f"{_f(h.get('seconds'), 1)} |")
+    riders = sorted({s for h in history for s, w in h.get("rejected", {}).items() if w.startswith("free-rider")})
+    lines += ["", "**Update screening.** " + robustness_lines(len(summary["sites"]), r)[0]]
+    if riders:
+        lines += ["", f"**Free riders** (an update of nothing) in at least one round: {', '.join(riders)}."]
     missing = sorted({s for h in history for s in h.get("missing", [])})
     if missing:
         lines += ["", f"**Sites missing from at least one round:** {', '.join(missing)}."]

@@ -191,7 +191,10 @@ def test_a_robust_strategy_keeps_two_of_five_poisoners_out(cohort, tmp_path):
     sites = [cohort / s / "site.yaml" for s in SITES] + [_extra_site(cohort, tmp_path, n) for n in ("site-d", "site-e")]
     honest = _run_yaml(tmp_path, cohort, "honest5", sites, strategy="fedmedian")
     _, clean_w = _federate(honest, lambda *a: None, set())
-    cfg = _run_yaml(tmp_path, cohort, "poison5", sites, strategy="fedmedian", max_update_norm_ratio=0.0)
+    # Plumbing: the new default rules (run.max_update_median_ratio, run.clip_update_median_ratio)
+    # are off too, so that only the strategy stands in the way, as this test means.
+    off = {"max_update_norm_ratio": 0.0, "max_update_median_ratio": 0.0, "clip_update_median_ratio": 0.0}
+    cfg = _run_yaml(tmp_path, cohort, "poison5", sites, strategy="fedmedian", **off)
     from dicomfl.common.config import ModelConfig
     from dicomfl.common.model import build_model, get_weights
 
@@ -201,7 +204,7 @@ def test_a_robust_strategy_keeps_two_of_five_poisoners_out(cohort, tmp_path):
     summary, poisoned = _federate(cfg, _scaled(add=shift), {"site-d", "site-e"})
     h = summary["history"][0]
     assert sorted(h["aggregated"]) == ["site-a", "site-b", "site-c", "site-d", "site-e"]  # under the bound
-    fedavg_cfg = _run_yaml(tmp_path, cohort, "poison5avg", sites, strategy="fedavg", max_update_norm_ratio=0.0)
+    fedavg_cfg = _run_yaml(tmp_path, cohort, "poison5avg", sites, strategy="fedavg", **off)
     _, averaged = _federate(fedavg_cfg, _scaled(add=shift), {"site-d", "site-e"})
     # The median moved far less than the mean did.
     assert _dist(poisoned, clean_w) < 0.5 * _dist(averaged, clean_w)

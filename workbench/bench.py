@@ -134,6 +134,11 @@ class Job:
     holdout: str | None = None
     drop: tuple[str, ...] = ()  # extra model.drop_features of this job (the proxy-feature ablation)
     recipe: tuple[str, ...] = ()  # RECIPE_ITEMS on in this job
+    # Robustness rows (workbench/attacks.py): run: keys over the run's defaults (e.g. the old
+    # screening defaults), and the attack one site's train replies go through (ATTACKS name).
+    run_overrides: tuple[tuple[str, Any], ...] = ()
+    attack: str | None = None
+    attacker: str | None = None
 
     @property
     def config(self) -> str:
@@ -227,6 +232,7 @@ class Bench:
         if job.strategy == "fedavgm":
             cfg["run"]["server_lr"] = round(1.0 - self.cfg.fedavgm_momentum, 12)
             cfg["run"]["strategy_params"] = {"server_momentum": self.cfg.fedavgm_momentum}
+        cfg["run"].update(dict(job.run_overrides))
         path = out.parent / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
@@ -278,6 +284,10 @@ class Bench:
             run_cfg = load_run_config(self._run_yaml(job, sites, **kw))
             grid = InProcessGrid(run_cfg.sites, resolver=_BenchSites(self.cfg.replicates, self._job_state(job),
                                                                      self.cfg.lr, augment="augment" in job.recipe))
+        if job.attack is not None:  # one site lies in every train reply (workbench/attacks.py)
+            from .attacks import ATTACKS, AttackedSite
+
+            grid.app = AttackedSite(grid, {job.attacker}, ATTACKS[job.attack](), handler=grid.app.__self__)
         shutil.rmtree(run_cfg.out_dir / "checkpoints", ignore_errors=True)
         summary = Federation(run_cfg, grid).run()
         summary["out_dir"] = str(run_cfg.out_dir)
@@ -326,7 +336,10 @@ class Bench:
                                    for _, m in sorted(h["sites"].items())])) for h in s["history"]]  # sorted: a float mean depends on its order, replies arrive in any
         res = {"per_site": {site: _pick(g.get(site)) for site in self.names}, "epsilon": max(eps) if eps else None,
                "curve": curve, "declined": sum(len(h["declined"]) for h in s["history"]),
-               "selected": (s.get("selected") or {}).get("chosen")}
+               "selected": (s.get("selected") or {}).get("chosen"),
+               # what the update screening did each round (robustness rows count the attacker's)
+               "screening": [{"rejected": dict(h.get("rejected", {})), "clipped": dict(h.get("clipped", {})),
+                              "aggregated": list(h.get("aggregated", []))} for h in s["history"]]}
         if PERSONAL_ITEMS & set(job.recipe):
             # Each site's personalized model at home is this configuration's result; the global
             # model it was made from is kept next to it.
