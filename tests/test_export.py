@@ -381,3 +381,14 @@ def test_bad_inputs_are_user_errors(run_dir, tmp_path):
     shutil.copy(model, lonely)
     with pytest.raises(DicomflError, match="--run"):
         export_model(lonely, tmp_path / "d")
+
+
+def test_card_says_what_the_update_screening_could_defend(exported):
+    """The model card carries the run report's robustness paragraph for the sites that trained it
+    (issue: with two sites, say what can and cannot be defended)."""
+    lines = exported.card["robustness"]
+    assert lines and any("free-rider" in x or "free rider" in x for x in lines)
+    n = len(exported.card["training"]["model_trained_on"])
+    assert (("cannot be told from an honest one" in lines[0]) == (n <= 2))
+    md = (exported.out_dir / "model_card.md").read_text()
+    assert "## Robustness to a malicious site" in md

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dicomfl.common import protocol as P
-from dicomfl.common.config import ModelConfig, SiteConfig
+from dicomfl.common.config import ModelConfig, RunSection, SiteConfig
 from dicomfl.common.errors import DicomflError, ModelMismatch, printable
 from dicomfl.common.files import write_bytes
 from dicomfl.common.features import N_FEATURES, SCHEMA_VERSION, feature_names
@@ -59,6 +59,7 @@ from dicomfl.common.model import (MAX_MEMORY_MB, MAX_PARAMETERS, build_model, ch
 from dicomfl.common.normalize import CLIP, HIGH_PCT, LOW_PCT
 from dicomfl.common.outputs import check_output, open_folder
 from dicomfl.common.weights import WeightsError, npz_headers, read_npz, shapes_problem, values_problem
+from dicomfl.server.report import robustness_lines
 
 FORMATS = ("torchscript", "onnx")
 CARD_VERSION = 1
@@ -744,10 +745,22 @@ def build_card(info: RunInfo, model_path: Path, weights: dict, model_id: str, rn
             "run_cross_site": auroc_matrix(info.metrics["cross_site"]) if info.metrics and
                               info.metrics.get("cross_site") else None,
         },
+        "robustness": _robustness(info),
         "intended_use": INTENDED_USE,
         "limitations": list(LIMITATIONS),
         "produced_by": {"tool": "dicomfl export", "torch": torch.__version__},
     }
+
+
+def _robustness(info: RunInfo) -> list[str] | None:
+    """What the run's update screening could defend against with the sites that trained it (the
+    run report's paragraph); None for a run folder whose run section this version cannot read."""
+    sites = {s for h in info.history if isinstance(h, dict) for s in (h.get("sites") or {})}
+    try:
+        run = RunSection.model_validate(info.run)
+    except ValueError:
+        return None
+    return robustness_lines(len(sites), run) if sites else None
 
 
 # ------------------------------------------------------------------------------ markdown
@@ -823,6 +836,8 @@ def card_markdown(card: dict) -> str:
             row = cs["auroc"][mid]
             lines.append(f"| {mid} | " + " | ".join(_cell(row["sites"].get(s)) for s in cs["sites"])
                          + f" | {_f(row['mean'])} | {_f(row['gap'])} |")
+    if card.get("robustness"):
+        lines += ["", "## Robustness to a malicious site", ""] + list(card["robustness"])
     lines += ["", "## Known limits", ""] + [f"* {x}" for x in card["limitations"]]
     lines += ["", "## Metadata features (in order)", "", ", ".join(f"`{n}`" for n in card["features"]["names"]), ""]
     return "\n".join(lines)
