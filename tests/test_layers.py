@@ -200,6 +200,14 @@ def _flower_common_names() -> frozenset[str]:
     return frozenset(flwr.common.__all__)
 
 
+def _not_flower_key(key, constants: dict) -> bool:
+    """A ``sys.modules`` key that names a module outside Flower: a string literal, or a module-level
+    name bound to one, that does not start with ``flwr``."""
+    if isinstance(key, ast.Name):
+        key = constants.get(key.id)
+    return isinstance(key, ast.Constant) and isinstance(key.value, str) and key.value.split(".")[0] != "flwr"
+
+
 def flower_internals(source: str, filename: str = "<string>") -> list[str]:
     """Where a file uses Flower beyond its public API: an import of another ``flwr`` module (its
     protobufs, the SuperNode, the SuperLink, supercore, ...), of an underscored name, of a
@@ -207,7 +215,10 @@ def flower_internals(source: str, filename: str = "<string>") -> list[str]:
     private key (how Flower's private fields are set); or a module looked up in ``sys.modules``
     (how a Flower module's attribute is replaced without importing it by name)."""
     bad, common_names = [], _flower_common_names()
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    constants = {t.id: n.value for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
+                 if isinstance(t, ast.Name) and isinstance(n.value, ast.Constant)}
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             bad += [f"{filename}:{node.lineno}: import {a.name}" for a in node.names
                     if a.name.split(".")[0] == "flwr" and a.name not in FLOWER_PUBLIC]
@@ -231,7 +242,7 @@ def flower_internals(source: str, filename: str = "<string>") -> list[str]:
                 and isinstance(node.value.value, ast.Name) and node.value.value.id == "sys" \
                 or isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) \
                 and node.value.attr == "modules" and isinstance(node.value.value, ast.Name) \
-                and node.value.value.id == "sys":
+                and node.value.value.id == "sys" and not _not_flower_key(node.slice, constants):
             bad += [f"{filename}:{node.lineno}: a module from sys.modules"]
     return bad
 
@@ -281,6 +292,8 @@ def test_the_flower_rule_catches_an_internal(line):
     "from flwr.common import Message, ndarray_to_bytes",
     "from flwr import app",
     "'torch' in sys.modules",  # asking whether something is loaded reaches into nothing
+    "_PKG = 'mine'\nsys.modules[_PKG] = object()",  # registering a module of one's own
+    "sys.modules['mine.sub'] = object()",
     "from flwrapp import x",  # not Flower: another module whose name starts alike
 ])
 def test_the_flower_rule_lets_the_public_api_pass(line):

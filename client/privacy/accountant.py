@@ -22,6 +22,7 @@ import warnings
 from functools import lru_cache
 
 _PKG = "_dicomfl_opacus_accountants"
+_BASE = "_dicomfl_opacus_accountants.accountant"  # the stand-in for Opacus's accountants/accountant.py
 
 
 class _IAccountant:
@@ -45,9 +46,9 @@ def _opacus(module: str):
         # submodules are found in Opacus's folder, but neither its __init__ nor accountants/__init__ runs
         pkg.__path__ = [f"{list(spec.submodule_search_locations)[0]}/accountants"]
         pkg.__package__ = _PKG
-        base = types.ModuleType(f"{_PKG}.accountant")
+        base = types.ModuleType(_BASE)
         base.IAccountant = _IAccountant
-        sys.modules[base.__name__] = base
+        sys.modules[_BASE] = base
         sys.modules[_PKG] = pkg
     return importlib.import_module(f"{_PKG}.{module}")
 
