@@ -11,8 +11,8 @@ second reply schema.) The coordinator checks that those entries equal what it se
 
 **Fine-tuning** (``run.personalize``: a ``train.personalize`` message with ``personalize-steps``,
 ``personalize-lr-scale`` at most 1, ``personalize-checks``). After the last round the coordinator
-sends the final global model once more; the site starts from it (with its own GroupNorm values under ``local-norm``), trains
-``steps`` steps in ``checks`` chunks, scores every candidate (the start and each chunk's end) on
+sends the final global model once more; the site starts from it (with its own GroupNorm values
+under ``local-norm``), trains ``steps`` steps in ``checks`` chunks, scores every candidate (the start and each chunk's end) on
 its validation split, and keeps the best (ties: the earlier). Under DP each chunk is DP-SGD,
 charged to the site's ledger as a run ``<run>.personal`` under the same site budget as every
 other run (so it may be declined, then the best candidate so far is kept). Choosing by validation

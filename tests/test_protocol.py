@@ -149,7 +149,8 @@ def test_every_bound_is_enforced_with_a_reason_that_names_the_key_only(key):
     b = P.BOUNDS[key]
     # the reasons are fixed templates: the key and the bounds, never the value
     outside = f"config {key}: outside [{b.lo:g}, {b.hi:g}]"
-    cases = [(b.hi * 2 + 1, outside), (b.lo - abs(b.lo) - 1, outside), (float("nan"), f"config {key}: not a finite number"),
+    cases = [(b.hi * 2 + 1, outside), (b.lo - abs(b.lo) - 1, outside),
+             (float("nan"), f"config {key}: not a finite number"),
              ("hostile text", f"config {key}: not a finite number"), (True, f"config {key}: not a finite number"),
              ([1.0], f"config {key}: not a finite number")]
     if b.kind == "int":
@@ -165,7 +166,8 @@ def test_every_bound_is_enforced_with_a_reason_that_names_the_key_only(key):
 
 @pytest.mark.parametrize("cfg", [
     {P.DP: 1}, {P.LOCAL_NORM: "yes"}, {P.RUN: "../hostile"}, {P.RUN: "hostile\nname"}, {P.MODEL: 5},
-    {P.MODEL: "x" * (P.MAX_MODEL_CHARS + 1)}, {P.FEATURE_MEAN: [HOSTILE] * len(NUMERIC_NAMES), P.FEATURE_STD: list(STD[1])},
+    {P.MODEL: "x" * (P.MAX_MODEL_CHARS + 1)},
+    {P.FEATURE_MEAN: [HOSTILE] * len(NUMERIC_NAMES), P.FEATURE_STD: list(STD[1])},
     {P.FEATURE_MEAN: list(STD[0])},
 ])
 def test_flags_names_and_lists_are_checked_too(cfg):
@@ -273,3 +275,13 @@ def test_the_literal_check_would_catch_one(tmp_path):
 
 def test_the_model_description_is_json_of_the_model_config():
     assert ModelConfig.model_validate(json.loads(P.TrainRequest(config=ROUND, arrays=W, model=MODEL).model))
+
+
+@pytest.mark.parametrize("kind", ["train", "train.personalize", "evaluate", "query.fedstats", "query"])
+def test_the_clientapp_routes_every_message_type_a_site_takes_to_the_handler(kind):
+    from dicomfl.client import app as client_app
+
+    # no site-config in the node config: the handler's own refusal (not Flower's "no function registered")
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = client_app.app(_config_message(kind, **{P.RUN: "r"}), ctx)
+    assert not reply.has_content() and reply.error.code == P.ERR_CONFIG

@@ -215,7 +215,8 @@ class RoundConfig:
     def to_config(self) -> dict:
         """The config entries of this plan, as the coordinator sends them."""
         return {K.RUN: self.run, K.SERVER_ROUND: self.server_round, K.NUM_ROUNDS: self.num_rounds,
-                K.LOCAL_EPOCHS: self.local_epochs, K.LOCAL_STEPS: self.local_steps or 0, K.PROXIMAL_MU: self.proximal_mu,
+                K.LOCAL_EPOCHS: self.local_epochs, K.LOCAL_STEPS: self.local_steps or 0,
+                K.PROXIMAL_MU: self.proximal_mu,
                 K.DP: self.dp, K.TARGET_EPSILON: self.target_epsilon or 0.0, K.DELTA: self.delta, K.SEED: self.seed,
                 K.LR_SCALE: self.lr_scale, K.LOCAL_NORM: self.local_norm}
 
@@ -264,8 +265,8 @@ class TrainRequest:
                    local_record=msg.content[K.LOCAL_ARRAYS] if K.LOCAL_ARRAYS in msg.content else None)
 
     def to_record(self):
-        return _content({K.ARRAYS: _record(self.arrays),
-                         K.CONFIG: {**self.config.to_config(), K.MODEL: self.model, **_std_config(self.standardization)},
+        cfg = {**self.config.to_config(), K.MODEL: self.model, **_std_config(self.standardization)}
+        return _content({K.ARRAYS: _record(self.arrays), K.CONFIG: cfg,
                          K.CONTROL: self.control, K.LOCAL_ARRAYS: self.local_record})
 
 
