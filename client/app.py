@@ -17,6 +17,8 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from dicomfl.common import protocol as P
+
 from .transport import forwarder
 
 app = ClientApp()
@@ -44,12 +46,25 @@ def train(msg: Message, context: Context) -> Message:
     return handle(msg, context)
 
 
+@app.train(P.PERSONALIZE)
+def personalize(msg: Message, context: Context) -> Message:
+    """``train.personalize``: fine-tune the final global model (:mod:`dicomfl.client.personal`)."""
+    return handle(msg, context)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return handle(msg, context)
 
 
+@app.query(P.FEDSTATS)
+def fedstats(msg: Message, context: Context) -> Message:
+    """``query.fedstats``: the site's feature statistics before round 1 (:mod:`dicomfl.client.fedstats`)."""
+    return handle(msg, context)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """The site's feature statistics before round 1 (:mod:`dicomfl.client.fedstats`)."""
+    """A plain ``query``: how a coordinator of the previous release asks for the feature
+    statistics (accepted for one release)."""
     return handle(msg, context)

@@ -37,10 +37,9 @@ import secrets
 
 import numpy as np
 
+from dicomfl.common import protocol as P
 from dicomfl.common.errors import BadRequest, NoTrainingData
-from dicomfl.common.fedstats import (FeatureTransform, STAT_KINDS, check_standardization, iter_blocks, released,
-                                     stat_key, sums)
-from dicomfl.common.protocol import FEATURE_MEAN, FEATURE_STD
+from dicomfl.common.fedstats import FeatureTransform, STAT_KINDS, iter_blocks, released, stat_key, sums
 from dicomfl.common.splits import TRAIN
 
 from .privacy import Release, effective_budget, site_account
@@ -64,28 +63,23 @@ def noisy(exact: dict[str, float], features: tuple[str, ...], n: int, sigma: flo
     scale = sigma * sensitivity(len(features))
     out: dict[str, float] = {}
     for f in features:
-        c, s, ss = (exact[stat_key(k, f)] + float(rng.normal(0.0, scale)) for k in STAT_KINDS)
+        keys = [stat_key(k, f) for k in STAT_KINDS]  # count, sum, sum of squares
+        c, s, ss = (exact[k] + float(rng.normal(0.0, scale)) for k in keys)
         c = float(min(max(round(c), 0), n))
         s = min(max(s, 0.0), c)
         ss = min(max(ss, s * s / c if c else 0.0), s)
-        out.update({stat_key("count", f): c, stat_key("sum", f): s, stat_key("sumsq", f): ss})
+        out.update(zip(keys, (c, s, ss)))
     return out
 
 
-def transform_from(cfg, model_cfg) -> FeatureTransform:
-    """The run's feature transform from a train/evaluate message's config record: the model's drops,
-    and the global mean/std when the message carries them (both or neither; checked against the
-    schema's ranges, else :class:`BadRequest` naming the key and the feature, never the value)."""
+def transform_from(standardization, model_cfg) -> FeatureTransform:
+    """The run's feature transform: the model's drops, and the global mean/std when the message
+    carries them (``standardization``: the (mean, std) a request checked against the schema's
+    ranges, :func:`dicomfl.common.protocol.messages.standardization`; None when it has none)."""
     drop = tuple(model_cfg.drop_features)
-    has_mean, has_std = FEATURE_MEAN in cfg, FEATURE_STD in cfg
-    if not has_mean and not has_std:
+    if standardization is None:
         return FeatureTransform(drop=drop)
-    if has_mean != has_std:
-        raise BadRequest(f"config: {FEATURE_MEAN} and {FEATURE_STD} come together")
-    try:
-        mean, std = check_standardization(cfg[FEATURE_MEAN], cfg[FEATURE_STD])
-    except ValueError as exc:  # names the key and the feature only
-        raise BadRequest(f"config {exc}") from None
+    mean, std = standardization
     return FeatureTransform(mean=mean, std=std, drop=drop)
 
 
@@ -101,7 +95,7 @@ def site_statistics(site, plan) -> dict[str, float]:
     with site_account(site.cfg) as account:
         if not dp_on:  # exact numbers: logged as a release that is not private
             account.charge(Release("fedstats", plan.run, private=False))
-            return {"num-examples": float(n), **sums(iter_blocks(train.features), features)}
+            return {P.NUM_EXAMPLES: float(n), **sums(iter_blocks(train.features), features)}
         return _private(account, site, plan, train, features, target, delta)
 
 
@@ -110,11 +104,11 @@ def _private(account, site, plan, train, features: tuple[str, ...], target, delt
     led = account.stream(plan.run, accountant=p.accountant, delta=delta, target_epsilon=target,
                          max_grad_norm=p.max_grad_norm)
     n = len(train)
-    out = {"num-examples": float(n), "noise-multiplier": float(led.stats_noise_multiplier or p.stats_noise_multiplier)}
+    out = {P.NUM_EXAMPLES: float(n), P.NOISE_MULTIPLIER: float(led.stats_noise_multiplier or p.stats_noise_multiplier)}
     kept = led.feature_stats
     if kept is not None and set(kept) == {stat_key(k, f) for f in features for k in STAT_KINDS}:
         site.log.info("run %s: feature statistics already released; sent again (no new spend)", plan.run)
-        return {**out, **kept, "epsilon": led.spent()}
+        return {**out, **kept, P.EPSILON: led.spent()}
     if kept is not None:  # another feature list in the same run: a second release would be another spend
         raise BadRequest("query: this run's feature statistics were released for other features")
     decision = account.charge(Release("fedstats", plan.run, entries=(tuple(stats_release(p.stats_noise_multiplier)),)))
@@ -122,7 +116,7 @@ def _private(account, site, plan, train, features: tuple[str, ...], target, delt
         site.log.warning("run %s: declined to release feature statistics: epsilon would reach %.3f (site total so far "
                          "%.3f; per-run cap %s, lifetime budget %s)", plan.run, decision.epsilon_after,
                          led.spent_total(), target, p.lifetime_epsilon)
-        return {**out, "declined": 1.0, "epsilon": led.spent(), "epsilon-if-released": decision.epsilon_after}
+        return {**out, P.DECLINED: 1.0, P.EPSILON: led.spent(), P.EPSILON_IF_RELEASED: decision.epsilon_after}
     exact = sums(iter_blocks(train.features), features)
     led.feature_stats = noisy(exact, features, n, p.stats_noise_multiplier)  # what the charge paid for, kept
     led.stats_noise_multiplier = p.stats_noise_multiplier
@@ -131,4 +125,4 @@ def _private(account, site, plan, train, features: tuple[str, ...], target, delt
     site.log.info("run %s: released feature statistics of %d features under DP (sigma %.3g); epsilon spent by the run "
                   "%.3f, by the site %.3f", plan.run, len(features), p.stats_noise_multiplier, led.spent(),
                   led.spent_total())
-    return {**out, **stats, "epsilon": led.spent()}
+    return {**out, **stats, P.EPSILON: led.spent()}

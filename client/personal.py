@@ -9,10 +9,10 @@ sends the *global* values for them, so nothing of its own normalization leaves t
 alternative, sending them and having the coordinator skip them, would release them and need a
 second reply schema.) The coordinator checks that those entries equal what it sent.
 
-**Fine-tuning** (``run.personalize``: ``personalize-steps``, ``personalize-lr-scale`` at most 1,
-``personalize-checks``). After the last round the coordinator sends the final global model once
-more; the site starts from it (with its own GroupNorm values under ``local-norm``), trains
-``steps`` steps in ``checks`` chunks, scores every candidate (the start and each chunk's end) on
+**Fine-tuning** (``run.personalize``: a ``train.personalize`` message with ``personalize-steps``,
+``personalize-lr-scale`` at most 1, ``personalize-checks``). After the last round the coordinator
+sends the final global model once more; the site starts from it (with its own GroupNorm values
+under ``local-norm``), trains ``steps`` steps in ``checks`` chunks, scores every candidate (the start and each chunk's end) on
 its validation split, and keeps the best (ties: the earlier). Under DP each chunk is DP-SGD,
 charged to the site's privacy account as the run's ``personal`` stream, under the same lifetime
 budget as every other release (so it may be declined, then the best candidate so far is kept). Choosing by validation
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dicomfl.common import protocol as P
 from dicomfl.common.files import AtomicFile
 from dicomfl.common.model import get_weights, norm_parameter_names
 from dicomfl.common.splits import TRAIN, VAL
@@ -99,7 +100,7 @@ def stored_personal_model(site: SiteTrainer, run: str) -> dict[str, np.ndarray] 
 
 def _val_auroc(site: SiteTrainer, weights, features=None) -> tuple[float, dict]:
     m = site.evaluate(weights, split=VAL, features=features)
-    v = m.get("auroc", math.nan)
+    v = m.get(P.AUROC, math.nan)
     return (v if v is not None and math.isfinite(v) else -math.inf), m
 
 
@@ -127,21 +128,21 @@ def personalize(site: SiteTrainer, global_weights: dict[str, np.ndarray], plan: 
                                target_epsilon=plan.target_epsilon, delta=plan.delta, seed=plan.seed,
                                lr_scale=lr_scale, features=plan.features)
         out = site.train(current, chunk_plan)
-        if "epsilon" in out.metrics:
-            eps = out.metrics["epsilon"]
+        if P.EPSILON in out.metrics:
+            eps = out.metrics[P.EPSILON]
         if out.declined or out.weights is None:
             declined = 1.0
             site.log.warning("personalization of run %s stopped after %d steps: privacy budget", plan.run, done)
             break
-        current, done = out.weights, done + int(out.metrics.get("steps", chunk))
+        current, done = out.weights, done + int(out.metrics.get(P.STEPS, chunk))
         score, metrics = _val_auroc(site, current, plan.features)
         if score > best_score:
             best, best_score, best_metrics, best_steps = current, score, metrics, done
     _save(_folder(site.cfg.site.state_dir) / f"{plan.run}.model.npz", best)
     site.log.info("personalized model of run %s: %d fine-tuning steps chosen of %d (validation AUROC %.3f)",
-                  plan.run, best_steps, done, best_metrics.get("auroc", math.nan))
-    metrics = {"num-examples": float(len(site.split(TRAIN))), "steps": float(best_steps), "declined": declined,
-               **{f"val-{k}": best_metrics.get(k, math.nan) for k in ("auroc", "loss", "balanced_accuracy", "num-examples")}}
+                  plan.run, best_steps, done, best_metrics.get(P.AUROC, math.nan))
+    metrics = {P.NUM_EXAMPLES: float(len(site.split(TRAIN))), P.STEPS: float(best_steps), P.DECLINED: declined,
+               **{P.val_key(k): best_metrics.get(k, math.nan) for k in P.VAL_REPORTED}}
     if eps is not None:
-        metrics["epsilon"] = eps
+        metrics[P.EPSILON] = eps
     return best, metrics

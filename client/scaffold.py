@@ -66,7 +66,7 @@ def check_control(record, reference: dict[str, np.ndarray]) -> dict[str, np.ndar
     """
     from flwr.app import Array, ArrayRecord
 
-    where = "scaffold-control"
+    where = P.CONTROL
     if not isinstance(record, ArrayRecord):
         raise BadRequest(f"{where}: not an ArrayRecord")
     keys = list(record.keys())
@@ -193,7 +193,7 @@ class ScaffoldRound:
         out = site.train(global_weights, plan, correction=correction)
         if out.declined or out.weights is None:
             return out, None
-        steps = int(out.metrics.get("steps", 0))
+        steps = int(out.metrics.get(P.STEPS, 0))
         new, delta = client_control_update(c_i, self.c, {k: global_weights[k] for k in self.c}, out.weights, steps,
                                            out.lr)
         if not all(np.all(np.isfinite(a)) for a in (*new.values(), *delta.values())):

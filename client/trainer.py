@@ -29,7 +29,7 @@ from .privacy import PrivacySession, Release, effective_budget, site_account
 class RoundPlan:
     """What the server asks for a round (numbers and short names only)."""
 
-    run: str = "run"
+    run: str = P.DEFAULT_RUN
     kind: str = "train"  # which model of the run: train (the global model), local (baseline), personal
     server_round: int = 1
     num_rounds: int = 1
@@ -164,8 +164,8 @@ class SiteTrainer:
         return out
 
     def _trained(self, res, n: int, metrics: dict | None = None) -> Outcome:
-        out = {"num-examples": float(n), **(metrics or {}), "train-loss": res.loss, "steps": float(res.steps),
-               "train-seconds": res.seconds, "declined": 0.0}
+        out = {P.NUM_EXAMPLES: float(n), **(metrics or {}), P.TRAIN_LOSS: res.loss, P.STEPS: float(res.steps),
+               P.TRAIN_SECONDS: res.seconds, P.DECLINED: 0.0}
         return Outcome(weights=res.weights, metrics=out)
 
     def _train_privately(self, account, train: SplitData, settings: TrainSettings, global_weights, plan: RoundPlan,
@@ -178,21 +178,21 @@ class SiteTrainer:
                                 local_epochs=plan.local_epochs, local_steps=plan.local_steps,
                                 server_round=plan.server_round)
         ledger = session.ledger
-        metrics = {"num-examples": float(len(train)), "epsilon": spent, "delta": delta,
-                   "noise-multiplier": ledger.noise_multiplier if ledger.noise_multiplier is not None else float("nan"),
-                   "target-epsilon": target if target is not None else float("nan")}
+        metrics = {P.NUM_EXAMPLES: float(len(train)), P.EPSILON: spent, P.DELTA: delta,
+                   P.NOISE_MULTIPLIER: ledger.noise_multiplier if ledger.noise_multiplier is not None else float("nan"),
+                   P.TARGET_EPSILON: target if target is not None else float("nan")}
         if not budget.affordable:
             self.log.warning("round %d of run %s (%s): declined to train: epsilon would reach %.3f (site total so far "
                              "%.3f; per-run cap %s, lifetime budget %s)", plan.server_round, plan.run, plan.kind,
                              budget.epsilon_after, ledger.spent_total(), target, p.lifetime_epsilon)
-            metrics.update({"declined": 1.0, "epsilon-if-trained": budget.epsilon_after})
+            metrics.update({P.DECLINED: 1.0, P.EPSILON_IF_TRAINED: budget.epsilon_after})
             return Outcome(weights=None, metrics=metrics, declined=True)
         dp, settings.class_counts = session.settings(train.labels, self.model_cfg.n_classes)
         settings.class_weights = p.class_weights == "noisy"
         res = train_local(self.model(), train, settings, dp=dp, global_weights=global_weights)
-        metrics["epsilon"] = session.record(plan.server_round, res.history)
+        metrics[P.EPSILON] = session.record(plan.server_round, res.history)
         self.log.info("round %d of run %s (%s): trained privately; epsilon spent by the run %.3f of %s, by the site "
-                      "%.3f of %s", plan.server_round, plan.run, plan.kind, metrics["epsilon"], target,
+                      "%.3f of %s", plan.server_round, plan.run, plan.kind, metrics[P.EPSILON], target,
                       ledger.spent_total(), p.lifetime_epsilon)
         return self._trained(res, len(train), metrics)
 
@@ -214,7 +214,7 @@ class SiteTrainer:
         out = evaluate(m, test, val, replicates=boot)
         if P.AUROC_REPLICATES in out:
             out[P.AUROC_REPLICATES_ID] = float(split_id)
-        out["num-examples"] = float(len(test))
+        out[P.NUM_EXAMPLES] = float(len(test))
         return out
 
     def test_resamples(self, n: int) -> "tuple[list[np.ndarray], int]":

@@ -186,7 +186,9 @@ def check_standardization(mean, std) -> tuple[np.ndarray, np.ndarray]:
     the list and the feature, never the value) otherwise."""
     n = len(NUMERIC_NAMES)
     out = []
-    for key, values in (("feature-mean", mean), ("feature-std", std)):
+    from .protocol import FEATURE_MEAN, FEATURE_STD
+
+    for key, values in ((FEATURE_MEAN, mean), (FEATURE_STD, std)):
         if not isinstance(values, (list, tuple)) or len(values) != n:
             raise ValueError(f"{key}: not a list of {n} numbers")
         arr = []
@@ -195,9 +197,9 @@ def check_standardization(mean, std) -> tuple[np.ndarray, np.ndarray]:
                 raise ValueError(f"{key}: {f} is not a finite number")
             lo, hi = RANGES[f]
             tol = 1e-9 * (hi - lo)
-            if key == "feature-mean" and not lo - tol <= v <= hi + tol:
+            if key == FEATURE_MEAN and not lo - tol <= v <= hi + tol:
                 raise ValueError(f"{key}: {f} is outside the feature's range")
-            if key == "feature-std" and not STD_FLOOR * (hi - lo) - tol <= v <= (hi - lo) + tol:
+            if key == FEATURE_STD and not STD_FLOOR * (hi - lo) - tol <= v <= (hi - lo) + tol:
                 raise ValueError(f"{key}: {f} is outside [{STD_FLOOR:g}, 1] x the feature's range")
             arr.append(float(v))
         out.append(np.asarray(arr, dtype=np.float32))

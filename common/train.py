@@ -490,8 +490,10 @@ def evaluate(model: nn.Module, test: SplitData, val: SplitData | None = None,
 
         out[AUROC_REPLICATES] = replicate_aurocs(test.labels, probs[:, 1], replicates)
     if pv is not None:  # the model's score on validation data, for choosing between models
-        out["val-auroc"] = auroc(val.labels, pv)
-        out["val-loss"] = _nll(pv, val.labels)
+        from .protocol import VAL_AUROC, VAL_LOSS
+
+        out[VAL_AUROC] = auroc(val.labels, pv)
+        out[VAL_LOSS] = _nll(pv, val.labels)
     out["loss"] = _nll(probs, test.labels)
     return out
 

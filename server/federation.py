@@ -341,7 +341,7 @@ class Federation:
             config = self._base_config(max(state.round, 1))
             config.update({"personalize-steps": p.steps, "personalize-lr-scale": p.lr_scale, "personalize-checks": p.checks})
             content = RecordDict({P.ARRAYS: P.to_record(state.global_weights), P.CONFIG: config})
-            messages.append(Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN))
+            messages.append(Message(content=content, dst_node_id=n, message_type=P.PersonalizeRequest.MESSAGE_TYPE))
         self._emit("personalize-start", sites=len(nodes), steps=p.steps)
         replies, _ = self._replies(messages)
         record: dict = {"steps": p.steps, "sites": {}, "errors": {}, "shared": []}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from dicomfl.common import protocol as P
 from dicomfl.common.fedstats import NUMERIC_NAMES, combine, global_standardization, released
@@ -31,9 +31,9 @@ def wanted(model_cfg) -> bool:
 
 
 def query_messages(nodes: Iterable[int], config: ConfigRecord) -> list[Message]:
-    """One ``query`` message per node, each with its own content."""
+    """One ``query.fedstats`` message per node, each with its own content."""
     return [Message(content=RecordDict({P.CONFIG: ConfigRecord(dict(config))}), dst_node_id=n,
-                    message_type=MessageType.QUERY) for n in nodes]
+                    message_type=P.QueryRequest.MESSAGE_TYPE) for n in nodes]
 
 
 def gather(replies: Iterable[Message], name_of: Callable[[int], str], model_cfg, *, max_examples: float,

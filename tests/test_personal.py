@@ -82,7 +82,8 @@ def test_the_personalized_model_is_evaluated_in_the_matrix(cohort, tmp_path):
     evals = [r for r in grid.received if r.has_content() and any(k.startswith(P.EVAL_PREFIX) for k in r.content.keys())]
     assert len(evals) == 3 and all(P.EVAL_PREFIX + P.OWN_PERSONAL in r.content for r in evals)
     # the personalize messages carried the plan; the replies hold only what the protocol lists
-    sent = [m for m in grid.sent if m.metadata.message_type == "train" and "personalize-steps" in m.content[P.CONFIG]]
+    sent = [m for m in grid.sent if m.metadata.message_type == P.PersonalizeRequest.MESSAGE_TYPE
+            and "personalize-steps" in m.content[P.CONFIG]]
     assert len(sent) == 3 and all(int(m.content[P.CONFIG]["personalize-steps"]) == 4 for m in sent)
     names = {k: tuple(v.shape) for k, v in get_weights(build_model(MC)).items()}
     headers = set().union(*(_header_strings(cohort, s) for s in SITES))
@@ -157,7 +158,7 @@ def _personalize_msg(run="p1", steps=4, checks=2, dp=True, target=8.0, **extra) 
            "target-epsilon": target, "delta": 1e-5, "seed": 0, "model": MC.model_dump_json(),
            "personalize-steps": steps, "personalize-lr-scale": 1.0, "personalize-checks": checks, **extra}
     msg = Message(content=RecordDict({P.ARRAYS: P.to_record(get_weights(build_model(MC))), P.CONFIG: ConfigRecord(cfg)}),
-                  dst_node_id=1, message_type="train")
+                  dst_node_id=1, message_type=P.PersonalizeRequest.MESSAGE_TYPE)
     msg.metadata.__dict__["_message_id"] = f"p-{run}-{steps}"
     return msg
 

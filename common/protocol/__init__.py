@@ -1,7 +1,9 @@
 """The wire protocol between the ServerApp and the ClientApp: record keys, metric names, error codes.
 
 Everything that crosses the site boundary is listed here, so the privacy audit (tests) and the
-reviewers can check it in one place:
+reviewers can check it in one place. The keys are spelled once, in :mod:`.keys`; the typed requests
+and replies of each message type, with the bounds a site checks and their to/from Flower records,
+are in :mod:`.messages`:
 
 * train reply: ``arrays`` (ArrayRecord: the model's parameters, plain names), ``metrics``
   (MetricRecord: the keys in :data:`TRAIN_METRICS`), optionally ``local-arrays`` /
@@ -13,8 +15,8 @@ reviewers can check it in one place:
 * train message (coordinator -> site) in a SCAFFOLD run: ``scaffold-control`` (ArrayRecord: the
   server control ``c``, the model's names and shapes; a site refuses anything else, non-finite
   values or a norm above its bound with ``bad-request``).
-* personalize reply (a train message whose config has ``personalize-steps``, sent once after
-  the last round): ``site``, ``personal-metrics`` (MetricRecord, keys in :data:`TRAIN_METRICS`)
+* personalize reply (to a ``train.personalize`` message, sent once after the last round; a site
+  still takes a plain ``train`` message whose config has ``personalize-steps`` for one release): ``site``, ``personal-metrics`` (MetricRecord, keys in :data:`TRAIN_METRICS`)
   and, only if the site's ``privacy.share_local_model`` says so, ``personal-arrays``
   (ArrayRecord: its personalized model, the model's names and shapes).
 * evaluate reply: ``site`` and one MetricRecord ``metrics.<model-id>`` per model (keys in
@@ -26,7 +28,7 @@ reviewers can check it in one place:
 * in a ``run.local_norm`` run, the ``arrays`` a site sends hold the global model's own values for
   the GroupNorm affine parameters (:func:`dicomfl.common.model.norm_parameter_names`): the site's
   own stay at the site.
-* query reply (feature statistics, before round 1): ``site`` and one MetricRecord ``stats`` with
+* query reply (to ``query.fedstats``, feature statistics, before round 1): ``site`` and one MetricRecord ``stats`` with
   the keys in :func:`stats_metrics` (per released numeric feature ``count.<f>``, ``sum.<f>``,
   ``sumsq.<f>`` over the training split, see :mod:`dicomfl.common.fedstats`; ``num-examples``;
   under DP also ``epsilon`` and ``noise-multiplier``; ``declined`` when the budget cannot cover it).
@@ -39,38 +41,14 @@ from __future__ import annotations
 
 import re
 
-from .errors import BadRequest, ConfigError, ModelMismatch, NoTrainingData
+from dicomfl.common.errors import BadRequest, ConfigError, ModelMismatch, NoTrainingData
 
-ARRAYS = "arrays"
-METRICS = "metrics"
-CONFIG = "config"
-LOCAL_ARRAYS = "local-arrays"
-LOCAL_METRICS = "local-metrics"
-CONTROL = "scaffold-control"  # train message: SCAFFOLD's server control c
-CONTROL_DELTA = "scaffold-delta"  # train reply: SCAFFOLD's delta_c_i
-PERSONAL_ARRAYS = "personal-arrays"  # personalize reply: the personalized model (site's opt-in)
-PERSONAL_METRICS = "personal-metrics"  # personalize reply: numbers of the fine-tuning
-SITE = "site"
-MODEL_PREFIX = "model."
-EVAL_PREFIX = "metrics."
+from .keys import *  # noqa: F401,F403 - every key, spelled once (keys.py)
+from .keys import val_key  # noqa: F401
 
 SITE_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # use fullmatch (``$`` would let a final newline in)
 # A run name as a site accepts it from the coordinator: never a path (no separators, no dot-only names).
 RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-TRAIN_METRICS = frozenset({
-    "num-examples", "train-loss", "steps", "train-seconds", "declined", "epsilon", "delta", "noise-multiplier",
-    "target-epsilon", "epsilon-if-trained",
-    # the incoming global model on the site's validation split, measured before training
-    "val-auroc", "val-loss", "val-balanced_accuracy", "val-num-examples",
-})
-EVAL_METRICS = frozenset({
-    "num-examples", "n", "threshold", "prevalence", "auroc", "auroc_lo", "auroc_hi", "auprc", "accuracy",
-    "balanced_accuracy", "sensitivity", "specificity", "brier", "ece", "loss",
-    # the same model on the site's validation split (model selection, never the test split)
-    "val-auroc", "val-loss",
-    "auroc-boot", "auroc-boot-id",  # replicate AUROCs (below): only when the site allows them
-})
 
 # ------------------------------------------------------------------ replicate AUROCs (evaluate)
 # With the site's consent (site.yaml ``privacy.eval_replicates: B``, default 0 = never) and when the
@@ -86,27 +64,19 @@ EVAL_METRICS = frozenset({
 #                  coordinator cannot compute.
 #   auroc-boot-id  a 36-bit id of the test split (an integer), so that replicates from different
 #                  runs are paired only when they come from the same split.
-AUROC_REPLICATES = "auroc-boot"
-AUROC_REPLICATES_ID = "auroc-boot-id"
-REPLICATES_REQUEST = "replicates"  # evaluate message config: how many the coordinator asks for
 MAX_REPLICATES = 5000  # the most a site sends and the coordinator accepts per model
 REPLICATES_ID_BITS = 36  # auroc-boot-id is below 2**36: exact as a float, and below replies.MAX_METRIC_ABS
-LIST_METRICS = frozenset({AUROC_REPLICATES})  # the only list-valued metrics on the wire
 
 # ------------------------------------------------------------ federated feature statistics
-# Query message (Flower "query") before round 1: the coordinator asks each site for counts, sums and
-# sums of squares of the numeric features over its training split (dicomfl.common.fedstats).
-STATS = "stats"
-# Config keys of train/evaluate messages carrying the run's global standardization: one number per
-# numeric feature of the schema, in schema order (checked by the site: fedstats.check_standardization).
-FEATURE_MEAN = "feature-mean"
-FEATURE_STD = "feature-std"
-STATS_EXTRA = frozenset({"num-examples", "declined", "epsilon", "noise-multiplier", "epsilon-if-released"})
+# Query message (``query.fedstats``) before round 1: the coordinator asks each site for counts, sums
+# and sums of squares of the numeric features over its training split (dicomfl.common.fedstats).
+# Train/evaluate messages then carry the run's global standardization (FEATURE_MEAN, FEATURE_STD:
+# one number per numeric feature of the schema, in schema order; checked by fedstats.check_standardization).
 
 
 def stats_metrics(features) -> frozenset:
     """Every key a stats reply may hold when the run exchanges statistics of ``features``."""
-    from .fedstats import stat_keys
+    from dicomfl.common.fedstats import stat_keys
 
     return stat_keys(features) | STATS_EXTRA
 
@@ -254,3 +224,10 @@ def from_record(record) -> "Weights":
     if len(keys) == 1 and isinstance(keys[0], str) and keys[0].startswith(FLAT_PREFIX):
         return split_flat(record[keys[0]].numpy(), parse_layout(keys[0]))
     return {k: v.numpy() for k, v in record.items()}
+
+
+from .messages import (  # noqa: E402,F401 - the typed layer (it uses the helpers above)
+    BOUNDS, LEGACY_ROUTES, MAX_MODEL_CHARS, REQUESTS, Bound, EvaluateReply, EvaluateRequest, PersonalizeReply,
+    PersonalizeRequest, QueryReply, QueryRequest, RoundConfig, TrainReply, TrainRequest, bounded, flag, message_type,
+    model_description, numbers, request_from_message, route, run_name, standardization, weights_of,
+)
