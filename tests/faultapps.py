@@ -120,5 +120,7 @@ def faulty(msg: Message, context: Context, call_next) -> Message:
 
 app = ClientApp(mods=[faulty])
 app.train()(dicomfl_app.train)
+app.train(P.PERSONALIZE)(dicomfl_app.personalize)
 app.evaluate()(dicomfl_app.evaluate)
+app.query(P.FEDSTATS)(dicomfl_app.fedstats)
 app.query()(dicomfl_app.query)

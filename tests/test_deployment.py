@@ -29,9 +29,9 @@ from .test_federation import MODEL, SITES
 
 pytestmark = pytest.mark.slow
 
-CLIENTAPP_LINE = re.compile(r"worker \(pid (\d+)\): (\w+) message from ClientApp pid (-?\d+) "
+CLIENTAPP_LINE = re.compile(r"worker \(pid (\d+)\): (\w+)(?:\.\w+)? message from ClientApp pid (-?\d+) "
                             r"\(torch imported in the ClientApp: (\w+);")
-DIRECT_LINE = re.compile(r"worker \(pid (\d+)\): (\w+) message taken from the SuperNode \((woken|asked)\)")
+DIRECT_LINE = re.compile(r"worker \(pid (\d+)\): (\w+)(?:\.\w+)? message taken from the SuperNode \((woken|asked)\)")
 DIRECT = "site-a"  # its worker takes the SuperNode's tasks itself (message_path: direct, the default)
 FORWARDED = ("site-b", "site-c")  # Flower starts a forwarding ClientApp per message (message_path: forwarder)
 

@@ -24,7 +24,7 @@ from dicomfl.common import protocol as P
 from dicomfl.common.config import ModelConfig
 from dicomfl.common.errors import BadRequest
 from dicomfl.common.fedstats import NUMERIC_NAMES, RANGES, released
-from dicomfl.workbench.inprocess import _task_identity
+from dicomfl.workbench.flower_adapter import task_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ModelConfig().model_dump_json()
@@ -37,7 +37,7 @@ ROUND = P.RoundConfig(run="r1", server_round=3, num_rounds=5, local_epochs=2, lo
 
 @pytest.fixture(autouse=True)
 def _identity():
-    _task_identity()  # Flower's Message needs a task identity to be built outside a Flower process
+    task_identity()  # Flower's Message needs a task identity to be built outside a Flower process
 
 
 def _sent(request, message_type=None) -> Message:
