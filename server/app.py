@@ -13,6 +13,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from dicomfl.common import protocol as P
 from dicomfl.common.config import load_coordinator_config, load_run_config
 
 from .federation import Federation
@@ -27,7 +28,7 @@ def _console(kind: str, data: dict) -> None:
     if kind == "round-start":
         line = f"round {data['round']}/{data['rounds']}: training"
     elif kind == "round-end":
-        sites = ", ".join(f"{s} loss={m.get('train-loss', float('nan')):.3f} val-auroc={m.get('val-auroc', float('nan')):.3f}"
+        sites = ", ".join(f"{s} loss={m.get(P.TRAIN_LOSS, float('nan')):.3f} val-auroc={m.get(P.VAL_AUROC, float('nan')):.3f}"
                           for s, m in sorted(data["sites"].items()))
         line = f"round {data['round']}: aggregated {len(data.get('aggregated', []))} site(s) in {data['seconds']:.1f}s; {sites}"
         for key in ("rejected", "errors"):

@@ -21,7 +21,7 @@ from dicomfl.common import protocol as P
 
 from .checkpoint import clean, write_json
 
-METRICS = ("auroc", "balanced_accuracy", "auprc", "accuracy", "sensitivity", "specificity", "brier", "ece", "loss")
+METRICS = ("auroc", P.BALANCED_ACCURACY, "auprc", "accuracy", "sensitivity", "specificity", "brier", "ece", "loss")
 
 
 def home_site(model_id: str) -> str | None:
@@ -54,9 +54,9 @@ def write(out_dir: Path, matrix: dict[str, dict[str, dict]], tag: str = "final")
     sites = sorted({s for by_site in matrix.values() for s in by_site})
     models = sorted(matrix, key=lambda m: (m != "global", m))
     payload = {"sites": sites, "models": models, "matrix": matrix,
-               "gaps": {m: gaps(matrix, m) for m in ("auroc", "balanced_accuracy")}}
+               "gaps": {m: gaps(matrix, m) for m in ("auroc", P.BALANCED_ACCURACY)}}
     write_json(out_dir / f"cross_site_{tag}.json", clean(payload))
-    for metric in ("auroc", "balanced_accuracy"):
+    for metric in ("auroc", P.BALANCED_ACCURACY):
         with open(out_dir / f"cross_site_{tag}_{metric}.csv", "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["model"] + sites)

@@ -166,10 +166,10 @@ class Federation:
     def _base_config(self, server_round: int) -> ConfigRecord:
         r, p = self.cfg.run, self.cfg.privacy
         return ConfigRecord({
-            "run": r.name, "server-round": server_round, "num-rounds": r.rounds, "local-epochs": r.local_epochs,
-            "local-steps": r.local_steps or 0, "dp": p.dp, "target-epsilon": p.target_epsilon or 0.0,
-            "delta": p.delta, "seed": r.seed, "model": self.cfg.model.model_dump_json(),
-            "lr-scale": lr_scale(r.lr_schedule, server_round, r.rounds, r.lr_min_factor), "local-norm": r.local_norm,
+            P.RUN: r.name, P.SERVER_ROUND: server_round, P.NUM_ROUNDS: r.rounds, P.LOCAL_EPOCHS: r.local_epochs,
+            P.LOCAL_STEPS: r.local_steps or 0, P.DP: p.dp, P.TARGET_EPSILON: p.target_epsilon or 0.0,
+            P.DELTA: p.delta, P.SEED: r.seed, P.MODEL: self.cfg.model.model_dump_json(),
+            P.LR_SCALE: lr_scale(r.lr_schedule, server_round, r.rounds, r.lr_min_factor), P.LOCAL_NORM: r.local_norm,
             **fedstats.config_keys(self.feature_stats),
         })
 
@@ -306,7 +306,7 @@ class Federation:
         arrays = None
         if len(accepted) >= needed:
             arrays, agg = self.strategy.aggregate_train(rnd, accepted)
-            rec["train_loss"] = float(agg["train-loss"]) if agg is not None and "train-loss" in agg else None
+            rec["train_loss"] = float(agg[P.TRAIN_LOSS]) if agg is not None and P.TRAIN_LOSS in agg else None
         if arrays is not None:
             state.global_weights = P.from_record(arrays)
         else:
@@ -339,7 +339,7 @@ class Federation:
         messages = []
         for n in nodes:
             config = self._base_config(max(state.round, 1))
-            config.update({"personalize-steps": p.steps, "personalize-lr-scale": p.lr_scale, "personalize-checks": p.checks})
+            config.update({P.PERSONALIZE_STEPS: p.steps, P.PERSONALIZE_LR_SCALE: p.lr_scale, P.PERSONALIZE_CHECKS: p.checks})
             content = RecordDict({P.ARRAYS: P.to_record(state.global_weights), P.CONFIG: config})
             messages.append(Message(content=content, dst_node_id=n, message_type=P.PersonalizeRequest.MESSAGE_TYPE))
         self._emit("personalize-start", sites=len(nodes), steps=p.steps)

@@ -52,10 +52,10 @@ from dicomfl.common.wire import WireError, is_packed, unpack
 
 from .checks import dtype_problem
 
-NUM_EXAMPLES = "num-examples"
+NUM_EXAMPLES = P.NUM_EXAMPLES
 """The weight key Flower's strategies aggregate by (their ``weighted_by_key`` default)."""
-TRAIN_LOSS = "train-loss"
-DECLINED = "declined"
+TRAIN_LOSS = P.TRAIN_LOSS
+DECLINED = P.DECLINED
 
 #: Train metrics the coordinator computes with: these must be finite. The others are
 #: informational and may be NaN ("not available": e.g. ``val-auroc`` on a one-class split,

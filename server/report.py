@@ -6,9 +6,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from dicomfl.common import protocol as P
+
 
 def _auroc_ci(m: dict) -> str:
-    lo, hi = m.get("auroc_lo"), m.get("auroc_hi")
+    lo, hi = m.get(P.AUROC_LO), m.get(P.AUROC_HI)
     if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and math.isfinite(lo) and math.isfinite(hi):
         return f"{_f(m.get('auroc'))} [{_f(lo, 2)}, {_f(hi, 2)}]"
     return _f(m.get("auroc"))
@@ -30,8 +32,8 @@ def learning_curves(path: Path, history: list[dict]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for s in sites:
         rounds = [h["round"] for h in history if s in h["sites"]]
-        loss = [h["sites"][s].get("train-loss", math.nan) for h in history if s in h["sites"]]
-        auc = [h["sites"][s].get("val-auroc", math.nan) for h in history if s in h["sites"]]
+        loss = [h["sites"][s].get(P.TRAIN_LOSS, math.nan) for h in history if s in h["sites"]]
+        auc = [h["sites"][s].get(P.VAL_AUROC, math.nan) for h in history if s in h["sites"]]
         axes[0].plot(rounds, loss, marker="o", label=s)
         # val-auroc in round r measures the global model from round r-1
         axes[1].plot([r - 1 for r in rounds], auc, marker="o", label=s)
@@ -111,13 +113,13 @@ def write_report(out_dir: Path, cfg, summary: dict) -> Path:
               "| round | site | examples | train loss | val AUROC | epsilon |", "| ---: | --- | ---: | ---: | ---: | ---: |"]
     for h in history:
         for s, m in sorted(h.get("sites", {}).items()):
-            lines.append(f"| {h['round']} | {s} | {_f(m.get('num-examples'), 0)} | {_f(m.get('train-loss'))} | "
-                         f"{_f(m.get('val-auroc'))} | {_f(m.get('epsilon'), 2) if 'epsilon' in m else '-'} |")
+            lines.append(f"| {h['round']} | {s} | {_f(m.get(P.NUM_EXAMPLES), 0)} | {_f(m.get(P.TRAIN_LOSS))} | "
+                         f"{_f(m.get(P.VAL_AUROC))} | {_f(m.get('epsilon'), 2) if 'epsilon' in m else '-'} |")
     eps = {}
     for h in history:
         for s, m in h.get("sites", {}).items():
             if m.get("epsilon") is not None:
-                eps[s] = (m.get("epsilon"), m.get("delta"), m.get("target-epsilon"))
+                eps[s] = (m.get("epsilon"), m.get("delta"), m.get(P.TARGET_EPSILON))
     if eps:
         lines += ["", "## Privacy (DP-SGD, spent at each site, cumulative over the run)", "",
                   "| site | epsilon | delta | site budget |", "| --- | ---: | ---: | ---: |"]
@@ -144,7 +146,7 @@ def write_report(out_dir: Path, cfg, summary: dict) -> Path:
                   "| site | steps chosen | validation AUROC | epsilon (fine-tuning) | stopped by budget |",
                   "| --- | ---: | ---: | ---: | --- |"]
         for site, m in sorted(pers.get("sites", {}).items()):
-            lines.append(f"| {site} | {_f(m.get('steps'), 0)} | {_f(m.get('val-auroc'))} | {_f(m.get('epsilon'), 3)} | "
+            lines.append(f"| {site} | {_f(m.get('steps'), 0)} | {_f(m.get(P.VAL_AUROC))} | {_f(m.get('epsilon'), 3)} | "
                          f"{'yes' if m.get('declined') else 'no'} |")
         for site, why in sorted(pers.get("errors", {}).items()):
             lines.append(f"| {site} | - | - | - | error: {why} |")

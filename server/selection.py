@@ -23,7 +23,7 @@ BEST_MODEL = "best"
 
 
 def _mean_val(per_site: dict) -> tuple[float | None, int]:
-    vals = [m.get("val-auroc") for m in per_site.values() if isinstance(m, dict)]
+    vals = [m.get(P.VAL_AUROC) for m in per_site.values() if isinstance(m, dict)]
     vals = [float(v) for v in vals if isinstance(v, (int, float)) and math.isfinite(v) and 0.0 <= v <= 1.0]
     return (sum(vals) / len(vals), len(vals)) if vals else (None, 0)
 

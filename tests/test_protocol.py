@@ -227,7 +227,7 @@ def test_the_handler_names_no_method():
 
 # ------------------------------------------------------------------------ keys spelled once
 # Every key of the protocol that only the wire spells that way (a hyphen, a prefix): nowhere in
-# client/ or common/ outside the protocol package. Plain-word keys ("run", "auroc", "steps", ...)
+# client/, common/, server/ or workbench/ outside the protocol package. Plain-word keys ("run", "auroc", "steps", ...)
 # are also everyday words of other files (config fields, ledger entries, the metrics module's own
 # names), so they are held only in the site's message code (SITE_FILES).
 WIRE_KEYS = {k for k in (P.CONFIG_KEYS | P.TRAIN_METRICS | P.EVAL_METRICS | P.STATS_EXTRA | P.RECORD_NAMES)
@@ -257,7 +257,7 @@ def _literals(path: Path):
 
 def test_no_key_is_spelled_outside_the_protocol_package():
     found = []
-    for layer in ("client", "common"):
+    for layer in ("client", "common", "server", "workbench"):
         for f in sorted((ROOT / layer).rglob("*.py")):
             rel = str(f.relative_to(ROOT))
             if rel.startswith("common/protocol/"):

@@ -56,7 +56,7 @@ def free_rider(claim: float = 1e6) -> Rewrite:
     def rewrite(reply, rnd: int, global_w: dict) -> None:
         _send(reply, {k: np.array(v, copy=True) for k, v in global_w.items()})
         m = {k: v for k, v in reply.content[P.METRICS].items()}
-        reply.content[P.METRICS] = MetricRecord({**m, "num-examples": float(claim)})
+        reply.content[P.METRICS] = MetricRecord({**m, P.NUM_EXAMPLES: float(claim)})
     return rewrite
 
 
@@ -95,7 +95,7 @@ class AttackedSite:
     def __call__(self, msg, context):
         reply = self.handler.handle(msg, context)
         if msg.metadata.message_type == "train" and self.names[context.node_id] in self.sites and reply.has_content():
-            self.rewrite(reply, int(msg.content[P.CONFIG]["server-round"]), P.from_record(msg.content[P.ARRAYS]))
+            self.rewrite(reply, int(msg.content[P.CONFIG][P.SERVER_ROUND]), P.from_record(msg.content[P.ARRAYS]))
         return reply
 
 

@@ -42,9 +42,9 @@ OPT_IN_STRATEGIES = ("scaffold",)
 BENCH_RUN_PREFIX = "bench-"
 # The training recipe's items (README: "Recipe for acquisition shift", personalization), each
 # measured on by a FedAvg run with it (``recipes:``) against FedAvg without it.
-RECIPE_ITEMS = ("augment", "cosine", "steps", "personalize", "local-norm")
+RECIPE_ITEMS = ("augment", "cosine", "steps", "personalize", P.LOCAL_NORM)
 # Recipes whose result is each site's personalized model at home, not one global model.
-PERSONAL_ITEMS = frozenset({"personalize", "local-norm"})
+PERSONAL_ITEMS = frozenset({"personalize", P.LOCAL_NORM})
 
 
 class BenchConfig(BaseModel):
@@ -227,7 +227,7 @@ class Bench:
             cfg["run"]["local_steps"] = self.cfg.recipe_local_steps
         if "personalize" in items:
             cfg["run"]["personalize"] = {"steps": self.cfg.recipe_personalize_steps}
-        if "local-norm" in items:
+        if P.LOCAL_NORM in items:
             cfg["run"]["local_norm"] = True
         if job.strategy == "fedavgm":
             cfg["run"]["server_lr"] = round(1.0 - self.cfg.fedavgm_momentum, 12)
@@ -332,7 +332,7 @@ class Bench:
         s = self._federate(job, [self.site_cfgs[n] for n in self.names])
         g = s["cross_site"]["matrix"]["global"]
         eps = [m.get("epsilon") for h in s["history"] for m in h["sites"].values() if m.get("epsilon") is not None]
-        curve = [float(np.nanmean([m.get("val-auroc", math.nan) if m.get("val-auroc") is not None else math.nan
+        curve = [float(np.nanmean([m.get(P.VAL_AUROC, math.nan) if m.get(P.VAL_AUROC) is not None else math.nan
                                    for _, m in sorted(h["sites"].items())])) for h in s["history"]]  # sorted: a float mean depends on its order, replies arrive in any
         res = {"per_site": {site: _pick(g.get(site)) for site in self.names}, "epsilon": max(eps) if eps else None,
                "curve": curve, "declined": sum(len(h["declined"]) for h in s["history"]),
@@ -363,10 +363,10 @@ class Bench:
         for site in self.names:
             before = [h.get("local", {}).get(site, {}) for h in s["history"]]
             final = mat.get(P.local_model_id(site), {}).get(site) or {}
-            auroc[site] = [m.get("val-auroc") for m in before] + [final.get("val-auroc")]
-            loss[site] = [m.get("val-loss") for m in before] + [final.get("val-loss")]
+            auroc[site] = [m.get(P.VAL_AUROC) for m in before] + [final.get(P.VAL_AUROC)]
+            loss[site] = [m.get(P.VAL_LOSS) for m in before] + [final.get(P.VAL_LOSS)]
         return {"per_model": per_model, "per_site": {site: per_model[site][site] for site in self.names},
-                "learning_curve": {"epochs": epochs, "val-auroc": auroc, "val-loss": loss}}
+                "learning_curve": {"epochs": epochs, P.VAL_AUROC: auroc, P.VAL_LOSS: loss}}
 
     def _pooled(self, job: Job) -> dict:
         from dicomfl.client.privacy import Ledger, PrivacySession
@@ -396,14 +396,14 @@ class Bench:
             dp, settings.class_counts = session.settings(pooled.labels, self.cfg.model.n_classes)
             settings.class_weights = p.class_weights == "noisy"
         model = build_model(self.cfg.model, seed=job.seed)
-        curve = {"epochs": [], "val-auroc": {n: [] for n in self.names}, "val-loss": {n: [] for n in self.names}}
+        curve = {"epochs": [], P.VAL_AUROC: {n: [] for n in self.names}, P.VAL_LOSS: {n: [] for n in self.names}}
 
         def score(epoch: int, m) -> None:  # each site's validation split, as a site scores the global model
             curve["epochs"].append(epoch)
             for n, t in trainers.items():
                 v = evaluate(m, t.view(VAL, features))
-                curve["val-auroc"][n].append(v.get("auroc"))
-                curve["val-loss"][n].append(v.get("loss"))
+                curve[P.VAL_AUROC][n].append(v.get("auroc"))
+                curve[P.VAL_LOSS][n].append(v.get("loss"))
 
         if dp is None:  # the learning curve of pooled training (non-private: the upper bound)
             score(0, model)
@@ -501,8 +501,8 @@ def _pick(m: dict | None, replicates: bool = True) -> dict[str, Any]:
     the validation AUROC (model selection) and, with ``replicates``, the replicate AUROCs (rounded
     to 6 decimals) with their split id."""
     m = m or {}
-    out = {"auroc": m.get("auroc"), "balanced_accuracy": m.get("balanced_accuracy")}
-    for k in ("n", "auroc_lo", "auroc_hi", "val-auroc"):
+    out = {"auroc": m.get("auroc"), P.BALANCED_ACCURACY: m.get(P.BALANCED_ACCURACY)}
+    for k in ("n", P.AUROC_LO, P.AUROC_HI, P.VAL_AUROC):
         if k in m:
             out[k] = m[k]
     if replicates and m.get(P.AUROC_REPLICATES) is not None:

@@ -41,7 +41,7 @@ def summarize(names: list[str], results: list[dict]) -> dict:
                         "evaluated_sites": r["evaluated_sites"], "mean_auroc": r["mean_auroc"]})
             rows[cfg] = row
             continue
-        for metric in ("auroc", "balanced_accuracy"):
+        for metric in ("auroc", P.BALANCED_ACCURACY):
             per_site = {s: _ms([r["per_site"].get(s, {}).get(metric) for r in rs]) for s in names}
             row[metric] = {s: {"mean": m, "std": sd} for s, (m, sd) in per_site.items()}
             row[f"{metric}_mean"] = _ms([np.nanmean([v for v in (r["per_site"].get(s, {}).get(metric) for s in names)
@@ -134,7 +134,7 @@ def _precision(names: list[str], results: list[dict]) -> list[str]:
                 continue
             if cell.get("n") is not None:
                 n[s].append(cell["n"])
-            lo, hi = cell.get("auroc_lo"), cell.get("auroc_hi")
+            lo, hi = cell.get(P.AUROC_LO), cell.get(P.AUROC_HI)
             if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
                 half[s].append((hi - lo) / 2)
     if not any(n.values()) and not any(half.values()):
@@ -161,7 +161,7 @@ def learning_curves(names: list[str], results: list[dict]) -> dict:
         L = min(len(r["learning_curve"]["epochs"]) for r in rs)
         epochs = rs[0]["learning_curve"]["epochs"][:L]
         row: dict = {"epochs": epochs, "seeds": [r["seed"] for r in rs], "per_seed": {}}
-        for key in ("val-auroc", "val-loss"):
+        for key in (P.VAL_AUROC, P.VAL_LOSS):
             per_site = {s: _nanmean_rows([[_num(v) for v in r["learning_curve"][key].get(s, [])[:L]] for r in rs], L)
                         for s in names}
             row[key] = per_site
@@ -169,7 +169,7 @@ def learning_curves(names: list[str], results: list[dict]) -> dict:
                 math.isfinite(per_site[s][i]) for s in names) else math.nan for i in range(L)]
         for r in rs:
             row["per_seed"][r["seed"]] = {key: {s: [_num(v) for v in r["learning_curve"][key].get(s, [])[:L]]
-                                                for s in names} for key in ("val-auroc", "val-loss")}
+                                                for s in names} for key in (P.VAL_AUROC, P.VAL_LOSS)}
         auc = np.array(row["val-auroc-mean"], dtype=float)
         if np.isfinite(auc).any():
             b = int(np.nanargmax(auc))
@@ -232,20 +232,20 @@ def _write_curves(out: Path, names: list[str], curves: dict) -> None:
                 for site in [*names, "mean"]:
                     for i, e in enumerate(c["epochs"]):
                         if per is None:
-                            a = c["val-auroc-mean"][i] if site == "mean" else c["val-auroc"][site][i]
-                            lo = c["val-loss-mean"][i] if site == "mean" else c["val-loss"][site][i]
+                            a = c["val-auroc-mean"][i] if site == "mean" else c[P.VAL_AUROC][site][i]
+                            lo = c["val-loss-mean"][i] if site == "mean" else c[P.VAL_LOSS][site][i]
                         elif site == "mean":
-                            a = _mean_finite([per["val-auroc"][s][i] for s in names if i < len(per["val-auroc"][s])])
-                            lo = _mean_finite([per["val-loss"][s][i] for s in names if i < len(per["val-loss"][s])])
+                            a = _mean_finite([per[P.VAL_AUROC][s][i] for s in names if i < len(per[P.VAL_AUROC][s])])
+                            lo = _mean_finite([per[P.VAL_LOSS][s][i] for s in names if i < len(per[P.VAL_LOSS][s])])
                         else:
-                            a = per["val-auroc"][site][i] if i < len(per["val-auroc"][site]) else math.nan
-                            lo = per["val-loss"][site][i] if i < len(per["val-loss"][site]) else math.nan
+                            a = per[P.VAL_AUROC][site][i] if i < len(per[P.VAL_AUROC][site]) else math.nan
+                            lo = per[P.VAL_LOSS][site][i] if i < len(per[P.VAL_LOSS][site]) else math.nan
                         w.writerow([cfg, seed, site, e, "" if not math.isfinite(a) else f"{a:.4f}",
                                     "" if not math.isfinite(lo) else f"{lo:.4f}"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colors = {"pooled": "black", "local": "tab:orange"}
     for cfg, c in curves.items():
-        for ax, key, label in ((axes[0], "val-auroc", "validation AUROC"), (axes[1], "val-loss", "validation loss")):
+        for ax, key, label in ((axes[0], P.VAL_AUROC, "validation AUROC"), (axes[1], P.VAL_LOSS, "validation loss")):
             ax.plot(c["epochs"], c[key + "-mean"], marker=".", color=colors.get(cfg), lw=2, label=f"{cfg}, mean over sites")
             for s in names:
                 ax.plot(c["epochs"], c[key][s], color=colors.get(cfg), lw=0.7, alpha=0.45)

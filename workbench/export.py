@@ -225,7 +225,7 @@ def auroc_cell(metrics: dict) -> dict:
         hm = hanley_mcneil(cell["auroc"], *c)
         if hm is not None:
             cell.update(hm, ci_method="hanley-mcneil")
-    lo, hi = metrics.get("auroc_lo"), metrics.get("auroc_hi")
+    lo, hi = metrics.get(P.AUROC_LO), metrics.get(P.AUROC_HI)
     if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and math.isfinite(lo) and math.isfinite(hi):
         cell.update(ci95=[float(lo), float(hi)], ci_method="bootstrap")
     return cell
@@ -411,10 +411,10 @@ def training_summary(info: RunInfo, model_id: str, rnd: int | None) -> dict:
             m = h.get("sites", {}).get(s)
             if m is None:
                 continue
-            if m.get("num-examples") is not None:
-                examples = int(m["num-examples"])
+            if m.get(P.NUM_EXAMPLES) is not None:
+                examples = int(m[P.NUM_EXAMPLES])
             if m.get("epsilon") is not None:
-                eps = {"epsilon": m["epsilon"], "delta": m.get("delta"), "site_budget": m.get("target-epsilon")}
+                eps = {"epsilon": m["epsilon"], "delta": m.get("delta"), "site_budget": m.get(P.TARGET_EPSILON)}
         aggregated = [h["round"] for h in upto if s in h.get("aggregated", [])]
         row = {"name": s, "train_images": examples, "rounds_aggregated": aggregated,
                "privacy": "DP-SGD" if eps else "no DP", "epsilon": None, "delta": None, "site_budget": None}

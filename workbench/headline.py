@@ -58,7 +58,7 @@ def best_federated(results: list[dict]) -> str | None:
         if r.get("kind") != "federated" or "+dp" in c or "[" in c or r.get("personalized"):
             continue  # DP, ablations and personalized models (one per site) are not a global model
         for cell in (r.get("per_site") or {}).values():
-            v = (cell or {}).get("val-auroc")
+            v = (cell or {}).get(P.VAL_AUROC)
             if _finite(v):
                 scores[c].append(float(v))
     if not scores:
