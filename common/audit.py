@@ -69,6 +69,9 @@ IMAGE_RANGES: dict[str, tuple[float, float]] = {
 }
 IMAGE_STATS: tuple[str, ...] = tuple(IMAGE_RANGES)
 _BLOCK = 256  # rows read from the cache at a time
+#: Within-class variance (of values mapped to [0, 1]) below which a feature counts as constant:
+#: sums of n equal float64 values leave a rounding residue far above 0 and far below this.
+_VAR_FLOOR = 1e-10
 
 
 def _level_id(group: str, level: str) -> str:
@@ -265,12 +268,12 @@ def noisy_sums(exact: ClassSums, sigma: float, rng: np.random.Generator | None =
 
 def hedges_g(n1: float, m1: float, v1: float, n0: float, m0: float, v0: float) -> tuple[float, float] | None:
     """Hedges' g (positives minus negatives) and its standard error from each class's count, mean
-    and sample variance; None when it cannot be estimated (a class with under 2 values, or no
-    within-class spread)."""
+    and sample variance (of values mapped to [0, 1]); None when it cannot be estimated (a class
+    with under 2 values, or no within-class spread)."""
     if n1 < 2 or n0 < 2:
         return None
     pooled = ((n1 - 1) * v1 + (n0 - 1) * v0) / (n1 + n0 - 2)
-    if not pooled > 1e-18:
+    if not pooled > _VAR_FLOOR:
         return None
     j = 1.0 - 3.0 / (4.0 * (n1 + n0) - 9.0)
     g = j * (m1 - m0) / math.sqrt(pooled)

@@ -265,13 +265,21 @@ def check_policy(policy: str) -> str:
     return policy
 
 
-def features_to_drop(result: AuditResult, policy: str = DEFAULT_POLICY) -> list[str]:
+FLAG_KINDS = ("shortcut", "proxy")
+
+
+def features_to_drop(result: AuditResult, policy: str = DEFAULT_POLICY, kinds=FLAG_KINDS) -> list[str]:
     """The schema features (``model.drop_features`` names, sorted) the policy drops: under
-    ``drop`` every schema feature with a flagged audited feature (a flagged categorical level
-    drops its whole group), under ``warn`` and ``keep`` none. Image statistics never drop."""
+    ``drop`` every schema feature with an audited feature flagged as one of ``kinds`` (default
+    both; a flagged categorical level drops its whole group), under ``warn`` and ``keep`` none.
+    Image statistics never drop."""
     if check_policy(policy) != "drop":
         return []
-    return sorted({fa.schema_feature for fa in result.flagged if fa.schema_feature is not None})
+    bad = set(kinds) - set(FLAG_KINDS)
+    if bad:
+        raise ValueError(f"flag kinds are {', '.join(FLAG_KINDS)}")
+    return sorted({fa.schema_feature for fa in result.features.values() if fa.schema_feature is not None
+                   and ((fa.shortcut and "shortcut" in kinds) or (fa.proxy and "proxy" in kinds))})
 
 
 def forest_plot(fa: FeatureAudit, path: Path) -> Path:

@@ -151,11 +151,15 @@ def test_a_sign_flip_is_flagged_and_a_consistent_feature_kept(tmp_path):
     for i, (p, spacing) in enumerate(((0.2, 0.6), (0.5, 0.8), (0.7, 1.0))):
         f, y, st, im = _site(rng, 200, p, {}, BASE)
         f[:, GROUPS["pixel_spacing_mm"][0]] = spacing
+        f[:, GROUPS["rows"][0]] = 0.0625  # 256 rows
         proxy[f"site-{i}"] = A.site_audit(f, y, st, im)[0]
     pr = S.combine(proxy)
     assert pr.label_rates_differ and pr.features["pixel_spacing_mm"].proxy
     assert pr.features["pixel_spacing_mm"].between_share == pytest.approx(1.0)
     assert "pixel_spacing_mm" in S.features_to_drop(pr) and "kvp" not in S.features_to_drop(pr)
+    assert "pixel_spacing_mm" not in S.features_to_drop(pr, kinds=("shortcut",))
+    # constant within each site (rows x spacing here): no within-site effect to estimate
+    assert pr.features["field_of_view_mm"].sites == [] and pr.features["field_of_view_mm"].meta is None
 
 
 def test_a_bad_reply_is_left_out_with_one_line():
