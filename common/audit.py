@@ -245,6 +245,12 @@ def noisy_sums(exact: ClassSums, sigma: float, rng: np.random.Generator | None =
 
     Post-processing (free under DP): counts rounded and clamped to [0, labels of the class], sums
     to [0, count] and sums of squares to [sum^2 / count, sum], as every exact triple satisfies.
+
+    The effects computed from noisy sums carry the DP noise, which their standard errors (the
+    sampling error only) do not include; and a feature whose spread is small against its range
+    loses its within-class variance to the noise on the sums of squares. One release of every
+    audited feature is therefore coarse at small sites: the coordinator should read a noisy
+    reply with that in mind.
     """
     if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
         raise ValueError("audit noise multiplier must be a positive number")
