@@ -246,11 +246,10 @@ def noisy_sums(exact: ClassSums, sigma: float, rng: np.random.Generator | None =
     Post-processing (free under DP): counts rounded and clamped to [0, labels of the class], sums
     to [0, count] and sums of squares to [sum^2 / count, sum], as every exact triple satisfies.
 
-    The effects computed from noisy sums carry the DP noise, which their standard errors (the
-    sampling error only) do not include; and a feature whose spread is small against its range
-    loses its within-class variance to the noise on the sums of squares. One release of every
-    audited feature is therefore coarse at small sites: the coordinator should read a noisy
-    reply with that in mind.
+    The effects computed from noisy sums carry the DP noise; :func:`site_audit` adds it to their
+    standard errors (:func:`with_noise_se`), so noise does not pass for heterogeneity. A feature
+    whose spread is small against its range still loses its within-class variance to the noise
+    on the sums of squares: one release of every audited feature is coarse at small sites.
     """
     if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
         raise ValueError("audit noise multiplier must be a positive number")
@@ -334,10 +333,30 @@ def site_audit(features, labels, stats=None, images=None, rows=None, *, sigma: f
     """A site's audit reply and the noise multiplier used (None: exact, no DP). ``rows``: the
     rows to audit, the training split (default: every labelled row)."""
     sums = site_sums(features, labels, stats, images, rows)
-    used = None
-    if sigma is not None:
-        sums, used = noisy_sums(sums, sigma, rng)
-    return summarize(sums), used
+    if sigma is None:
+        return summarize(sums), None
+    noisy, used = noisy_sums(sums, sigma, rng)
+    return with_noise_se(summarize(noisy), noisy, used, rng), used
+
+
+DP_DRAWS = 64
+
+
+def with_noise_se(reply: dict[str, float], noisy: ClassSums, sigma: float,
+                  rng: np.random.Generator | None = None) -> dict[str, float]:
+    """A noisy reply whose standard errors also carry the DP noise: the released sums are noised
+    again ``DP_DRAWS`` times with the same mechanism (a parametric bootstrap of the noise around
+    the released point) and the variance of the effect over those draws is added to each
+    estimable effect's squared SE. It reads only the released sums and the public sigma, so it
+    is post-processing and costs no privacy."""
+    draws = [summarize(noisy_sums(noisy, sigma, rng)[0]) for _ in range(DP_DRAWS)]
+    out = dict(reply)
+    for f in noisy.features:
+        ke, ks = audit_key(f, "effect"), audit_key(f, "se")
+        eff = [d[ke] for d in draws if d[ks] > 0]
+        if out[ks] > 0 and len(eff) >= 2:
+            out[ks] = math.sqrt(out[ks] ** 2 + float(np.var(eff, ddof=1)))
+    return out
 
 
 def site_audit_of(data, *, sigma: float | None = None, rng: np.random.Generator | None = None

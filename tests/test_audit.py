@@ -190,6 +190,12 @@ def test_dp_release_is_calibrated_and_post_processed():
     assert inner.std() == pytest.approx(2.0 * A.sensitivity(d), rel=0.1)
     assert (noisy.count >= 0).all() and (noisy.sum <= noisy.count).all() and (noisy.sum >= 0).all()
     assert (noisy.sumsq <= noisy.sum + 1e-9).all()
+    # the SEs of a noisy reply carry the DP noise too (post-processing of the released sums)
+    plain = A.summarize(noisy)
+    inflated = A.with_noise_se(plain, noisy, 2.0, np.random.default_rng(6))
+    ses = [k for k in plain if k.endswith(".se") and plain[k] > 0]
+    assert ses and all(inflated[k] > plain[k] for k in ses)
+    assert {k: v for k, v in inflated.items() if not k.endswith(".se")} == {k: v for k, v in plain.items() if not k.endswith(".se")}
     reply, used = A.site_audit(f, y, st, im, sigma=2.0, rng=np.random.default_rng(5))
     assert used == 2.0 and set(reply) == A.audit_keys()
     A.parse_reply(reply)  # a noisy reply is still a well-formed one
