@@ -418,6 +418,8 @@ def synth(out_dir: Path, sites: int = 3, per_site: int = 120, seed: int = 0, ima
     try:
         if isinstance(shortcut, str):
             shortcut = parse_shortcut(shortcut, sites)
+        if shortcut is not None and len(shortcut.signs) != sites:
+            raise ValueError(f"--shortcut needs one sign (+, - or 0) per site: {sites} signs, comma-separated")
         result = _synth(out_dir, sites, per_site, seed, image_size, progress, test_fraction, shortcut)
         if shortcut is not None:
             signs = ", ".join(f"{x['name']} {'+-0'[(1, -1, 0).index(g)]}" for x, g in zip(result.sites, shortcut.signs))
