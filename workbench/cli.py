@@ -168,18 +168,26 @@ def synth(
     test_fraction: Optional[float] = typer.Option(None, "--test-fraction", min=0.01, max=0.8,
                                                   help="splits.test written to each site.yaml (default: the site default, 0.15); "
                                                        "a benchmark cohort wants big test splits."),
+    shortcut: Optional[str] = typer.Option(None, "--shortcut", metavar="FIELD:SIGNS",
+                                           help="Plant an acquisition-field shortcut: FIELD (kvp or exposure) goes with "
+                                                "the label with one sign per site, + - or 0 (e.g. exposure:+,-,0)."),
 ) -> None:
     """Generate a multicenter DICOM cohort with fake PHI, labels, site keys and configs.
 
     Writes OUT_DIR/<site>/{dicom/, labels.csv, site.key, site.yaml}, OUT_DIR/run.yaml,
     OUT_DIR/coordinator.yaml and OUT_DIR/README.md (each site's profile in a table).
     """
-    from .synth import synth as run_synth
+    from .synth import parse_shortcut, synth as run_synth
 
+    try:
+        planted = parse_shortcut(shortcut, sites) if shortcut is not None else None
+    except ValueError as exc:
+        _fail(str(exc))
     with progress_bar("synth") as bar:
         task = bar.add_task("synth", total=None)
         result = run_synth(out_dir, sites=sites, per_site=per_site, seed=seed, image_size=image_size,
-                           progress=lambda i, n: bar.update(task, completed=i, total=n), test_fraction=test_fraction)
+                           progress=lambda i, n: bar.update(task, completed=i, total=n), test_fraction=test_fraction,
+                           shortcut=planted)
     t = Table(title=f"cohort: {out_dir}")
     for col in ("site", "manufacturer", "syntax", "photometric", "images", "patients", "positives", "confounder"):
         t.add_column(col)

@@ -263,6 +263,47 @@ def _image_dataset(p: SiteProfile, ds: Dataset, img01: np.ndarray, view: str) ->
     return ds
 
 
+#: The acquisition header fields ``--shortcut`` can plant (the schema reads both: ``kvp``, ``exposure_mas``).
+SHORTCUT_FIELDS = {"kvp": "KVP", "exposure": "Exposure"}
+_SIGNS = {"+": 1, "-": -1, "0": 0}
+
+
+@dataclass(frozen=True)
+class Shortcut:
+    """An acquisition-field shortcut: at site ``i`` the field goes with the label with sign
+    ``signs[i]`` (+1: high on positives, -1: high on negatives, 0: high or low at random, no
+    association). High and low values do not overlap, so the field alone ranks a site's images
+    perfectly wherever its sign is not 0."""
+
+    field: str
+    signs: tuple[int, ...]
+
+
+def parse_shortcut(text: str, sites: int) -> Shortcut:
+    """``FIELD:SIGNS`` (``exposure:+,-,0``: one sign per site, + - or 0) -> :class:`Shortcut`;
+    ValueError with one line otherwise."""
+    fld, sep, signs = str(text).partition(":")
+    fld = fld.strip().lower()
+    if not sep or fld not in SHORTCUT_FIELDS:
+        raise ValueError(f"--shortcut must be FIELD:SIGNS with FIELD one of {', '.join(SHORTCUT_FIELDS)} "
+                         "(e.g. exposure:+,-,0)")
+    parts = [x.strip() for x in signs.split(",")]
+    if len(parts) != sites or any(x not in _SIGNS for x in parts):
+        raise ValueError(f"--shortcut needs one sign (+, - or 0) per site: {sites} signs, comma-separated")
+    return Shortcut(fld, tuple(_SIGNS[x] for x in parts))
+
+
+def _plant(ds: Dataset, shortcut: Shortcut, site: int, label: int, rng: np.random.Generator) -> None:
+    """Set the shortcut's field of one image from its label (its own random stream, so the
+    cohort's other draws are the same with and without a shortcut)."""
+    sign = shortcut.signs[site]
+    high = bool(label) if sign > 0 else (not label if sign < 0 else bool(rng.random() < 0.5))
+    if shortcut.field == "exposure":  # IS: whole mAs, high 6-9, low 1-3
+        ds.Exposure = str(int(rng.integers(6, 10) if high else rng.integers(1, 4)))
+    else:  # DS: kVp, high 115-125, low 75-85
+        ds.KVP = f"{rng.uniform(115, 125) if high else rng.uniform(75, 85):.1f}"
+
+
 def _file_meta(ds: Dataset, syntax: UID, sop_class: UID) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
@@ -356,8 +397,13 @@ class SynthResult:
 
 
 def synth(out_dir: Path, sites: int = 3, per_site: int = 120, seed: int = 0, image_size: int = 64,
-          progress=None, test_fraction: float | None = None) -> SynthResult:
+          progress=None, test_fraction: float | None = None,
+          shortcut: str | Shortcut | None = None) -> SynthResult:
     """Write the cohort; returns what was written. Deterministic for a given (sites, per_site, seed).
+
+    ``shortcut`` (``FIELD:SIGNS`` or a :class:`Shortcut`): plant an acquisition-field shortcut,
+    the header field going with the label with the given sign at each site (:func:`_plant`);
+    None (the default) writes the same bytes as before the option existed.
 
     ``test_fraction``: the share of patients in each site's test split, written to each site.yaml
     (``splits.test``; None: the site default, 0.15). A benchmark cohort wants big test splits: the
@@ -370,13 +416,24 @@ def synth(out_dir: Path, sites: int = 3, per_site: int = 120, seed: int = 0, ima
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
     try:
-        return _synth(out_dir, sites, per_site, seed, image_size, progress, test_fraction)
+        if isinstance(shortcut, str):
+            shortcut = parse_shortcut(shortcut, sites)
+        if shortcut is not None and len(shortcut.signs) != sites:
+            raise ValueError(f"--shortcut needs one sign (+, - or 0) per site: {sites} signs, comma-separated")
+        result = _synth(out_dir, sites, per_site, seed, image_size, progress, test_fraction, shortcut)
+        if shortcut is not None:
+            signs = ", ".join(f"{x['name']} {'+-0'[(1, -1, 0).index(g)]}" for x, g in zip(result.sites, shortcut.signs))
+            with open(result.out_dir / "README.md", "a") as fh:
+                fh.write(f"\nPlanted acquisition-field shortcut (`--shortcut`): the header field "
+                         f"`{SHORTCUT_FIELDS[shortcut.field]}` goes with the label at each site with sign: {signs} "
+                         "(+ high on positives, - high on negatives, 0 no association).\n")
+        return result
     finally:
         pydicom_config.settings.reading_validation_mode, pydicom_config.settings.writing_validation_mode = saved
 
 
 def _synth(out_dir: Path, sites: int, per_site: int, seed: int, image_size: int, progress,
-           test_fraction: float | None = None) -> SynthResult:
+           test_fraction: float | None = None, shortcut: Shortcut | None = None) -> SynthResult:
     if not 1 <= sites <= len(PROFILES):
         raise ValueError(f"--sites must be between 1 and {len(PROFILES)}")
     if test_fraction is not None and not 0 < test_fraction < 0.85:
@@ -422,6 +479,8 @@ def _synth(out_dir: Path, sites: int, per_site: int, seed: int, image_size: int,
             img = phantom(irng, p.matrix, bool(label), ap, p, _confounders(irng, p, label))
             ds = _base_dataset(p, seed, pat, study_no, k, irng)
             _image_dataset(p, ds, img, "AP" if ap else "PA")
+            if shortcut is not None:
+                _plant(ds, shortcut, s, label, np.random.default_rng([seed, s, k, 7]))
             rel = Path(f"STU{study_no:03d}{k % n_patients:04d}") / "SER001" / (f"IM{k:05d}" + (".dcm" if k % 3 == 0 else ""))
             writer.save(ds, dicom / rel, ds.SOPClassUID)
             rows.append((ds.AccessionNumber, label))
