@@ -238,7 +238,12 @@ def synth(
         t.add_row(s["name"], s["manufacturer"], s["syntax"], s["photometric"], str(s["images"]), str(s["patients"]),
                   str(s["positives"]), s["confounder"])
     out.print(t)
-    out.print(f"{result.files_written} files written; next: dicomfl ingest {out_dir}/{result.sites[0]['name']}/site.yaml")
+    from .synth import pki_command
+
+    out.print(f"{result.files_written} files written; next: dicomfl ingest {out_dir}/{result.sites[0]['name']}/site.yaml",
+              markup=False, highlight=False)
+    out.print(f"to run it as a federation, make its keys: {pki_command(out_dir, [s['name'] for s in result.sites])}",
+              markup=False, highlight=False)
 
 
 privacy_app = typer.Typer(help="Privacy budget arithmetic for privacy officers (DP-SGD, Opacus accountants).",
