@@ -6,6 +6,10 @@
     -> the parent scales each image as training does, runs the model in batches, and writes one
        row per image: the site's key, the file, the probability, the decision and the model.
 
+Each row's ``site_split`` is the patient's split (train / val / test) only when the site's cache
+held that patient before this prediction (the data training and evaluation used); any other
+patient is ``new``, whatever split their pseudonym would hash to.
+
 The same code computes the pixels and features as ingestion does (the ingestion's own per-file
 worker, :class:`~dicomfl.common.ingest.FileWorker`), so an image gets the same probability here
 as in the site's cross-site evaluation. The decision threshold is the one evaluation uses:
@@ -109,6 +113,36 @@ def site_threshold(net, cfg: SiteConfig, image_size: int, n_classes: int, dev=No
     return choose_threshold(val.labels, probs[:, 1]), f"site validation split (n={len(val)})"
 
 
+NEW = "new"  # site_split of a patient the site's cache did not hold: the model never saw them
+
+
+def cached_patients(cfg: SiteConfig, deid: Deidentifier) -> frozenset[str]:
+    """The pseudonyms of the patients whose images the site's cache holds (accepted records):
+    the site's data as its last ingestion left it, i.e. what training and evaluation used. Read
+    from the live cache index without ingesting; an absent or stale cache (another pipeline
+    fingerprint: another key, preprocessing or version) holds no patient."""
+    from dicomfl.common.cache import SiteCache
+    from dicomfl.common.features import N_FEATURES
+    from dicomfl.common.ingest import fingerprint
+
+    state = SiteCache(cfg.site.state_dir).load(fingerprint(cfg, deid), cfg.preprocess.image_size, N_FEATURES)
+    if state is None:
+        return frozenset()
+    try:
+        return frozenset(r.patient for r in state.records.values() if r.status == "accepted" and r.patient)
+    finally:
+        state.store.close()
+
+
+def site_split(patient: str, known: frozenset[str], cfg: SiteConfig) -> str:
+    """``train`` / ``val`` / ``test``: the split of a patient the site's cache held (so the README's
+    "train means the model saw that patient" holds); ``new`` for any other patient, whatever
+    split their pseudonym would hash to."""
+    if patient not in known:
+        return NEW
+    return NAMES[assign(patient, cfg.splits.val, cfg.splits.test, cfg.splits.seed)]
+
+
 def _csv_cell(value: str) -> str:
     """A cell a spreadsheet will not run (a leading = + - @ is a formula: it gets a leading ')
     and a terminal will not obey (control characters escaped)."""
@@ -189,6 +223,10 @@ def predict_files(
     dev = device()
     net = net.to(dev).eval()
     try:
+        key = cfg.secret_key
+        deid = Deidentifier(key, cfg.deid)
+        # before anything here ingests (the threshold's fallback does): the patients training knew
+        known = cached_patients(cfg, deid)
         if n_classes == 2 and threshold is None:
             threshold, threshold_source = site_threshold(net, cfg, size, n_classes, dev)
         elif n_classes != 2:
@@ -201,8 +239,6 @@ def predict_files(
         fh.discard()
         os.close(out_dir)
         raise
-    key = cfg.secret_key
-    deid = Deidentifier(key, cfg.deid)
     rels = [f.rel for f in walk(root)]
     report.seen = len(rels)
     n_workers = min(workers or cfg.ingest.workers or default_workers(), max(1, len(rels)))
@@ -254,7 +290,7 @@ def predict_files(
                         log.warning("rejected %s: %s%s", ref, reason, f" ({detail})" if detail else "")
                 else:  # Accepted (nothing is Known: the job lists no cached contents)
                     k = outcome.site_key if outcome.site_key is not None and len(outcome.site_key) <= MAX_KEY else None
-                    split = NAMES[assign(outcome.patient, cfg.splits.val, cfg.splits.test, cfg.splits.seed)]
+                    split = site_split(outcome.patient, known, cfg)
                     pending.append((k or "", rel, split, _scaled(outcome.image, outcome.stats),
                                     np.asarray(outcome.features, dtype=np.float32)))
                     if len(pending) >= BATCH:
@@ -283,4 +319,5 @@ def predict_files(
     return report
 
 
-__all__ = ["PredictReport", "check_output", "predict_files", "rejects_path", "site_threshold"]
+__all__ = ["NEW", "PredictReport", "cached_patients", "check_output", "predict_files", "rejects_path", "site_split",
+           "site_threshold"]

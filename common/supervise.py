@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,17 +23,63 @@ from pathlib import Path
 log = logging.getLogger("dicomfl.supervise")
 
 
+#: An SGR escape sequence (colours, bold): Flower's console handler colours every level name and
+#: has no switch to turn that off (``flwr.supercore.logger.ConsoleHandler(colored=True)``).
+ANSI_SGR = re.compile(rb"\x1b\[[0-9;]*m")
+_ANSI_SGR_TEXT = re.compile(ANSI_SGR.pattern.decode())
+#: The longest piece of a child's output written at once (a line longer than this is split).
+MAX_LINE = 1 << 16
+
+
+def strip_colours(data: bytes | str) -> bytes | str:
+    """``data`` (bytes or text) without terminal colour codes: a log file is read with less, grep
+    and log collectors."""
+    if isinstance(data, str):
+        return _ANSI_SGR_TEXT.sub("", data)
+    return ANSI_SGR.sub(b"", data)
+
+
+def _copy_output(pipe, fh) -> None:
+    """Copy a child's output to its log file line by line, colour codes removed, until every
+    process holding the pipe (the child and what it started) has closed it."""
+    try:
+        for line in iter(lambda: pipe.readline(MAX_LINE), b""):
+            try:
+                fh.write(strip_colours(line))
+                fh.flush()
+            except OSError:
+                pass  # a full disk drops output, as the log handlers do; the child is not blocked
+    finally:
+        pipe.close()
+        fh.close()
+
+
 def start_group(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group, its output (stdout and stderr) appended to
+    ``log_path`` (mode 0600) without colour codes by a thread of this process (``proc.log_copier``)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(log_path, "ab", opener=lambda p, flags: os.open(p, flags, 0o600))
     os.fchmod(fh.fileno(), 0o600)  # a child's output (e.g. a library warning) is the site's own
     try:
         # Its own process group (so it can be stopped as a whole) in the daemon's session (so a
         # killed daemon's session can be found and cleaned), dying with the daemon where Linux allows.
-        return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                process_group=0, preexec_fn=_die_with_parent)
-    finally:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, process_group=0, preexec_fn=_die_with_parent)
+    except BaseException:
         fh.close()
+        raise
+    copier = threading.Thread(target=_copy_output, args=(proc.stdout, fh), name=f"log:{log_path.name}", daemon=True)
+    copier.start()
+    proc.log_copier = copier
+    return proc
+
+
+def _join_copier(proc: subprocess.Popen, timeout: float = 2.0) -> None:
+    """Wait (a bounded time: a detached grandchild, e.g. flower-superexec, may hold the pipe open)
+    until a stopped child's last output is in its log file."""
+    copier = getattr(proc, "log_copier", None)
+    if copier is not None:
+        copier.join(timeout)
 
 
 def _die_with_parent() -> None:
@@ -103,6 +150,7 @@ def stop_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         pass
+    _join_copier(proc)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -232,6 +280,7 @@ def stop_groups(procs: list[subprocess.Popen], timeout: float = 10.0) -> None:
             p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pass
+        _join_copier(p)
 
 
 def supervise_all(children: list[Child], *, poll_s: float = 0.2) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from dicomfl.common import files
 from dicomfl.common.config import CoordinatorConfig, RunConfig
-from dicomfl.common.supervise import pid_alive
+from dicomfl.common.supervise import pid_alive, strip_colours
 
 from . import flwrcli
 from .flwrapp import CLIENTAPP, write_app
@@ -106,7 +106,7 @@ def _stream(run: RunConfig, coord: CoordinatorConfig, *, resume: bool, evaluate_
             def pump() -> None:  # in a thread, so that ``timeout`` bounds a `flwr run` that hangs
                 assert proc.stdout is not None
                 for line in proc.stdout:
-                    logf.write(line)
+                    logf.write(strip_colours(line))  # Flower colours its level names; a file has none
                     logf.flush()
                     s = line.rstrip("\n")
                     if s.strip():

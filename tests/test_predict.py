@@ -165,6 +165,48 @@ def test_new_studies_from_a_hostile_folder(site_predictions, trained_run, cohort
         assert not leaked, leaked
 
 
+def test_a_patient_the_site_never_ingested_is_new(site_predictions, trained_run, cohort, tmp_path):
+    """site_split says train / val / test only for a patient the site's cache held (README: "train
+    means the model saw that patient"). Through --input: a copy of a cached study keeps its
+    patient's split; the same images under patients the site never ingested are all ``new``,
+    whichever split their pseudonyms hash to; the site's own images are never ``new``."""
+    import warnings
+
+    site_rows = _rows(site_predictions[0])
+    assert site_rows and {r["site_split"] for r in site_rows} <= {"train", "val", "test"}
+    src = load_site_config(cohort / SITE / "site.yaml").site.dicom_dir
+    by_file = {r["file"]: r for r in site_rows}
+    picked = sorted(by_file)[:12]
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(src / picked[0], inbox / "known.dcm")
+    for i, rel in enumerate(picked):
+        ds = pydicom.dcmread(src / rel)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.PatientID, ds.PatientName = f"NEVERSEEN{i:04d}", f"STRANGER^{i}"
+        ds.save_as(inbox / f"stranger{i}.dcm")
+    out = tmp_path / "out" / "new.csv"
+    r = _predict(trained_run / "checkpoints" / "round-0001" / "global.npz", cohort / SITE / "site.yaml",
+                 "--input", inbox, "--out", out, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["file"]: row for row in _rows(out)}
+    assert rows["known.dcm"]["site_split"] == by_file[picked[0]]["site_split"] != "new"
+    strangers = [rows[f"stranger{i}.dcm"]["site_split"] for i in range(len(picked))]
+    assert strangers == ["new"] * len(picked)
+    # the pseudonyms alone would have put some of them in train: the cache, not the hash, decides
+    from dicomfl.client.predict import cached_patients
+    from dicomfl.common.splits import NAMES, assign
+
+    cfg = load_site_config(cohort / SITE / "site.yaml")
+    deid = Deidentifier(cfg.secret_key, cfg.deid)
+    pseudonyms = [deid.patient_pseudonym(pydicom.dcmread(inbox / f"stranger{i}.dcm"), fallback="x")
+                  for i in range(len(picked))]
+    assert "train" in [NAMES[assign(p, cfg.splits.val, cfg.splits.test, cfg.splits.seed)] for p in pseudonyms]
+    known = cached_patients(cfg, deid)
+    assert known and not known & set(pseudonyms)
+
+
 @pytest.mark.parametrize("args, says", [
     (["missing.npz"], "model file not found"),
     (["{run}/checkpoints/round-0001/global.npz", "--input", "{tmp}/nowhere"], "is not a folder"),

@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +26,39 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # -h as well as --help, on every command (click hands these to each sub-command's context)
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+class ExportFormat(str, Enum):
+    """``dicomfl export --format``: shown as a choice in ``--help``."""
+
+    torchscript = "torchscript"
+    onnx = "onnx"
+
+
+class Accountant(str, Enum):
+    """``dicomfl privacy epsilon --accountant``: the Opacus accountants."""
+
+    rdp = "rdp"
+    prv = "prv"
+
+
+def _version() -> str:
+    """The installed package's version (its metadata), not a constant that could drift from it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dicomfl")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"dicomfl {_version()}")
+        raise typer.Exit(0)
 
 
 def _console(stderr: bool = False) -> Console:
@@ -38,10 +71,23 @@ err = _console(stderr=True)
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print dicomfl's version and exit."),
+) -> None:
     """Federated learning across hospital sites on native DICOM."""
 
 out = _console()
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -137,6 +183,11 @@ def ingest(
         out.print_json(json.dumps(rep.to_json()))
     else:
         out.print(_report_table(rep))
+    from dicomfl.common.errors import NOT_DICOM
+
+    if rep.seen - rep.rejected_by_reason.get(NOT_DICOM, 0) <= 0:  # an empty or wrong folder: say so (exit 0)
+        say(f"dicomfl: warning: {printable(str(site_yaml))}: site.dicom_dir: no DICOM files found under "
+            f"{printable(str(cfg.site.dicom_dir))}")
     shown = 0
     for r in rep.rejects:
         if r["reason"] == "not-dicom":
@@ -195,7 +246,12 @@ def synth(
         t.add_row(s["name"], s["manufacturer"], s["syntax"], s["photometric"], str(s["images"]), str(s["patients"]),
                   str(s["positives"]), s["confounder"])
     out.print(t)
-    out.print(f"{result.files_written} files written; next: dicomfl ingest {out_dir}/{result.sites[0]['name']}/site.yaml")
+    from .synth import pki_command
+
+    out.print(f"{result.files_written} files written; next: dicomfl ingest {out_dir}/{result.sites[0]['name']}/site.yaml",
+              markup=False, highlight=False)
+    out.print(f"to run it as a federation, make its keys: {pki_command(out_dir, [s['name'] for s in result.sites])}",
+              markup=False, highlight=False)
 
 
 privacy_app = typer.Typer(help="Privacy budget arithmetic for privacy officers (DP-SGD, Opacus accountants).",
@@ -209,14 +265,13 @@ def privacy_epsilon(
     noise_multiplier: float = typer.Option(..., "--noise-multiplier", min=0.0, help="Gaussian noise std / clipping norm (sigma)."),
     steps: int = typer.Option(..., "--steps", min=1, help="Number of DP-SGD steps over the whole federation."),
     delta: float = typer.Option(1e-5, "--delta", min=0.0, max=1.0, help="Target delta."),
-    accountant: str = typer.Option("rdp", "--accountant", help="rdp or prv (Opacus accountants)."),
+    accountant_choice: Accountant = typer.Option(Accountant.rdp, "--accountant", help="The Opacus accountant."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a sentence."),
 ) -> None:
     """Print the epsilon a site would spend for the given DP-SGD settings."""
     from dicomfl.client.privacy import epsilon
 
-    if accountant not in ("rdp", "prv"):
-        _fail(f"--accountant: expected rdp or prv, got {accountant!r}")
+    accountant = accountant_choice.value
     if noise_multiplier <= 0:
         _fail("--noise-multiplier: must be above 0 (no noise means no differential privacy)")
     eps = epsilon([[noise_multiplier, sample_rate, steps]], delta, accountant)
@@ -331,10 +386,11 @@ def privacy_reseal(
 @app.command()
 def export(
     model_npz: Path = typer.Argument(..., metavar="MODEL", help="Weights (.npz): a run's checkpoints/round-NNNN/global.npz or local-<site>.npz."),
-    formats: Optional[list[str]] = typer.Option(None, "--format", help="torchscript (default) or onnx; repeat for both."),
+    formats: Optional[list[ExportFormat]] = typer.Option(None, "--format", help="The model file's format (default: torchscript); repeat for both."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the model files and the model card."),
     run_dir: Optional[Path] = typer.Option(None, "--run", help="The run's folder (default: the nearest folder above MODEL with run_config.json)."),
     site_yamls: Optional[list[Path]] = typer.Option(None, "--site", help="A site config (repeatable) whose files, DICOM folder and state folder --out must not touch."),
+    json_out: bool = typer.Option(False, "--json", help="Print what was written (files, model id, sha256) as JSON."),
 ) -> None:
     """Export a trained model to run without dicomfl (TorchScript, ONNX) with its preprocessing and a
     model card (model_card.json/.md: features, preprocessing, sites, rounds, epsilon, cross-site AUROC
@@ -353,9 +409,18 @@ def export(
     from .export import export_model
 
     try:
-        res = export_model(model_npz, out_dir, formats=formats or ["torchscript"], run_dir=run_dir, sites=sites)
+        res = export_model(model_npz, out_dir, formats=[f.value for f in formats or [ExportFormat.torchscript]],
+                           run_dir=run_dir, sites=sites)
     except DicomflError as exc:
         _fail(str(exc))
+    if json_out:
+        model = res.card.get("model", {})
+        out.print_json(json.dumps({"out_dir": str(res.out_dir), "model": model.get("id"),
+                                   "weights_sha256": model.get("weights_sha256"),
+                                   "files": {kind: {"path": str(path), "sha256": _sha256(path)}
+                                             for kind, path in res.files.items()},
+                                   "notes": res.notes}))
+        return
     for kind, path in res.files.items():
         out.print(f"{kind}: {path}", markup=False, highlight=False)
     for note in res.notes:
@@ -562,10 +627,13 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
     evaluate_only: Optional[Path] = typer.Option(None, "--evaluate-only", help="Cross-site validation of this model (.npz) only; no training."),
     coordinator: Optional[Path] = typer.Option(None, "--coordinator", help="The coordinator config (default: run.yaml's coordinator:, else coordinator.yaml beside it)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the final summary as one JSON object on stdout (progress goes to stderr)."),
 ) -> None:
     """Submit a training run to the coordinator and stream its progress (rounds, per-site metrics).
 
     Writes <out_dir>/report.md, metrics.json, cross-site matrices (CSV, JSON, PNG) and checkpoints.
+    With --json, stdout holds only the summary: the run's name, the rounds completed, out_dir, the
+    report and each model's mean AUROC over the sites (cross-site validation).
     """
     from dicomfl.server.runner import submit
 
@@ -578,11 +646,39 @@ def run(
             raise DicomflError(f"--evaluate-only: model file not found: {evaluate_only}")
     except DicomflError as exc:
         _fail(str(exc))
+    shown = err if json_out else out  # --json: stdout is the summary alone
     code = submit(cfg, coord, resume=resume, evaluate_only=evaluate_only,
-                  echo=lambda s: out.print(s, markup=False, highlight=False, soft_wrap=True))
+                  echo=lambda s: shown.print(s, markup=False, highlight=False, soft_wrap=True))
     if code != 0:
         _fail(f"run {cfg.run.name} did not finish; see {cfg.out_dir}/flwr-run.log and the coordinator's logs", code=1)
+    if json_out:
+        print(json.dumps(run_summary(cfg.run.name, cfg.out_dir)))
+        return
     out.print(f"report: {cfg.out_dir / 'report.md'}", markup=False, highlight=False)
+
+
+def run_summary(name: str, out_dir: Path) -> dict:
+    """What ``dicomfl run --json`` prints: the run, the rounds its metrics.json says were done,
+    where its files are, and each model's mean cross-site AUROC (the report's "mean" column)."""
+    import math
+
+    try:
+        metrics = json.loads((Path(out_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        metrics = {}
+    cross = metrics.get("cross_site") or {}
+    gaps = (cross.get("gaps") or {}).get("auroc") or {}
+    mean_auroc = {}
+    for model, cells in (cross.get("matrix") or {}).items():
+        if isinstance(gaps.get(model), dict) and gaps[model].get("mean") is not None:
+            mean_auroc[model] = gaps[model]["mean"]
+            continue
+        vals = [c.get("auroc") for c in cells.values() if isinstance(c, dict)]
+        vals = [float(v) for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
+        mean_auroc[model] = sum(vals) / len(vals) if vals else None
+    return {"run": name, "rounds_completed": metrics.get("rounds"), "out_dir": str(Path(out_dir).resolve()),
+            "report": str(Path(out_dir).resolve() / "report.md"), "mean_auroc": mean_auroc,
+            "selected": metrics.get("selected")}
 
 
 # The demo's cohort and budget: the benchmark's model and image size (README: "Multicenter
@@ -688,11 +784,25 @@ def bench(
 
 
 def main() -> None:
+    """The ``dicomfl`` entry point. A wrong option or value (click's usage errors) is one line that
+    names the command and the option, exit 2, like a bad config; a bare group prints its help."""
+    import click
+
     try:
-        app()
-    except KeyboardInterrupt:
-        err.print("dicomfl: interrupted")
+        code = app(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "dicomfl"
+        msg = " ".join(exc.format_message().split())
+        err.print(f"{where}: error: {msg} (see {where} --help)", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        err.print("dicomfl: interrupted", markup=False, highlight=False)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
