@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from .tmpfs import small_tmpfs
 import yaml
 
 from dicomfl.common.config import load_site_config
@@ -42,17 +43,8 @@ def cohort(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def small_fs(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs (CI runs as root)")
-    mnt = tmp_path / "state"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "state") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def _site_on(cohort: Path, state: Path, tmp_path: Path) -> Path:

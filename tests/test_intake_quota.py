@@ -29,6 +29,7 @@ from pydicom.data import get_testdata_file
 from dicomfl.client.intake import IntakeSection, IntakeServer, intake_path, iter_intake_files, read_status
 
 from .test_intake import needs_dcmtk, run_tool, write_study
+from .tmpfs import small_tmpfs
 
 GIB = 1 << 30
 REFUSED = "Received Store Response (Refused: OutOfResources)"
@@ -121,17 +122,8 @@ def test_quota_refuses_with_a700_counts_the_store_at_start_and_resumes(servers, 
 @pytest.fixture
 def small_fs(tmp_path) -> Iterator[Path]:
     """A real 8 MiB tmpfs as the site's DICOM folder."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs (CI runs as root)")
-    mnt = tmp_path / "dicom"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "dicom") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def _free(path: Path) -> int:
