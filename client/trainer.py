@@ -26,22 +26,11 @@ from .privacy import PrivacySession, Release, effective_budget, site_account
 
 
 @dataclass
-class RoundPlan:
-    """What the server asks for a round (numbers and short names only)."""
+class RoundPlan(P.RoundConfig):
+    """What the server asks for a round (the protocol's :class:`~dicomfl.common.protocol.RoundConfig`:
+    numbers and short names only), plus what the site adds to it."""
 
-    run: str = P.DEFAULT_RUN
     kind: str = "train"  # which model of the run: train (the global model), local (baseline), personal
-    server_round: int = 1
-    num_rounds: int = 1
-    local_epochs: int = 1
-    local_steps: int | None = None
-    proximal_mu: float = 0.0
-    dp: bool = False
-    target_epsilon: float | None = None
-    delta: float = 1e-5
-    seed: int = 0
-    lr_scale: float = 1.0  # this round's factor on train.lr (the run's schedule), at most 1
-    local_norm: bool = False  # the site keeps its own GroupNorm parameters (client/personal.py)
     features: "FeatureTransform | None" = None  # the run's feature standardization and drops (fedstats)
 
 

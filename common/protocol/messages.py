@@ -197,8 +197,8 @@ class RoundConfig:
     target_epsilon: float | None = None
     delta: float = 1e-5
     seed: int = 0
-    lr_scale: float = 1.0
-    local_norm: bool = False
+    lr_scale: float = 1.0  # this round's factor on train.lr (the run's schedule), at most 1
+    local_norm: bool = False  # the site keeps its own GroupNorm parameters
 
     @classmethod
     def from_config(cls, cfg) -> "RoundConfig":
