@@ -225,14 +225,11 @@ def markdown(results: list[dict], names: list[str], attacker: str, command: str,
 def main(argv: list[str] | None = None) -> int:
     """``python -m dicomfl.workbench.attacks BENCH.yaml OUT.md [ATTACKER]``: the robustness rows of
     a benchmark config (its sites, strategies, seeds, rounds, model, replicates), resumable."""
-    import json
     import sys
     import time
     from pathlib import Path
 
     import torch
-
-    from dicomfl.server.checkpoint import clean, write_json
 
     from .bench import Bench, load_bench_config
 
@@ -247,16 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(cfg, on_progress=lambda i, n, what: print(f"[{i + 1}/{n}] {what}", flush=True))
     attacker = args[2] if len(args) == 3 else bench.names[1]
     jobs = plan(cfg, attacker)
-    t0, results = time.perf_counter(), []
-    for i, job in enumerate(jobs):
-        path = bench._result_path(job)
-        bench.on_progress(i, len(jobs), job.id)
-        if path.is_file():
-            results.append(json.loads(path.read_text()))
-            continue
-        res = clean(bench.run_job(job))
-        write_json(path, res)
-        results.append(res)
+    t0 = time.perf_counter()
+    results = bench.run_jobs(jobs)
     command = "python -m dicomfl.workbench.attacks " + " ".join(args)
     Path(args[1]).write_text(markdown(results, bench.names, attacker, command, time.perf_counter() - t0, cfg))
     print(f"wrote {args[1]}")

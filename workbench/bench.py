@@ -474,12 +474,9 @@ class Bench:
                 "evaluated_sites": len(g), "mean_auroc": float(np.mean(vals)) if vals else None, "per_site": {}}
 
     # -------------------------------------------------------------------- main
-    def run(self, only: str | None = None) -> dict:
-        jobs = plan(self.cfg, self.names)
-        if only:
-            jobs = [j for j in jobs if j.config == only or j.id == only]
-            if not jobs:
-                raise ConfigError(f"no configuration named {only!r} in this benchmark")
+    def run_jobs(self, jobs: list[Job]) -> list[dict]:
+        """Each job's result, in order: read from its saved file when an earlier run finished it,
+        else run and saved as it finishes (so an interrupted benchmark resumes)."""
         results = []
         for i, job in enumerate(jobs):
             path = self._result_path(job)
@@ -490,6 +487,15 @@ class Bench:
             res = clean(self.run_job(job))
             write_json(path, res)
             results.append(res)
+        return results
+
+    def run(self, only: str | None = None) -> dict:
+        jobs = plan(self.cfg, self.names)
+        if only:
+            jobs = [j for j in jobs if j.config == only or j.id == only]
+            if not jobs:
+                raise ConfigError(f"no configuration named {only!r} in this benchmark")
+        results = self.run_jobs(jobs)
         self.on_progress(len(jobs), len(jobs), "done")
         from .benchreport import write_bench_report
 

@@ -31,11 +31,11 @@ import hashlib
 import hmac
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from dicomfl.common.errors import ConfigError
+from dicomfl.common.files import write_bytes
 
 LEDGER_FILE = "ledger.json"
 SEAL_FILE = "ledger.seal"
@@ -189,16 +189,7 @@ def read_verified(state_dir: Path, key: bytes) -> tuple[dict, dict | None, bool]
 
 def _atomic_write(path: Path, blob: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_bytes(path, blob)  # 0600, temp file + fsync + rename + folder fsync; never through a symlink
 
 
 def _write_seal(state_dir: Path, key: bytes, sequence: int, ledger: str | None) -> None:
